@@ -1,0 +1,105 @@
+"""autovpn's exceptions.
+
+Two families, as h11 splits them: ``LocalError`` is our caller's misuse (a bad config, a port
+that is taken, an API called in the wrong state); ``RemoteProtocolError`` is a peer that broke a
+protocol.  A remote error carries what to answer on the wire (a SOCKS5 reply code, an HTTP
+status, a tunnel reset code), so the I/O layer never invents one and never leaks internals.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class AutovpnError(Exception):
+    """Base class of every exception autovpn raises on purpose."""
+
+
+class LocalError(AutovpnError):
+    """Our own side got something wrong: configuration, usage, environment."""
+
+
+class ConfigError(LocalError):
+    """A configuration value is invalid.  ``key`` names it as the user wrote it."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class BindError(LocalError):
+    """A listener could not bind its address (taken port, missing permission)."""
+
+
+class ResetReason(enum.IntEnum):
+    """Why a tunnelled stream failed or was reset (docs/protocol.md, RESET frame).
+
+    Each reason maps to one SOCKS5 reply code and one HTTP status, so a failure on the far
+    side of the tunnel reaches the local application as the error it understands.
+    """
+
+    GENERAL_FAILURE = 1
+    NOT_ALLOWED = 2  # the server's destination policy refused the target
+    NETWORK_UNREACHABLE = 3
+    HOST_UNREACHABLE = 4  # includes "name did not resolve"
+    CONNECTION_REFUSED = 5
+    TIMED_OUT = 6
+    PROTOCOL_ERROR = 7
+    CANCELLED = 8  # the local side went away
+    TUNNEL_LOST = 9  # the tunnel connection carrying the stream died
+    REFUSED_STREAM = 10  # too many streams, or the server is shutting down
+
+    @property
+    def socks5_reply(self) -> int:
+        return _SOCKS5_REPLY.get(self, 0x01)
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS.get(self, 502)
+
+
+_SOCKS5_REPLY = {
+    ResetReason.GENERAL_FAILURE: 0x01,
+    ResetReason.NOT_ALLOWED: 0x02,
+    ResetReason.NETWORK_UNREACHABLE: 0x03,
+    ResetReason.HOST_UNREACHABLE: 0x04,
+    ResetReason.CONNECTION_REFUSED: 0x05,
+    ResetReason.TIMED_OUT: 0x06,
+}
+
+_HTTP_STATUS = {
+    ResetReason.NOT_ALLOWED: 403,
+    ResetReason.TIMED_OUT: 504,
+}
+
+
+class RemoteProtocolError(AutovpnError):
+    """A peer broke a protocol.  ``reply`` is what the protocol says to answer, if anything."""
+
+    def __init__(self, message: str, *, reply: bytes = b"") -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class LimitExceeded(RemoteProtocolError):
+    """A peer-controlled length went past one of our named limits."""
+
+
+class AuthenticationFailed(RemoteProtocolError):
+    """A peer presented missing or wrong credentials."""
+
+
+class StreamError(AutovpnError):
+    """A tunnelled stream could not be opened or was reset."""
+
+    def __init__(self, reason: ResetReason, message: str = "") -> None:
+        super().__init__(message or reason.name.lower().replace("_", " "))
+        self.reason = reason
+
+
+class TunnelUnavailable(StreamError):
+    """No tunnel connection could be established in time."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ResetReason.TUNNEL_LOST, message)
