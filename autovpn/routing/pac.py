@@ -54,6 +54,12 @@ def pac_answer(action: Action, proxy: str) -> str:
     return "DIRECT" if action is Action.DIRECT else proxy
 
 
+def _js(value: object) -> str:
+    """A JavaScript literal for ``value``: JSON with ASCII escapes (U+2028/2029 included), and
+    ``</`` written ``<\\/`` so the text is also safe inside an HTML ``<script>``."""
+    return json.dumps(value).replace("</", "<\\/")
+
+
 def _v4_key(key: int, plen: int) -> str:
     # JS computes String(addr >>> (32 - plen)), and "0" for plen 0 (">>> 32" is a no-op in JS).
     return str(key) if plen else "0"
@@ -89,7 +95,7 @@ def _tier_js(rs: RuleSet) -> str:
         "PR": [[lo, hi, _CODE[r.action]] for lo, hi, r in rs.port_ranges],
     }
     # JSON.parse, not an object literal: a "__proto__" key stays an own property.
-    return "prep(JSON.parse(" + json.dumps(json.dumps(obj, separators=(",", ":"))) + "))"
+    return "prep(JSON.parse(" + _js(json.dumps(obj, separators=(",", ":"))) + "))"
 
 
 def _local_js() -> str:
@@ -102,7 +108,7 @@ def _local_js() -> str:
             v4.append([net.prefixlen, _v4_key(key, net.prefixlen)])
         else:
             v6.append([net.prefixlen, _v6_key(key, net.prefixlen)])
-    return f"var L4 = {json.dumps(v4)};\nvar L6 = {json.dumps(v6)};\n"
+    return f"var L4 = {_js(v4)};\nvar L6 = {_js(v6)};\n"
 
 
 # Helpers shared by the three templates.  They mirror rules.normalize_host, rules.parse_ip
@@ -266,12 +272,12 @@ def render_pac(
         return header + 'function FindProxyForURL(url, host) {\n  return "DIRECT";\n}\n'
     common = _local_js() + _JS_COMMON
     if mode is Mode.GLOBAL:
-        return header + f"var PROXY = {json.dumps(proxy)};\n" + common + _JS_GLOBAL
+        return header + f"var PROXY = {_js(proxy)};\n" + common + _JS_GLOBAL
     answers = [pac_answer(a, proxy) for a in _CODE]
     tiers = ",\n".join(_tier_js(rs) for rs in router.list_tiers)
     return (
         header
-        + f"var ANSWER = {json.dumps(answers)};\n"
+        + f"var ANSWER = {_js(answers)};\n"
         + f"var DEFAULT = {_CODE[router.default]};\n"
         + common
         + _JS_SMART
