@@ -1,0 +1,248 @@
+"""The command line.  The only module that prints.
+
+autovpn                          the embedded default (loopback tunnel, SOCKS5 1080, HTTP 8080)
+autovpn --config FILE            what FILE says
+autovpn client [-L SPEC]... wss://server:443
+autovpn server wss://0.0.0.0:8443 --tls-certificate C --tls-private-key K
+autovpn check-config FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from autovpn import __version__
+from autovpn.config import (
+    DEFAULT_USER,
+    ClientConfig,
+    Config,
+    ListenSpec,
+    ServerConfig,
+    load_file,
+    read_secret,
+    secret_from,
+    state_dir,
+)
+from autovpn.engine import Engine, embedded_config
+from autovpn.errors import AutovpnError, ConfigError
+from autovpn.eventloop import loop_factory, run
+from autovpn.routing.router import Mode
+from autovpn.tunnel.client import ServerURL
+
+log = logging.getLogger("autovpn")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autovpn", description="Proxy engine: wss tunnel + routing.")
+    p.add_argument("--version", action="version", version=f"autovpn {__version__}")
+    p.add_argument("--config", type=Path, help="TOML config file (flags win over it)")
+    p.add_argument(
+        "--log-level",
+        "--log-lvl",
+        dest="log_level",
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+    )
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("client", help="run the local listeners and the tunnel client")
+    c.add_argument("server", nargs="?", help="wss://host:port (or ws:// behind a TLS proxy)")
+    c.add_argument(
+        "-L",
+        "--local-to-remote",
+        dest="listen",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="socks5://127.0.0.1:1080, http://127.0.0.1:8080?login=u&password=p",
+    )
+    c.add_argument("--secret-file", type=Path)
+    c.add_argument("--user", default=None)
+    c.add_argument("--tls-ca", type=Path, help="trust this CA (a private CA or a pinned cert)")
+    c.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do NOT verify the server certificate (anyone on the path can intercept)",
+    )
+    c.add_argument("--tls-sni-override", dest="sni")
+    c.add_argument("--http-upgrade-path-prefix", "-P", dest="path_prefix")
+    c.add_argument("--pool-size", type=int)
+    c.add_argument("--mode", choices=[m.value for m in Mode])
+    c.add_argument(
+        "--allow-open",
+        action="store_true",
+        help="allow listeners on non-loopback addresses without credentials",
+    )
+
+    s = sub.add_parser("server", help="run the tunnel server")
+    s.add_argument("listen", nargs="?", help="wss://0.0.0.0:8443 or ws://127.0.0.1:8080")
+    s.add_argument("--tls-certificate", type=Path)
+    s.add_argument("--tls-private-key", type=Path)
+    s.add_argument("--secret-file", type=Path, help=f"secret of user {DEFAULT_USER!r}")
+    s.add_argument("--users-file", type=Path, help="lines of NAME:SECRET_FILE, one user each")
+    s.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST[:PORT]",
+        help="open a destination the default policy refuses (private, loopback...)",
+    )
+    s.add_argument(
+        "--http-upgrade-path-prefix",
+        "--restrict-http-upgrade-path-prefix",
+        "-r",
+        dest="path_prefix",
+    )
+
+    k = sub.add_parser("check-config", help="validate a config file and report every error")
+    k.add_argument("file", type=Path)
+    return p
+
+
+def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
+    base = cfg.client
+    if args.server is None and base is None:
+        raise ConfigError("server", "give the tunnel server URL, e.g. wss://vpn.example.net:443")
+    server = ServerURL.parse(args.server) if args.server else base.server  # type: ignore[union-attr]
+    if args.secret_file or base is None:
+        secret = secret_from(args.secret_file, "--secret-file")
+    else:
+        secret = base.secret
+    cc = base if base is not None else ClientConfig(server, secret)
+    cc.server, cc.secret = server, secret
+    if args.listen:
+        cc.listen = [ListenSpec.parse(spec, "-L") for spec in args.listen]
+    if not cc.listen:
+        cc.listen = [ListenSpec("socks5", "127.0.0.1", 1080), ListenSpec("http", "127.0.0.1", 8080)]
+    for attr in ("user", "tls_ca", "sni", "path_prefix", "pool_size"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cc, attr, value)
+    if cc.tls_ca is not None and not cc.tls_ca.is_file():
+        raise ConfigError("--tls-ca", f"{cc.tls_ca}: no such file")
+    cc.insecure = cc.insecure or args.insecure
+    cc.allow_open = cc.allow_open or args.allow_open
+    if args.mode:
+        cfg.mode = Mode(args.mode)
+    cfg.client = cc
+
+
+def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
+    base = cfg.server
+    if args.listen is None and base is None:
+        raise ConfigError("listen", "give the address to serve, e.g. wss://0.0.0.0:8443")
+    listen = ServerURL.parse(args.listen, key="listen") if args.listen else base.listen  # type: ignore[union-attr]
+    users: dict[str, bytes] = dict(base.users) if base is not None else {}
+    if args.users_file:
+        users.update(_read_users_file(args.users_file))
+    if args.secret_file or not users:
+        users[DEFAULT_USER] = secret_from(args.secret_file, "--secret-file")
+    sc = base if base is not None else ServerConfig(listen, users)
+    sc.listen, sc.users = listen, users
+    if args.tls_certificate:
+        sc.tls_certificate = args.tls_certificate
+    if args.tls_private_key:
+        sc.tls_private_key = args.tls_private_key
+    if args.path_prefix is not None:
+        sc.path_prefix = args.path_prefix
+    if args.allow:
+        from autovpn.tunnel.policy import AllowEntry
+
+        for entry in args.allow:
+            AllowEntry.parse(entry)
+        sc.allow = list(sc.allow) + list(args.allow)
+    if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
+        raise ConfigError(
+            "listen",
+            "wss:// needs --tls-certificate and --tls-private-key "
+            "(or serve ws:// behind a TLS-terminating proxy)",
+        )
+    cfg.server = sc
+
+
+def _read_users_file(path: Path) -> dict[str, bytes]:
+    users: dict[str, bytes] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError("--users-file", f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, secret_file = line.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"--users-file {path}:{number}", "expected NAME:SECRET_FILE")
+        secret_path = Path(secret_file.strip())
+        if not secret_path.is_absolute():
+            secret_path = path.parent / secret_path
+        users[name.strip()] = read_secret(secret_path, f"--users-file {path}:{number}")
+    return users
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(cfg: Config, embedded: bool) -> None:
+    async with Engine(cfg) as engine:
+        name, _ = loop_factory()
+        print(f"autovpn {__version__} running ({name} event loop)")
+        for line in engine.describe():
+            print(f"  {line}")
+        if embedded:
+            print(
+                "This is the embedded default: a tunnel to a server inside this process.\n"
+                "Point it at your own server with:\n"
+                "  AUTOVPN_SECRET=... autovpn client wss://your-server:443\n"
+                "Stop with Ctrl-C."
+            )
+        sys.stdout.flush()
+        await engine.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            _, errors = load_file(args.file)
+            for error in errors:
+                print(f"{args.file}: {error.key}: {error.reason}", file=sys.stderr)
+            if not errors:
+                print(f"{args.file}: OK")
+            return 1 if errors else 0
+        cfg = Config()
+        if args.config is not None:
+            cfg, errors = load_file(args.config)
+            if errors:
+                for error in errors:
+                    print(f"{args.config}: {error.key}: {error.reason}", file=sys.stderr)
+                return 2
+        if args.command == "client":
+            _client_from_args(args, cfg)
+            cfg.server = None if args.config is None else cfg.server
+        elif args.command == "server":
+            _server_from_args(args, cfg)
+            cfg.client = None if args.config is None else cfg.client
+        embedded = args.command is None and args.config is None
+        if embedded:
+            cfg = embedded_config(state_dir())
+        _configure_logging(args.log_level or cfg.log_level)
+        run(_serve(cfg, embedded))
+    except KeyboardInterrupt:
+        print("\nautovpn stopped", file=sys.stderr)
+        return 130
+    except ConfigError as exc:
+        print(f"autovpn: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except AutovpnError as exc:
+        print(f"autovpn: {exc}", file=sys.stderr)
+        return 1
+    return 0

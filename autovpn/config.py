@@ -1,0 +1,375 @@
+"""Configuration: typed values, parsed from a TOML file and/or command-line flags.
+
+Everything the flags say, the file can say (flags win).  ``load_file`` collects *every* error
+with the key it belongs to, so ``autovpn check-config`` reports them all at once.
+
+Example::
+
+    mode = "global"                      # global | smart | direct
+    log_level = "info"
+
+    [client]
+    server = "wss://vpn.example.net:443"
+    user = "alice"
+    secret_file = "~/.config/autovpn/secret"
+    tls_ca = "ca.pem"                    # private CA; omit for the system store
+    listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
+
+    [server]
+    listen = "wss://0.0.0.0:8443"
+    tls_certificate = "cert.pem"
+    tls_private_key = "key.pem"
+    allow = ["127.0.0.0/8"]
+    [server.users]
+    alice = { secret_file = "alice.secret" }
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from autovpn.errors import ConfigError
+from autovpn.routing.router import Mode
+from autovpn.tunnel.client import ServerURL
+
+DEFAULT_USER = "default"
+SECRET_ENV = "AUTOVPN_SECRET"
+LISTEN_SCHEMES = ("socks5", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenSpec:
+    """A local listener, written as wstunnel writes ``-L``: ``socks5://127.0.0.1:1080?login=..``."""
+
+    scheme: str
+    host: str
+    port: int
+    users: tuple[tuple[str, str], ...] = ()
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, key: str = "listen") -> ListenSpec:
+        parts = urlsplit(text)
+        if parts.scheme not in LISTEN_SCHEMES:
+            raise ConfigError(key, f"{text!r}: scheme must be one of {', '.join(LISTEN_SCHEMES)}")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(key, f"{text!r}: {exc}") from None
+        if port is None:
+            raise ConfigError(
+                key, f"{text!r}: a port is required, e.g. {parts.scheme}://127.0.0.1:1080"
+            )
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        users: tuple[tuple[str, str], ...] = ()
+        login, password = query.pop("login", None), query.pop("password", None)
+        if (login is None) != (password is None):
+            raise ConfigError(key, f"{text!r}: give both login= and password=")
+        if login is not None and password is not None:
+            users = ((login, password),)
+        return cls(
+            parts.scheme, parts.hostname or "127.0.0.1", port, users, tuple(sorted(query.items()))
+        )
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(slots=True)
+class ClientConfig:
+    server: ServerURL
+    secret: bytes
+    user: str = DEFAULT_USER
+    tls_ca: Path | None = None
+    insecure: bool = False
+    sni: str | None = None
+    path_prefix: str = "autovpn"
+    pool_size: int = 1
+    listen: list[ListenSpec] = field(default_factory=list)
+    allow_open: bool = False
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    listen: ServerURL
+    users: dict[str, bytes]
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    path_prefix: str = "autovpn"
+    allow: list[str] = field(default_factory=list)
+    allow_all: bool = False  # the embedded server: the user's own machine, no SSRF boundary
+
+
+@dataclass(slots=True)
+class Config:
+    client: ClientConfig | None = None
+    server: ServerConfig | None = None
+    mode: Mode = Mode.GLOBAL
+    log_level: str = "info"
+
+
+def read_secret(path: Path, key: str) -> bytes:
+    try:
+        secret = path.expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(secret) < 8:
+        raise ConfigError(key, f"{path}: the secret must be at least 8 bytes")
+    return secret
+
+
+def secret_from(secret_file: str | Path | None, key: str) -> bytes:
+    """The secret from ``secret_file`` or the AUTOVPN_SECRET environment variable."""
+    if secret_file:
+        return read_secret(Path(secret_file), key)
+    env = os.environ.get(SECRET_ENV, "").strip()
+    if env:
+        if len(env) < 8:
+            raise ConfigError(SECRET_ENV, "the secret must be at least 8 bytes")
+        return env.encode()
+    raise ConfigError(key, f"no secret: use --secret-file FILE or set {SECRET_ENV}")
+
+
+class _Collector:
+    """Gathers ConfigErrors so that every bad key is reported, not only the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def take(self, key: str, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ConfigError as exc:
+            self.errors.append(exc)
+        except (TypeError, ValueError) as exc:
+            self.errors.append(ConfigError(key, str(exc)))
+        return None
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(key, f"expected {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_TOP_KEYS = {"mode", "log_level", "client", "server", "routing"}
+_CLIENT_KEYS = {
+    "server",
+    "user",
+    "secret_file",
+    "tls_ca",
+    "insecure",
+    "sni",
+    "path_prefix",
+    "pool_size",
+    "listen",
+    "allow_open",
+}
+_SERVER_KEYS = {
+    "listen",
+    "tls_certificate",
+    "tls_private_key",
+    "path_prefix",
+    "allow",
+    "secret_file",
+    "users",
+}
+
+
+def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigError]]:
+    """Build a Config from parsed TOML; relative paths are relative to ``base``."""
+    c = _Collector()
+    cfg = Config()
+    for key in data:
+        if key not in _TOP_KEYS:
+            c.errors.append(ConfigError(key, "unknown key"))
+
+    def path(value: Any, key: str) -> Path:
+        p = Path(_expect(value, str, key)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    if "mode" in data:
+        cfg.mode = c.take("mode", lambda: Mode(_expect(data["mode"], str, "mode"))) or cfg.mode
+    if "log_level" in data:
+        level = data["log_level"]
+        if level not in ("debug", "info", "warning", "error"):
+            c.errors.append(ConfigError("log_level", "must be debug, info, warning or error"))
+        else:
+            cfg.log_level = level
+
+    client = data.get("client")
+    if client is not None:
+        if not isinstance(client, dict):
+            c.errors.append(ConfigError("client", "must be a table"))
+        else:
+            for key in client:
+                if key not in _CLIENT_KEYS:
+                    c.errors.append(ConfigError(f"client.{key}", "unknown key"))
+            server = c.take(
+                "client.server",
+                lambda: ServerURL.parse(
+                    _expect(client.get("server"), str, "client.server"), key="client.server"
+                ),
+            )
+            secret = c.take(
+                "client.secret_file",
+                lambda: secret_from(
+                    path(client["secret_file"], "client.secret_file")
+                    if "secret_file" in client
+                    else None,
+                    "client.secret_file",
+                ),
+            )
+            listen = []
+            for i, spec in enumerate(client.get("listen", [])):
+                got = c.take(
+                    f"client.listen[{i}]",
+                    lambda s=spec, i=i: ListenSpec.parse(
+                        _expect(s, str, f"client.listen[{i}]"), f"client.listen[{i}]"
+                    ),
+                )
+                if got is not None:
+                    listen.append(got)
+            cc = ClientConfig(server or ServerURL(True, "invalid", 443), secret or b"")
+            cc.listen = listen
+            for key, kind in (
+                ("user", str),
+                ("sni", str),
+                ("path_prefix", str),
+                ("insecure", bool),
+                ("pool_size", int),
+                ("allow_open", bool),
+            ):
+                if key in client:
+                    value = c.take(f"client.{key}", _expect, client[key], kind, f"client.{key}")
+                    if value is not None:
+                        setattr(cc, key, value)
+            if "tls_ca" in client:
+                cc.tls_ca = c.take("client.tls_ca", path, client["tls_ca"], "client.tls_ca")
+                if cc.tls_ca is not None and not cc.tls_ca.is_file():
+                    c.errors.append(ConfigError("client.tls_ca", f"{cc.tls_ca}: no such file"))
+            if not 1 <= cc.pool_size <= 64:
+                c.errors.append(ConfigError("client.pool_size", "must be between 1 and 64"))
+            cfg.client = cc
+
+    server = data.get("server")
+    if server is not None:
+        if not isinstance(server, dict):
+            c.errors.append(ConfigError("server", "must be a table"))
+        else:
+            for key in server:
+                if key not in _SERVER_KEYS:
+                    c.errors.append(ConfigError(f"server.{key}", "unknown key"))
+            listen_url = c.take(
+                "server.listen",
+                lambda: ServerURL.parse(
+                    _expect(server.get("listen"), str, "server.listen"), key="server.listen"
+                ),
+            )
+            users: dict[str, bytes] = {}
+            for name, entry in _expect(server.get("users", {}), dict, "server.users").items():
+                key = f"server.users.{name}"
+                if isinstance(entry, dict) and "secret_file" in entry:
+                    got = c.take(
+                        key,
+                        lambda e=entry, k=key: read_secret(
+                            path(e["secret_file"], k + ".secret_file"), k + ".secret_file"
+                        ),
+                    )
+                    if got is not None:
+                        users[name] = got
+                else:
+                    c.errors.append(ConfigError(key, 'expected { secret_file = "FILE" }'))
+            if not users:
+                got = c.take(
+                    "server.secret_file",
+                    lambda: secret_from(
+                        path(server["secret_file"], "server.secret_file")
+                        if "secret_file" in server
+                        else None,
+                        "server.secret_file",
+                    ),
+                )
+                if got is not None:
+                    users[DEFAULT_USER] = got
+            sc = ServerConfig(listen_url or ServerURL(True, "0.0.0.0", 8443), users)
+            if "tls_certificate" in server:
+                sc.tls_certificate = c.take(
+                    "server.tls_certificate",
+                    path,
+                    server["tls_certificate"],
+                    "server.tls_certificate",
+                )
+            if "tls_private_key" in server:
+                sc.tls_private_key = c.take(
+                    "server.tls_private_key",
+                    path,
+                    server["tls_private_key"],
+                    "server.tls_private_key",
+                )
+            for key in ("tls_certificate", "tls_private_key"):
+                p = getattr(sc, key)
+                if p is not None and not p.is_file():
+                    c.errors.append(ConfigError(f"server.{key}", f"{p}: no such file"))
+            if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
+                c.errors.append(
+                    ConfigError("server.listen", "wss:// needs tls_certificate and tls_private_key")
+                )
+            if "path_prefix" in server:
+                sc.path_prefix = (
+                    c.take(
+                        "server.path_prefix",
+                        _expect,
+                        server["path_prefix"],
+                        str,
+                        "server.path_prefix",
+                    )
+                    or sc.path_prefix
+                )
+            if "allow" in server:
+                allow = c.take("server.allow", _expect, server["allow"], list, "server.allow")
+                if allow is not None:
+                    from autovpn.tunnel.policy import AllowEntry
+
+                    for i, entry in enumerate(allow):
+                        if c.take(f"server.allow[{i}]", AllowEntry.parse, str(entry)) is not None:
+                            sc.allow.append(str(entry))
+            cfg.server = sc
+    return cfg, c.errors
+
+
+def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
+    """Parse a TOML config file.  Syntax errors come back as one error naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return Config(), [ConfigError(str(path), f"cannot read: {exc.strerror or exc}")]
+    except UnicodeDecodeError:
+        return Config(), [ConfigError(str(path), "not UTF-8 text")]
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return Config(), [ConfigError(str(path), f"TOML syntax: {exc}")]
+    return parse_config(data, path.parent)
+
+
+def state_dir() -> Path:
+    """Where autovpn keeps its own state (certificate, secret, scores), per platform."""
+    override = os.environ.get("AUTOVPN_STATE_DIR")
+    if override:
+        return Path(override)
+    home = Path.home()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
+        return base / "autovpn"
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / "autovpn"
+    return Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "autovpn"

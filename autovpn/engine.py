@@ -1,0 +1,190 @@
+"""The engine: one object that owns the tunnel server, the tunnel client, the router and the
+local listeners, and starts and stops them in order.
+
+    async with autovpn.Engine(config) as engine:
+        print(engine.listeners[0].bound_port)
+        await engine.serve_forever()
+
+Start order is server → tunnel client → listeners, so that a listener never accepts a
+connection it cannot route; stop order is the reverse.  A failure while starting (a taken
+port, say) stops what was already started and raises the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+from pathlib import Path
+
+from autovpn.config import DEFAULT_USER, ClientConfig, Config, ListenSpec, ServerConfig
+from autovpn.proxy.auth import Credentials
+from autovpn.proxy.dialer import Dialer
+from autovpn.proxy.listener import ListenerKind, ProxyListener
+from autovpn.routing.router import Mode, Router
+from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
+from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.tunnel.server import ServerSettings, TunnelServer
+from autovpn.tunnel.tls import client_context, make_self_signed, server_context, write_private
+
+log = logging.getLogger("autovpn")
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config.mode)
+        self.server: TunnelServer | None = None
+        self.tunnel: TunnelClient | None = None
+        self.listeners: list[ProxyListener] = []
+        self._stopped = asyncio.Event()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def mode(self) -> Mode:
+        return self.router.mode
+
+    def set_mode(self, mode: Mode | str) -> None:
+        """Switch routing mode; established connections keep their route."""
+        self.router.mode = Mode(mode)
+        log.info("routing mode is now %s", self.router.mode.value)
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        if cfg.server is not None:
+            self.server = TunnelServer(_server_settings(cfg.server))
+            await self.server.start()
+        client = cfg.client
+        if client is not None:
+            server_url = client.server
+            if server_url.port == 0 and self.server is not None:  # embedded: bound on port 0
+                server_url = dataclasses.replace(server_url, port=self.server.port)
+            self.tunnel = TunnelClient(_client_settings(client, server_url))
+            self.tunnel.start()
+            dialer = Dialer(self.router, self.tunnel)
+            for spec in client.listen:
+                listener = _make_listener(spec, dialer, client.allow_open)
+                await listener.start()
+                self.listeners.append(listener)
+
+    async def close(self) -> None:
+        for listener in reversed(self.listeners):
+            await listener.close()
+        self.listeners.clear()
+        if self.tunnel is not None:
+            await self.tunnel.close()
+            self.tunnel = None
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+        self._stopped.set()
+
+    def stop(self) -> None:
+        """Make ``serve_forever`` return (the caller's ``async with`` then closes)."""
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def describe(self) -> list[str]:
+        """One human line per running part, for the CLI's start-up message."""
+        lines = []
+        if self.server is not None:
+            s = self.server.settings
+            lines.append(
+                f"tunnel server  {'wss' if s.ssl_context else 'ws'}://{s.host}:{self.server.port}"
+            )
+        if self.tunnel is not None:
+            lines.append(
+                f"tunnel client  -> {self.tunnel.settings.server}  (mode {self.router.mode.value})"
+            )
+        for listener in self.listeners:
+            auth = " (auth)" if listener.credentials else ""
+            lines.append(
+                f"{listener.kind.value:<6} proxy   {listener.host}:{listener.bound_port}{auth}"
+            )
+        return lines
+
+
+def _server_settings(sc: ServerConfig) -> ServerSettings:
+    ctx = None
+    if sc.listen.tls:
+        assert sc.tls_certificate is not None and sc.tls_private_key is not None
+        ctx = server_context(sc.tls_certificate, sc.tls_private_key)
+    return ServerSettings(
+        host=sc.listen.host,
+        port=sc.listen.port,
+        users=dict(sc.users),
+        ssl_context=ctx,
+        path_prefix=sc.path_prefix,
+        policy=DestinationPolicy(sc.allow, block_private=not sc.allow_all),
+    )
+
+
+def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
+    ctx = client_context(cc.tls_ca, insecure=cc.insecure) if server.tls else None
+    return ClientSettings(
+        server=server,
+        user=cc.user,
+        secret=cc.secret,
+        ssl_context=ctx,
+        sni=cc.sni,
+        path_prefix=cc.path_prefix,
+        pool_size=cc.pool_size,
+    )
+
+
+def _make_listener(spec: ListenSpec, dialer: Dialer, allow_open: bool) -> ProxyListener:
+    kind = ListenerKind(spec.scheme)
+    creds = Credentials(dict(spec.users)) if spec.users else None
+    return ProxyListener(kind, spec.host, spec.port, dialer, creds, allow_open=allow_open)
+
+
+def embedded_config(state: Path, *, socks_port: int = 1080, http_port: int = 8080) -> Config:
+    """The out-of-the-box set-up: a loopback tunnel server and a client pinned to its
+    self-signed certificate, with SOCKS5 on 1080 and HTTP on 8080.
+
+    The embedded server runs on the user's own machine, so its destination policy allows
+    everything the user could reach anyway (loopback included); a real server keeps the default.
+    """
+    cert, key, secret_path = (
+        state / "embedded-cert.pem",
+        state / "embedded-key.pem",
+        state / "embedded-secret",
+    )
+    if not (cert.is_file() and key.is_file()):
+        make_self_signed(cert, key, ["localhost", "127.0.0.1", "::1"])
+    if not secret_path.is_file():
+        write_private(secret_path, secrets.token_urlsafe(32).encode())
+    secret = secret_path.read_bytes().strip()
+    server = ServerConfig(
+        listen=ServerURL(True, "127.0.0.1", 0),
+        users={DEFAULT_USER: secret},
+        tls_certificate=cert,
+        tls_private_key=key,
+        allow_all=True,
+    )
+    client = ClientConfig(
+        server=ServerURL(True, "127.0.0.1", 0),
+        secret=secret,
+        tls_ca=cert,
+        listen=[
+            ListenSpec("socks5", "127.0.0.1", socks_port),
+            ListenSpec("http", "127.0.0.1", http_port),
+        ],
+    )
+    return Config(client=client, server=server, mode=Mode.GLOBAL)

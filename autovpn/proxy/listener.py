@@ -1,0 +1,274 @@
+"""The local listeners: SOCKS5 and HTTP proxy, thin asyncio layers over the sans-I/O parsers.
+
+A connection starts in a handshake protocol that feeds bytes to the parser.  Once the target is
+known, reading pauses, the ``Dialer`` routes and connects, the listener answers its client (the
+SOCKS5 reply or the CONNECT status) and hands the socket to the upstream, which relays it from
+then on.  Every handshake task belongs to its ``ProxyListener`` and is cancelled with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from autovpn.errors import BindError, ConfigError, RemoteProtocolError, StreamError
+from autovpn.proxy import http_proxy, socks5
+from autovpn.proxy.auth import Credentials, parse_basic_proxy_authorization
+from autovpn.proxy.dialer import Dialer
+
+log = logging.getLogger("autovpn.proxy")
+
+HANDSHAKE_TIMEOUT = 30.0
+
+
+class ListenerKind(enum.Enum):
+    SOCKS5 = "socks5"
+    HTTP = "http"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ProxyListener:
+    """One listening socket of one kind."""
+
+    def __init__(
+        self,
+        kind: ListenerKind,
+        host: str,
+        port: int,
+        dialer: Dialer,
+        credentials: Credentials | None = None,
+        *,
+        allow_open: bool = False,
+    ) -> None:
+        if not is_loopback(host) and not credentials and not allow_open:
+            raise ConfigError(
+                f"listen {kind.value}://{host}:{port}",
+                "refusing to serve a non-loopback address without credentials "
+                "(add ?login=&password=, or --allow-open if you really mean it)",
+            )
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self.dialer = dialer
+        self.credentials = credentials or Credentials()
+        self.accepted = 0
+        self.failed = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], asyncio.Protocol] = (
+            (lambda: _Socks5Handshake(self))
+            if self.kind is ListenerKind.SOCKS5
+            else (lambda: _HttpHandshake(self))
+        )
+        try:
+            self._server = await loop.create_server(factory, self.host, self.port, backlog=1024)
+        except OSError as exc:
+            raise BindError(
+                f"{self.kind.value} listener cannot bind {self.host}:{self.port}: "
+                f"{exc.strerror or exc}"
+                + (
+                    " (another program uses this port; pick another with -L)"
+                    if exc.errno in (98, 48, 10048)
+                    else ""
+                )
+            ) from exc
+        log.info("%s listener on %s:%d", self.kind.value, self.host, self.bound_port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class _HandshakeBase(asyncio.Protocol):
+    def __init__(self, listener: ProxyListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.listener.accepted += 1
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        log.info("%s client %s: handshake timed out", self.listener.kind.value, self.peer)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def fail(self, reply: bytes, why: str) -> None:
+        self.listener.failed += 1
+        self.stop_timer()
+        log.info("%s client %s: %s", self.listener.kind.value, self.peer, why)
+        if self.transport is not None and not self.transport.is_closing():
+            if reply:
+                self.transport.write(reply)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_timer()
+
+
+class _Socks5Handshake(_HandshakeBase):
+    def __init__(self, listener: ProxyListener) -> None:
+        super().__init__(listener)
+        self._parser = socks5.Socks5ServerHandshake(listener.credentials or None)
+        self._done = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        assert self.transport is not None
+        try:
+            request = self._parser.receive_data(data)
+        except socks5.Socks5Error as exc:
+            self._done = True
+            self.fail(exc.reply, f"SOCKS5 error: {exc}")
+            return
+        out = self._parser.data_to_send()
+        if out:
+            self.transport.write(out)
+        if request is None:
+            return
+        self._done = True
+        self.transport.pause_reading()
+        self.listener.spawn(self._serve(request), f"socks5-{self.peer}")
+
+    async def _serve(self, request: socks5.Socks5Request) -> None:
+        assert self.transport is not None
+        if request.command is not socks5.Command.CONNECT:
+            self.fail(
+                socks5.encode_reply(socks5.Reply.COMMAND_NOT_SUPPORTED),
+                f"command {request.command.name} not supported",
+            )
+            return
+        try:
+            upstream, _ = await self.listener.dialer.connect(
+                request.host,
+                request.port,
+                self._parser.trailing_data,
+                client=self.peer,
+                via="socks5",
+            )
+        except StreamError as exc:
+            self.fail(
+                socks5.encode_reply(exc.reason.socks5_reply),
+                f"{request.host}:{request.port}: {exc}",
+            )
+            return
+        self.stop_timer()
+        if self.transport.is_closing():
+            return
+        self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED))
+        upstream.attach(self.transport)
+
+
+class _HttpHandshake(_HandshakeBase):
+    def __init__(self, listener: ProxyListener) -> None:
+        super().__init__(listener)
+        self._parser = http_proxy.HttpHeadParser()
+        self._done = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        assert self.transport is not None
+        try:
+            head = self._parser.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._done = True
+            self.fail(exc.reply, f"HTTP error: {exc}")
+            return
+        if head is None:
+            return
+        self._done = True
+        self.transport.pause_reading()
+        creds = self.listener.credentials
+        if creds:
+            offered = parse_basic_proxy_authorization(head.headers)
+            if offered is None or not creds.check(*offered):
+                self.fail(
+                    http_proxy.proxy_auth_required(),
+                    "proxy authentication " + ("missing" if offered is None else "failed"),
+                )
+                return
+        self.listener.spawn(self._serve(head), f"http-{self.peer}")
+
+    async def _serve(self, head: http_proxy.HttpRequestHead) -> None:
+        assert self.transport is not None
+        trailing = self._parser.trailing_data
+        if head.is_connect:
+            early = trailing
+        elif head.form is not http_proxy.TargetForm.ABSOLUTE:
+            # A proxy only forwards absolute-form requests; anything else was meant for an
+            # origin server, and we are none.
+            self.fail(http_proxy.response(400), "request is not in absolute form")
+            return
+        else:
+            # Absolute-form request: forward it with hop-by-hop headers removed.  The origin is
+            # asked to close after its response, so the raw relay that follows carries exactly
+            # one exchange; the client then opens a new connection for its next request.
+            early = http_proxy.rewrite_for_origin(head, force_close=True) + trailing
+        try:
+            upstream, _ = await self.listener.dialer.connect(
+                head.host,
+                head.port,
+                early,
+                client=self.peer,
+                via="http",
+            )
+        except StreamError as exc:
+            status = exc.reason.http_status
+            self.fail(
+                http_proxy.response(status, body=f"{exc}\n".encode()),
+                f"{head.host}:{head.port}: {exc}",
+            )
+            return
+        self.stop_timer()
+        if self.transport.is_closing():
+            return
+        if head.is_connect:
+            self.transport.write(http_proxy.CONNECTION_ESTABLISHED)
+        upstream.attach(self.transport)

@@ -1,0 +1,98 @@
+"""The tunnel server's destination policy: which targets a tunnel client may reach.
+
+By default the server refuses loopback, private, link-local, CGNAT, multicast and unspecified
+destinations, so a tunnel client cannot use the server to reach the server's own network (SSRF).
+The check runs on the *resolved* addresses, so a name that resolves to 127.0.0.1 is refused
+like the literal.  ``--allow`` entries open holes: a CIDR, an IP, or a host name, each with an
+optional port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from autovpn.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+BLOCKED_BY_DEFAULT: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowEntry:
+    network: IPNetwork | None
+    host: str | None  # a lower-cased host name
+    port: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowEntry:
+        """``CIDR``, ``IP``, ``HOST``, each optionally ``:PORT`` (IPv6 as ``[addr]:port``)."""
+        spec = text.strip()
+        port: int | None = None
+        if spec.startswith("["):
+            addr, _, rest = spec[1:].partition("]")
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    raise ConfigError("allow", f"bad entry {text!r}")
+                port = int(rest[1:])
+            spec = addr
+        elif spec.count(":") == 1:
+            spec, _, port_text = spec.partition(":")
+            if not port_text.isdigit():
+                raise ConfigError("allow", f"bad port in {text!r}")
+            port = int(port_text)
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError("allow", f"port out of range in {text!r}")
+        try:
+            return cls(ipaddress.ip_network(spec, strict=False), None, port)
+        except ValueError:
+            pass
+        if not spec or any(c.isspace() or c in "/[]" for c in spec):
+            raise ConfigError("allow", f"{text!r} is neither a CIDR, an IP nor a host name")
+        return cls(None, spec.lower().rstrip("."), port)
+
+
+class DestinationPolicy:
+    def __init__(
+        self, allow: list[str] | tuple[str, ...] = (), *, block_private: bool = True
+    ) -> None:
+        self.entries = [AllowEntry.parse(a) for a in allow]
+        self.block_private = block_private
+
+    def host_allowed(self, host: str, port: int) -> bool:
+        """True when ``host`` (a name) is explicitly allowed: its addresses are not checked."""
+        name = host.lower().rstrip(".")
+        return any(e.host == name and (e.port is None or e.port == port) for e in self.entries)
+
+    def address_allowed(self, address: str, port: int) -> bool:
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for e in self.entries:
+            if e.network is not None and ip in e.network and (e.port is None or e.port == port):
+                return True
+        if not self.block_private:
+            return True
+        return not any(ip in net for net in BLOCKED_BY_DEFAULT if net.version == ip.version)

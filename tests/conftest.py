@@ -1,0 +1,265 @@
+"""Shared test fixtures: certificates made here, loopback servers, and a tunnel engine.
+
+Everything listens on 127.0.0.1 with port 0.  No test name is resolved by the system resolver:
+targets are IP literals (or ``localhost``, answered by the hosts file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig
+from autovpn.engine import Engine
+from autovpn.eventloop import run as run_on_loop
+from autovpn.proxy import socks5
+from autovpn.routing.router import Mode
+from autovpn.tunnel.client import ServerURL
+
+T = TypeVar("T")
+SECRET = b"test-secret-0123456789"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a test coroutine on the engine's event loop (uvloop when installed)."""
+    return run_on_loop(coro)
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    cert: Path
+    key: Path
+    dir: Path
+
+
+def _make_certs(directory: Path) -> Certs:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autovpn test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.DNSName("*.test.example"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(cert.public_bytes(pem))
+    (directory / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return Certs(
+        directory / "ca.pem", directory / "server.pem", directory / "server.key", directory
+    )
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return _make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("AUTOVPN_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("AUTOVPN_SECRET", raising=False)
+    yield
+
+
+def engine_config(
+    certs: Certs,
+    *,
+    allow: tuple[str, ...] = ("127.0.0.0/8",),
+    users: tuple[tuple[str, str], ...] = (),
+    client_secret: bytes = SECRET,
+    tls: bool = True,
+    pool_size: int = 1,
+    mode: Mode = Mode.GLOBAL,
+    server: bool = True,
+    server_port: int = 0,
+) -> Config:
+    """A client and a server in one engine, talking wss over loopback with the test CA."""
+    sc = ServerConfig(
+        listen=ServerURL(tls, "127.0.0.1", server_port),
+        users={"default": SECRET},
+        tls_certificate=certs.cert if tls else None,
+        tls_private_key=certs.key if tls else None,
+        allow=list(allow),
+    )
+    cc = ClientConfig(
+        server=ServerURL(tls, "127.0.0.1", server_port),
+        secret=client_secret,
+        tls_ca=certs.ca,
+        pool_size=pool_size,
+        listen=[
+            ListenSpec("socks5", "127.0.0.1", 0, users),
+            ListenSpec("http", "127.0.0.1", 0, users),
+        ],
+    )
+    return Config(client=cc, server=sc if server else None, mode=mode)
+
+
+@asynccontextmanager
+async def engine(certs: Certs, **kwargs: Any) -> AsyncIterator[Engine]:
+    async with Engine(engine_config(certs, **kwargs)) as eng:
+        yield eng
+
+
+def socks_port(eng: Engine) -> int:
+    return eng.listeners[0].bound_port
+
+
+def http_port(eng: Engine) -> int:
+    return eng.listeners[1].bound_port
+
+
+async def socks_open(
+    port: int, host: str, target_port: int, user: str | None = None, password: str | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a SOCKS5 CONNECT through our listener with the sans-I/O client helper."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    hs = socks5.Socks5ClientHandshake(host, target_port, username=user, password=password)
+    writer.write(hs.initial_bytes())
+    try:
+        while True:
+            # One byte at a time: bytes after the reply belong to the caller's stream.
+            data = await reader.read(1)
+            if not data:
+                raise ConnectionError("proxy closed during the SOCKS5 handshake")
+            result = hs.receive_data(data)
+            out = hs.data_to_send()
+            if out:
+                writer.write(out)
+            if result is not None:
+                return reader, writer
+    except BaseException:
+        writer.close()
+        raise
+
+
+@asynccontextmanager
+async def tcp_server(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    async def wrapped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+
+
+async def sink_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Reads until EOF, then answers with the SHA-256 of everything read."""
+    h = hashlib.sha256()
+    while data := await reader.read(1 << 18):
+        h.update(data)
+    writer.write(h.digest())
+    await writer.drain()
+
+
+def pattern(size: int, seed: int = 1) -> Iterator[bytes]:
+    """Deterministic, incompressible-looking data in 1 MiB chunks."""
+    block = hashlib.shake_256(seed.to_bytes(4, "big")).digest(1 << 20)
+    sent = 0
+    while sent < size:
+        chunk = block[: min(len(block), size - sent)]
+        sent += len(chunk)
+        yield chunk
+
+
+def pattern_digest(size: int, seed: int = 1) -> bytes:
+    h = hashlib.sha256()
+    for chunk in pattern(size, seed):
+        h.update(chunk)
+    return h.digest()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def env_without_proxies() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["NO_PROXY"] = ""
+    return env
