@@ -82,6 +82,11 @@ class _ServerHandshake(asyncio.Protocol):
             head, rest = parsed
             _, path = handshake.request_target(head)
             if path != handshake.tunnel_path(self._server.settings.path_prefix):
+                for alternative in self._server.alternatives:
+                    if alternative(head, self.transport, rest, self._peer):
+                        # Another protocol (wstunnel) took the connection over.
+                        self._cancel_timer()
+                        return
                 raise handshake.HandshakeError(
                     f"request for {path[:80]!r}",
                     404,
@@ -135,8 +140,14 @@ class TunnelServer:
         self.streams_failed = 0
         self._server: asyncio.Server | None = None
         self._dials: set[asyncio.Task[None]] = set()
-        #: Extra handlers for OPENs of other kinds (the UDP issue registers datagram flows).
+        #: Handler of DATAGRAM frames (UDP flows), set by the UDP relay.
         self.on_datagram: Callable[[MuxConnection, int, bytes], None] | None = None
+        #: Other protocols served on the same port (wstunnel): each is offered every request
+        #: whose path is not our tunnel path, with the transport and the bytes after the head,
+        #: and returns True when it took the connection over (it then owns the transport).
+        self.alternatives: list[
+            Callable[[handshake.HttpHead, asyncio.Transport, bytes, str], bool]
+        ] = []
 
     async def __aenter__(self) -> TunnelServer:
         await self.start()
