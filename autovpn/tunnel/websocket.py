@@ -50,7 +50,8 @@ try:  # websockets' C helper masks at memory speed
     from websockets.speedups import apply_mask as _c_apply_mask
 
     def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
-        return _c_apply_mask(data, mask)
+        result: bytes = _c_apply_mask(data, mask)
+        return result
 
 except ImportError:  # pragma: no cover - the pure fallback is tested directly
     apply_mask = _mask_python
