@@ -17,8 +17,6 @@ from autovpn.errors import ResetReason, StreamError
 from autovpn.net import reset_reason_for
 from autovpn.proxy.relay import Pipe, link
 from autovpn.routing.router import Action, Decision, Router
-from autovpn.tunnel.client import TunnelClient
-from autovpn.tunnel.connection import StreamEndpoint
 
 log = logging.getLogger("autovpn.access")
 
@@ -39,24 +37,17 @@ class _DirectUpstream:
         transport.resume_reading()
 
 
-class _TunnelUpstream:
-    __slots__ = ("ep",)
+class TunnelOpener(Protocol):
+    """What the dialer needs of a tunnel: our mux client, or the wstunnel-protocol client."""
 
-    def __init__(self, ep: StreamEndpoint) -> None:
-        self.ep = ep
-
-    def attach(self, transport: asyncio.Transport) -> None:
-        transport.set_protocol(self.ep)
-        self.ep.attach(transport)
-        if not self.ep.reading_paused:
-            transport.resume_reading()
+    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> Upstream: ...
 
 
 class Dialer:
     """Routes and connects.  ``tunnel`` may be None when no server is configured."""
 
     def __init__(
-        self, router: Router, tunnel: TunnelClient | None, connect_timeout: float = 10.0
+        self, router: Router, tunnel: TunnelOpener | None, connect_timeout: float = 10.0
     ) -> None:
         self.router = router
         self.tunnel = tunnel
@@ -77,8 +68,7 @@ class Dialer:
             raise StreamError(ResetReason.NOT_ALLOWED, f"rejected by routing: {decision.reason}")
         if action is Action.PROXY:
             assert self.tunnel is not None
-            ep = await self.tunnel.open_stream(host, port, early)
-            return _TunnelUpstream(ep), decision
+            return await self.tunnel.open_upstream(host, port, early), decision
         return await self._direct(host, port, early), decision
 
     async def _direct(self, host: str, port: int, early: bytes) -> Upstream:

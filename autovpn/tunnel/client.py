@@ -135,6 +135,21 @@ class _ClientHandshake(asyncio.Protocol):
             )
 
 
+class StreamUpstream:
+    """Hands a local socket to a tunnel stream (see autovpn.proxy.dialer.Upstream)."""
+
+    __slots__ = ("ep",)
+
+    def __init__(self, ep: StreamEndpoint) -> None:
+        self.ep = ep
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        transport.set_protocol(self.ep)
+        self.ep.attach(transport)
+        if not self.ep.reading_paused:
+            transport.resume_reading()
+
+
 class TunnelClient:
     """A pool of tunnel connections.  Use as ``async with TunnelClient(settings) as client``."""
 
@@ -274,6 +289,10 @@ class TunnelClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
+
+    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> StreamUpstream:
+        """``open_stream`` for the dialer: the result relays a local socket once attached."""
+        return StreamUpstream(await self.open_stream(host, port, early))
 
     async def open_stream(
         self, host: str, port: int, early: bytes = b"", kind: StreamKind = StreamKind.TCP
