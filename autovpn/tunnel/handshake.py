@@ -73,7 +73,8 @@ def parse_head(buffer: bytearray) -> tuple[HttpHead, bytes] | None:
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        if len(buffer) > MAX_HEAD_SIZE:
+        # +3: the terminator may have started inside the limit and not fully arrived yet.
+        if len(buffer) > MAX_HEAD_SIZE + 3:
             raise LimitExceeded(f"HTTP head larger than MAX_HEAD_SIZE ({MAX_HEAD_SIZE} bytes)")
         return None
     if end > MAX_HEAD_SIZE:
@@ -92,6 +93,11 @@ def parse_head(buffer: bytearray) -> tuple[HttpHead, bytes] | None:
             raise RemoteProtocolError(f"malformed header line {line[:40]!r}")
         headers.append((name.lower(), value.strip()))
     return HttpHead(lines[0], tuple(headers)), bytes(buffer[end + 4 :])
+
+
+def _is_number(text: str) -> bool:
+    # Not str.isdigit(): it accepts "²", which int() then refuses.
+    return 0 < len(text) <= 20 and text.isascii() and text.isdecimal()
 
 
 def accept_key(key: str) -> str:
@@ -155,7 +161,7 @@ class ClientResult:
 def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
     """Validate the server's answer to ``build_request``; raise HandshakeError otherwise."""
     parts = head.start_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _is_number(parts[1]):
         raise HandshakeError(f"malformed status line {head.start_line[:60]!r}", 502)
     status = int(parts[1])
     if status != 101:
@@ -169,7 +175,7 @@ def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
     if head.get("sec-websocket-accept") != expected:
         raise HandshakeError("wrong Sec-WebSocket-Accept from the tunnel server", 502)
     proto = head.get("sec-websocket-protocol")
-    if not proto.startswith(SUBPROTOCOL_PREFIX) or not proto[len(SUBPROTOCOL_PREFIX) :].isdigit():
+    if not proto.startswith(SUBPROTOCOL_PREFIX) or not _is_number(proto[len(SUBPROTOCOL_PREFIX) :]):
         raise HandshakeError(f"server chose no autovpn protocol version ({proto!r})", 502)
     version = int(proto[len(SUBPROTOCOL_PREFIX) :])
     if version not in SUPPORTED_VERSIONS:
@@ -260,7 +266,7 @@ def accept_request(
     versions = [
         int(p[len(SUBPROTOCOL_PREFIX) :])
         for p in offered
-        if p.startswith(SUBPROTOCOL_PREFIX) and p[len(SUBPROTOCOL_PREFIX) :].isdigit()
+        if p.startswith(SUBPROTOCOL_PREFIX) and _is_number(p[len(SUBPROTOCOL_PREFIX) :])
     ]
     common = sorted(set(versions) & set(SUPPORTED_VERSIONS))
     if not common:
@@ -279,12 +285,12 @@ def accept_request(
     secret = users.get(user)
     # Compute the MAC even for an unknown user, so timing does not tell which users exist.
     expected = compute_mac(
-        secret or _DUMMY_SECRET, user, int(ts_text) if ts_text.isdigit() else 0, nonce, path
+        secret or _DUMMY_SECRET, user, int(ts_text) if _is_number(ts_text) else 0, nonce, path
     )
     mac_ok = hmac.compare_digest(expected.encode(), mac.encode("ascii", "replace"))
     if secret is None or not mac_ok:
         raise AuthenticationFailed(f"bad credentials for user {user!r}", reply=forbidden)
-    if not ts_text.isdigit() or abs(now - int(ts_text)) > MAX_CLOCK_SKEW:
+    if not _is_number(ts_text) or abs(now - int(ts_text)) > MAX_CLOCK_SKEW:
         raise AuthenticationFailed(f"stale timestamp from user {user!r}", reply=forbidden)
     if not replay.check_and_add(nonce, now):
         raise AuthenticationFailed(f"replayed nonce from user {user!r}", reply=forbidden)

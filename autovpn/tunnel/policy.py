@@ -40,6 +40,24 @@ BLOCKED_BY_DEFAULT: tuple[IPNetwork, ...] = tuple(
 )
 
 
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdecimal()
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, NAT64), so it is judged as IPv4."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class AllowEntry:
     network: IPNetwork | None
@@ -52,15 +70,17 @@ class AllowEntry:
         spec = text.strip()
         port: int | None = None
         if spec.startswith("["):
-            addr, _, rest = spec[1:].partition("]")
+            addr, bracket, rest = spec[1:].partition("]")
+            if not bracket:
+                raise ConfigError("allow", f"missing ']' in {text!r}")
             if rest:
-                if not rest.startswith(":") or not rest[1:].isdigit():
+                if not rest.startswith(":") or not _is_port(rest[1:]):
                     raise ConfigError("allow", f"bad entry {text!r}")
                 port = int(rest[1:])
             spec = addr
         elif spec.count(":") == 1:
             spec, _, port_text = spec.partition(":")
-            if not port_text.isdigit():
+            if not _is_port(port_text):
                 raise ConfigError("allow", f"bad port in {text!r}")
             port = int(port_text)
         if port is not None and not 0 < port < 65536:
@@ -69,9 +89,10 @@ class AllowEntry:
             return cls(ipaddress.ip_network(spec, strict=False), None, port)
         except ValueError:
             pass
-        if not spec or any(c.isspace() or c in "/[]" for c in spec):
+        name = spec.lower().rstrip(".")
+        if not name or any(c.isspace() or c in "/[]" for c in name):
             raise ConfigError("allow", f"{text!r} is neither a CIDR, an IP nor a host name")
-        return cls(None, spec.lower().rstrip("."), port)
+        return cls(None, name, port)
 
 
 class DestinationPolicy:
@@ -88,8 +109,8 @@ class DestinationPolicy:
 
     def address_allowed(self, address: str, port: int) -> bool:
         ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
+        if isinstance(ip, ipaddress.IPv6Address):
+            ip = embedded_ipv4(ip) or ip
         for e in self.entries:
             if e.network is not None and ip in e.network and (e.port is None or e.port == port):
                 return True

@@ -217,4 +217,6 @@ class WsDecoder:
 
 def encode_close(code: int = 1000, reason: str = "") -> bytes:
     """A close frame payload (section 5.5.1)."""
-    return _U16.pack(code) + reason.encode("utf-8")[:123]
+    raw = reason.encode("utf-8")[:123]
+    # Cut on a character boundary: section 5.5.1 requires the reason to be valid UTF-8.
+    return _U16.pack(code) + raw.decode("utf-8", "ignore").encode("utf-8")

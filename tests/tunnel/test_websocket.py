@@ -321,12 +321,6 @@ def test_rfc6455_5_5_1_close_payload() -> None:
     assert decode(encode_frame(Opcode.CLOSE, long)) == [(Opcode.CLOSE, long)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="BUG: encode_close truncates the UTF-8 reason at byte 123, splitting a multi-byte "
-    "character; RFC 6455 section 5.5.1 requires UTF-8 (peers fail the connection, 1007)",
-)
 def test_rfc6455_5_5_1_close_reason_stays_valid_utf8_when_truncated() -> None:
     payload = encode_close(1000, "é" * 100)
     assert len(payload) <= MAX_CONTROL_PAYLOAD
