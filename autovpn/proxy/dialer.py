@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+import socket
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from autovpn.errors import ResetReason, StreamError
 from autovpn.net import reset_reason_for
 from autovpn.proxy.relay import Pipe, link
 from autovpn.routing.router import Action, Decision, Router
+from autovpn.routing.rules import normalize_host, parse_ip
+from autovpn.routing.scoring import ScoreBook, interleave_families
+
+if TYPE_CHECKING:
+    from autovpn.routing.dns import SplitResolver
 
 log = logging.getLogger("autovpn.access")
 
@@ -44,14 +52,29 @@ class TunnelOpener(Protocol):
 
 
 class Dialer:
-    """Routes and connects.  ``tunnel`` may be None when no server is configured."""
+    """Routes and connects.  ``tunnel`` may be None when no server is configured.
+
+    With a ``resolver``, a DIRECT name is resolved by the split resolver (never the system's
+    ``getaddrinfo``, which would not honour the routing) and its addresses are raced in the
+    ``scores`` order (``happy_eyeballs``); IP literals are dialled as before.
+    """
 
     def __init__(
-        self, router: Router, tunnel: TunnelOpener | None, connect_timeout: float = 10.0
+        self,
+        router: Router,
+        tunnel: TunnelOpener | None,
+        connect_timeout: float = 10.0,
+        *,
+        resolver: SplitResolver | None = None,
+        scores: ScoreBook | None = None,
+        attempt_delay: float = 0.25,
     ) -> None:
         self.router = router
         self.tunnel = tunnel
         self.connect_timeout = connect_timeout
+        self.resolver = resolver
+        self.scores = scores
+        self.attempt_delay = attempt_delay
         self.counts = {Action.DIRECT: 0, Action.PROXY: 0, Action.REJECT: 0}
 
     async def connect(
@@ -76,12 +99,108 @@ class Dialer:
         local, remote = Pipe(), Pipe()
         link(local, remote)
         remote.early = early
+        literal = parse_ip(normalize_host(host)) is not None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                # Happy Eyeballs (RFC 8305) across the resolved addresses.
-                await loop.create_connection(
-                    lambda: remote, host, port, happy_eyeballs_delay=0.25, interleave=1
-                )
+                if self.resolver is None or literal:
+                    # Happy Eyeballs (RFC 8305) across the resolved addresses.
+                    await loop.create_connection(
+                        lambda: remote, host, port, happy_eyeballs_delay=0.25, interleave=1
+                    )
+                else:
+                    resolution = await self.resolver.resolve(host, port)
+                    addrs = (
+                        self.scores.order(resolution.addresses, time.time())
+                        if self.scores is not None
+                        else interleave_families(resolution.addresses)
+                    )
+                    sock = await happy_eyeballs(
+                        addrs, port, delay=self.attempt_delay, scores=self.scores
+                    )
+                    try:
+                        await loop.create_connection(lambda: remote, sock=sock)
+                    except BaseException:
+                        sock.close()
+                        raise
         except (OSError, TimeoutError) as exc:
             raise StreamError(reset_reason_for(exc), str(exc) or type(exc).__name__) from exc
         return _DirectUpstream(local)
+
+
+async def happy_eyeballs(
+    addresses: Sequence[str],
+    port: int,
+    *,
+    delay: float = 0.25,
+    scores: ScoreBook | None = None,
+) -> socket.socket:
+    """Connect to the first of ``addresses`` (already in the order to try) that answers, RFC
+    8305 section 5: start the next attempt when the current one fails or after ``delay``
+    (250 ms, the RFC's recommended Connection Attempt Delay), whichever comes first; the first
+    success wins and every other attempt is cancelled and closed.  Each attempt's outcome and
+    connect time go to ``scores``.  Raises the OSError of the failed attempts.
+
+    Every attempt task is owned here: none outlives the call, also when it is cancelled.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def attempt(addr: str) -> socket.socket:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            start = loop.time()
+            await loop.sock_connect(sock, (addr, port))
+        except BaseException as exc:
+            sock.close()
+            if scores is not None and isinstance(exc, OSError):
+                scores.record_failure(addr, time.time())
+            raise
+        if scores is not None:
+            scores.record_success(addr, loop.time() - start, time.time())
+        return sock
+
+    todo = list(addresses)
+    pending: set[asyncio.Task[socket.socket]] = set()
+    errors: list[BaseException] = []
+    winner: socket.socket | None = None
+    try:
+        while winner is None:
+            if todo:
+                addr = todo.pop(0)
+                pending.add(loop.create_task(attempt(addr), name=f"happy-eyeballs {addr}"))
+            if not pending:
+                break
+            done, _ = await asyncio.wait(
+                pending, timeout=delay if todo else None, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                pending.discard(task)
+                exc = task.exception()
+                if exc is not None:
+                    errors.append(exc)
+                elif winner is None:
+                    winner = task.result()
+                else:
+                    task.result().close()
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            try:
+                loser = await task
+            except BaseException:  # cancelled or failed: its socket is already closed
+                continue
+            if loser is not winner:
+                loser.close()
+    if winner is not None:
+        return winner
+    if not errors:
+        raise OSError("no address to connect to")
+    if len(errors) == 1 and isinstance(errors[0], OSError):
+        raise errors[0]
+    first = errors[0]
+    raise OSError(
+        first.errno if isinstance(first, OSError) else None,
+        f"all {len(errors)} addresses failed: " + "; ".join(str(e) for e in errors),
+    )
