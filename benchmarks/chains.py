@@ -1,0 +1,426 @@
+"""The chains under test: each one a set of processes on loopback with a config written here.
+
+A chain is started fresh for every repetition and always stopped (terminate, then wait; kill
+after a grace period).  ``find_*`` functions locate the peers without installing anything; a
+peer that is not found is reported as absent by the harness.
+
+How to install the peers is in docs/benchmarks.md.  In short: pproxy in its own virtualenv
+(it crashes when uvloop is importable), v2ray from Debian.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+REPO: Final = Path(__file__).resolve().parents[1]
+SECRET: Final = "bench-secret-0123456789abcdef"
+VLESS_ID: Final = str(uuid.UUID(int=0x6F1C2A0E4A1B4A5E9D1E2B3C4D5E6F70))
+
+#: pproxy 2.7.9 cannot run where uvloop is importable, and its WebSocket listener never
+#: recognises a request (``WS.guess`` compares the reader, not the header, with b"GET "):
+#: the wrapper hides uvloop and fixes that one comparison, nothing else.
+PPROXY_WRAPPER: Final = """\
+import sys
+sys.modules["uvloop"] = None
+import pproxy.proto as proto
+
+async def _guess(self, reader, **kw):
+    header = await reader.read_w(4)
+    reader.rollback(header)
+    return header == b"GET "
+
+proto.WS.guess = _guess
+from pproxy.server import main
+sys.exit(main())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@dataclass
+class Running:
+    """A started chain: its processes and the SOCKS5 port (None for direct)."""
+
+    name: str
+    socks_port: int | None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def check(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{self.name}: {p.args!r} exited with {p.returncode}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@dataclass
+class Workdir:
+    path: Path
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certs(directory: Path) -> Workdir:
+    """A CA and a server certificate for localhost/127.0.0.1 (EC P-256), made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autovpn bench CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - day)
+        .not_valid_after(now + day)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    w = Workdir(directory, directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    w.ca.write_bytes(ca.public_bytes(pem))
+    w.cert.write_bytes(cert.public_bytes(pem))
+    w.key.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return w
+
+
+def _popen(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(REPO),
+        )
+
+
+# -- peers: where are they ----------------------------------------------------------------
+
+
+def find_pproxy_python() -> str | None:
+    """The interpreter that has pproxy: $BENCH_PPROXY_PYTHON, the venv, or pproxy's shebang."""
+    candidates = [os.environ.get("BENCH_PPROXY_PYTHON", ""), "/tmp/pproxy-venv/bin/python"]
+    script = shutil.which("pproxy")
+    if script:
+        try:
+            first = Path(script).read_text(errors="replace").splitlines()[0]
+            if first.startswith("#!"):
+                candidates.append(first[2:].strip().split()[0])
+        except (OSError, IndexError):
+            pass
+    for python in candidates:
+        if python and Path(python).is_file():
+            probe = subprocess.run(
+                [python, "-c", "import importlib.metadata as m; print(m.version('pproxy'))"],
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0:
+                return python
+    return None
+
+
+def pproxy_version(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('pproxy'))"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() or "?"
+
+
+def find_v2ray() -> str | None:
+    return os.environ.get("BENCH_V2RAY") or shutil.which("v2ray")
+
+
+def v2ray_version(binary: str) -> str:
+    for args in ([binary, "-version"], [binary, "version"]):
+        out = subprocess.run(args, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout:
+            return " ".join(out.stdout.split()[:2])
+    return "?"
+
+
+# -- the chains ----------------------------------------------------------------------------
+
+
+def start_direct(work: Workdir) -> Running:
+    return Running("direct", None)
+
+
+def start_autovpn(work: Workdir) -> Running:
+    server_port, socks = free_port(), free_port()
+    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(REPO))
+    env.pop("AUTOVPN_STATE_DIR", None)
+    py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
+    run = Running("autovpn", socks)
+    try:
+        server = _popen(
+            py
+            + [
+                "server",
+                f"wss://127.0.0.1:{server_port}",
+                "--tls-certificate",
+                str(work.cert),
+                "--tls-private-key",
+                str(work.key),
+                "--allow",
+                "127.0.0.0/8",
+            ],
+            work.path / "autovpn-server.log",
+            env,
+        )
+        run.procs.append(server)
+        wait_port(server_port, server)
+        client = _popen(
+            py
+            + [
+                "client",
+                "-L",
+                f"socks5://127.0.0.1:{socks}",
+                "--tls-ca",
+                str(work.ca),
+                f"wss://127.0.0.1:{server_port}",
+            ],
+            work.path / "autovpn-client.log",
+            env,
+        )
+        run.procs.append(client)
+        wait_port(socks, client)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+def _pproxy(python: str, work: Workdir, args: list[str], log: str) -> subprocess.Popen[bytes]:
+    wrapper = work.path / "pproxy_wrapper.py"
+    if not wrapper.exists():
+        wrapper.write_text(PPROXY_WRAPPER)
+    return _popen([python, str(wrapper), *args], work.path / log)
+
+
+def start_pproxy(work: Workdir, python: str) -> Running:
+    socks = free_port()
+    run = Running("pproxy", socks)
+    proc = _pproxy(python, work, ["-l", f"socks5://127.0.0.1:{socks}"], "pproxy.log")
+    run.procs.append(proc)
+    try:
+        wait_port(socks, proc)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+def start_pproxy_ws(work: Workdir, python: str) -> Running:
+    """SOCKS5 → ws+TLS → pproxy.  pproxy's ws listener forwards to a fixed address, so the
+    server process relays it into its own SOCKS5 listener, which the client's SOCKS5 jump
+    (``__socks5://``) then drives through the WebSocket to reach any target."""
+    socks, ws, inner = free_port(), free_port(), free_port()
+    run = Running("pproxy-ws", socks)
+    try:
+        server = _pproxy(
+            python,
+            work,
+            [
+                "-l",
+                f"ws{{127.0.0.1:{inner}}}+ssl://127.0.0.1:{ws}",
+                "-l",
+                f"socks5://127.0.0.1:{inner}",
+                "--ssl",
+                f"{work.cert},{work.key}",
+            ],
+            "pproxy-ws-server.log",
+        )
+        run.procs.append(server)
+        wait_port(ws, server)
+        client = _pproxy(
+            python,
+            work,
+            ["-l", f"socks5://127.0.0.1:{socks}", "-r", f"ws+ssl://127.0.0.1:{ws}__socks5://x:1"],
+            "pproxy-ws-client.log",
+        )
+        run.procs.append(client)
+        wait_port(socks, client)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+def start_v2ray(work: Workdir, binary: str) -> Running:
+    """SOCKS5 → VLESS over WebSocket+TLS → v2ray (freedom outbound)."""
+    socks, port = free_port(), free_port()
+    stream = {
+        "network": "ws",
+        "security": "tls",
+        "wsSettings": {"path": "/bench"},
+    }
+    log = {"loglevel": "warning", "access": "none"}
+    server_cfg = {
+        "log": log,
+        "inbounds": [
+            {
+                "listen": "127.0.0.1",
+                "port": port,
+                "protocol": "vless",
+                "settings": {"clients": [{"id": VLESS_ID}], "decryption": "none"},
+                "streamSettings": dict(
+                    stream,
+                    tlsSettings={
+                        "certificates": [
+                            {"certificateFile": str(work.cert), "keyFile": str(work.key)}
+                        ]
+                    },
+                ),
+            }
+        ],
+        "outbounds": [{"protocol": "freedom"}],
+    }
+    client_cfg = {
+        "log": log,
+        "inbounds": [
+            {
+                "listen": "127.0.0.1",
+                "port": socks,
+                "protocol": "socks",
+                "settings": {"auth": "noauth", "udp": False},
+            }
+        ],
+        "outbounds": [
+            {
+                "protocol": "vless",
+                "settings": {
+                    "vnext": [
+                        {
+                            "address": "127.0.0.1",
+                            "port": port,
+                            "users": [{"id": VLESS_ID, "encryption": "none"}],
+                        }
+                    ]
+                },
+                "streamSettings": dict(
+                    stream,
+                    tlsSettings={
+                        "serverName": "localhost",
+                        "certificates": [{"usage": "verify", "certificateFile": str(work.ca)}],
+                    },
+                ),
+            }
+        ],
+    }
+    (work.path / "v2ray-server.json").write_text(json.dumps(server_cfg, indent=1))
+    (work.path / "v2ray-client.json").write_text(json.dumps(client_cfg, indent=1))
+    run = Running("v2ray", socks)
+    try:
+        server = _popen(
+            [binary, "-config", str(work.path / "v2ray-server.json")],
+            work.path / "v2ray-server.log",
+        )
+        run.procs.append(server)
+        wait_port(port, server)
+        client = _popen(
+            [binary, "-config", str(work.path / "v2ray-client.json")],
+            work.path / "v2ray-client.log",
+        )
+        run.procs.append(client)
+        wait_port(socks, client)
+    except BaseException:
+        run.stop()
+        raise
+    return run
