@@ -76,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listeners on non-loopback addresses without credentials",
     )
+    c.add_argument("--udp", action="store_true", help="with --udp-src/--udp-dst: a UDP relay")
+    c.add_argument(
+        "--udp-src",
+        metavar="HOST:PORT",
+        help="local UDP relay address (WireGuard "
+        "Endpoint); same as -L 'udp://SRC:DST?timeout_sec=0'",
+    )
+    c.add_argument(
+        "--udp-dst", metavar="HOST:PORT", help="where the tunnel server sends the relayed datagrams"
+    )
 
     s = sub.add_parser("server", help="run the tunnel server")
     s.add_argument("listen", nargs="?", help="wss://0.0.0.0:8443 or ws://127.0.0.1:8080")
@@ -115,6 +125,8 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cc.server, cc.secret = server, secret
     if args.listen:
         cc.listen = [ListenSpec.parse(spec, "-L") for spec in args.listen]
+    if args.udp_src or args.udp_dst:
+        cc.listen = [*cc.listen, _udp_relay_from_flags(args.udp_src, args.udp_dst)]
     if not cc.listen:
         cc.listen = [ListenSpec("socks5", "127.0.0.1", 1080), ListenSpec("http", "127.0.0.1", 8080)]
     for attr in ("user", "tls_ca", "sni", "path_prefix", "pool_size"):
@@ -128,6 +140,23 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     if args.mode:
         cfg.mode = Mode(args.mode)
     cfg.client = cc
+
+
+def _udp_relay_from_flags(src: str | None, dst: str | None) -> ListenSpec:
+    """``--udp --udp-src A --udp-dst B`` (the seed's spelling; never wstunnel's) is the UDP
+    relay that wstunnel v10 writes ``-L 'udp://A:B?timeout_sec=0'``."""
+    if not src or not dst:
+        raise ConfigError(
+            "--udp-src/--udp-dst",
+            "give both, e.g. --udp-src 127.0.0.1:51820 --udp-dst 127.0.0.1:1081",
+        )
+    spec = f"udp://{src}:{dst}?timeout_sec=0"
+    parsed = ListenSpec.parse(spec, "--udp-src/--udp-dst")
+    print(
+        f"note: --udp --udp-src {src} --udp-dst {dst} is written -L '{spec}' in wstunnel v10",
+        file=sys.stderr,
+    )
+    return parsed
 
 
 def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:

@@ -32,7 +32,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from autovpn.errors import ConfigError
 from autovpn.routing.router import Mode
@@ -40,46 +40,108 @@ from autovpn.tunnel.client import ServerURL
 
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
-LISTEN_SCHEMES = ("socks5", "http")
+LISTEN_SCHEMES = ("socks5", "http", "udp", "tcp")
+#: Schemes that forward to one fixed target: ``udp://[BIND:]PORT:HOST:PORT`` (wstunnel's form).
+FORWARD_SCHEMES = ("udp", "tcp")
+
+
+def _split_endpoints(text: str, key: str, original: str) -> list[str]:
+    """Split ``a:b:[v6]:c`` on the colons that are outside brackets."""
+    parts: list[str] = []
+    current = ""
+    depth = 0
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(key, f"{original!r}: unbalanced ']'")
+        if ch == ":" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth != 0:
+        raise ConfigError(key, f"{original!r}: unbalanced '['")
+    parts.append(current)
+    return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+
+
+def _port(text: str, key: str, original: str) -> int:
+    if not (text.isascii() and text.isdecimal()) or not 0 <= int(text) < 65536:
+        raise ConfigError(key, f"{original!r}: {text!r} is not a port number")
+    return int(text)
 
 
 @dataclass(frozen=True, slots=True)
 class ListenSpec:
-    """A local listener, written as wstunnel writes ``-L``: ``socks5://127.0.0.1:1080?login=..``."""
+    """A local listener, written as wstunnel writes ``-L``.
+
+    ``socks5://127.0.0.1:1080?login=u&password=p``, ``http://[::1]:8080``, and for fixed
+    forwards ``udp://[BIND:]PORT:HOST:PORT?timeout_sec=0`` (BIND defaults to 127.0.0.1).
+    """
 
     scheme: str
     host: str
     port: int
     users: tuple[tuple[str, str], ...] = ()
     options: tuple[tuple[str, str], ...] = ()
+    target_host: str | None = None
+    target_port: int | None = None
 
     @classmethod
     def parse(cls, text: str, key: str = "listen") -> ListenSpec:
-        parts = urlsplit(text)
-        if parts.scheme not in LISTEN_SCHEMES:
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in LISTEN_SCHEMES:
             raise ConfigError(key, f"{text!r}: scheme must be one of {', '.join(LISTEN_SCHEMES)}")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(key, f"{text!r}: {exc}") from None
-        if port is None:
-            raise ConfigError(
-                key, f"{text!r}: a port is required, e.g. {parts.scheme}://127.0.0.1:1080"
-            )
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        address, _, query_text = rest.partition("?")
+        address = address.rstrip("/")
+        query = {k: v[-1] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
         users: tuple[tuple[str, str], ...] = ()
         login, password = query.pop("login", None), query.pop("password", None)
         if (login is None) != (password is None):
             raise ConfigError(key, f"{text!r}: give both login= and password=")
         if login is not None and password is not None:
             users = ((login, password),)
+        fields = _split_endpoints(address, key, text)
+        target_host: str | None = None
+        target_port: int | None = None
+        if scheme in FORWARD_SCHEMES:
+            if len(fields) == 3:
+                fields = ["127.0.0.1", *fields]
+            if len(fields) != 4 or not fields[2]:
+                raise ConfigError(key, f"{text!r}: expected {scheme}://[BIND:]PORT:HOST:PORT")
+            target_host, target_port = fields[2], _port(fields[3], key, text)
+            fields = fields[:2]
+        if len(fields) == 1:
+            fields = ["127.0.0.1", *fields]
+        if len(fields) != 2 or not fields[1]:
+            raise ConfigError(key, f"{text!r}: a port is required, e.g. {scheme}://127.0.0.1:1080")
+        if "timeout_sec" in query:
+            timeout = query["timeout_sec"]
+            if not (timeout.isascii() and timeout.isdecimal()):
+                raise ConfigError(key, f"{text!r}: timeout_sec must be a whole number of seconds")
         return cls(
-            parts.scheme, parts.hostname or "127.0.0.1", port, users, tuple(sorted(query.items()))
+            scheme,
+            fields[0] or "127.0.0.1",
+            _port(fields[1], key, text),
+            users,
+            tuple(sorted(query.items())),
+            target_host,
+            target_port,
         )
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(name, default)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        text = f"{self.scheme}://{host}:{self.port}"
+        if self.target_host is not None:
+            target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+            text += f":{target}:{self.target_port}"
+        return text
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from autovpn.config import DEFAULT_USER, ClientConfig, Config, ListenSpec, Serve
 from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
+from autovpn.proxy.udp_relay import UdpRelay
 from autovpn.routing.router import Mode, Router
 from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
 from autovpn.tunnel.policy import DestinationPolicy
@@ -29,6 +30,8 @@ from autovpn.tunnel.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_self_signed, server_context, write_private
 
 log = logging.getLogger("autovpn")
+
+STARTUP_WAIT = 3.0  # seconds to wait for the first tunnel connection when starting
 
 
 class Engine:
@@ -38,6 +41,7 @@ class Engine:
         self.server: TunnelServer | None = None
         self.tunnel: TunnelClient | None = None
         self.listeners: list[ProxyListener] = []
+        self.udp_relays: list[UdpRelay] = []
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> Engine:
@@ -75,13 +79,29 @@ class Engine:
                 server_url = dataclasses.replace(server_url, port=self.server.port)
             self.tunnel = TunnelClient(_client_settings(client, server_url))
             self.tunnel.start()
+            # Give the first tunnel connection a moment, so that the first connections and
+            # datagrams do not race it; a server that is down only delays start-up this long.
+            if not await self.tunnel.wait_up(STARTUP_WAIT):
+                log.warning(
+                    "no tunnel connection to %s yet (%s); retrying in the background",
+                    server_url,
+                    self.tunnel.last_error or "no answer",
+                )
             dialer = Dialer(self.router, self.tunnel)
             for spec in client.listen:
+                if spec.scheme == "udp":
+                    relay = _make_udp_relay(spec, self.tunnel)
+                    await relay.start()
+                    self.udp_relays.append(relay)
+                    continue
                 listener = _make_listener(spec, dialer, client.allow_open)
                 await listener.start()
                 self.listeners.append(listener)
 
     async def close(self) -> None:
+        for relay in self.udp_relays:
+            await relay.close()
+        self.udp_relays.clear()
         for listener in reversed(self.listeners):
             await listener.close()
         self.listeners.clear()
@@ -111,6 +131,11 @@ class Engine:
         if self.tunnel is not None:
             lines.append(
                 f"tunnel client  -> {self.tunnel.settings.server}  (mode {self.router.mode.value})"
+            )
+        for relay in self.udp_relays:
+            lines.append(
+                f"udp    relay   {relay.host}:{relay.bound_port} -> {relay.target[0]}:"
+                f"{relay.target[1]} (through the tunnel)"
             )
         for listener in self.listeners:
             auth = " (auth)" if listener.credentials else ""
@@ -146,6 +171,13 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         path_prefix=cc.path_prefix,
         pool_size=cc.pool_size,
     )
+
+
+def _make_udp_relay(spec: ListenSpec, tunnel: TunnelClient) -> UdpRelay:
+    assert spec.target_host is not None and spec.target_port is not None
+    # wstunnel's default idle timeout for UDP is 30 s; timeout_sec=0 means none.
+    timeout = float(spec.option("timeout_sec") or 30)
+    return UdpRelay(spec.host, spec.port, spec.target_host, spec.target_port, tunnel, timeout)
 
 
 def _make_listener(spec: ListenSpec, dialer: Dialer, allow_open: bool) -> ProxyListener:

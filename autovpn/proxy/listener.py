@@ -19,6 +19,7 @@ from autovpn.errors import BindError, ConfigError, StreamError
 from autovpn.proxy import socks5
 from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer
+from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation, UdpRelayStats
 
 log = logging.getLogger("autovpn.proxy")
 
@@ -65,6 +66,7 @@ class ProxyListener:
         self.credentials = credentials or Credentials()
         self.accepted = 0
         self.failed = 0
+        self.udp_stats = UdpRelayStats()  # all UDP associations of this listener
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -180,6 +182,9 @@ class _Socks5Handshake(HandshakeBase):
 
     async def _serve(self, request: socks5.Socks5Request) -> None:
         assert self.transport is not None
+        if request.command is socks5.Command.UDP_ASSOCIATE:
+            await self._associate(request)
+            return
         if request.command is not socks5.Command.CONNECT:
             self.fail(
                 socks5.encode_reply(socks5.Reply.COMMAND_NOT_SUPPORTED),
@@ -205,3 +210,48 @@ class _Socks5Handshake(HandshakeBase):
             return
         self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED))
         upstream.attach(self.transport)
+
+    async def _associate(self, request: socks5.Socks5Request) -> None:
+        """UDP ASSOCIATE (RFC 1928 section 7): a relay socket for this client, alive as long
+        as this TCP connection is."""
+        assert self.transport is not None
+        dialer = self.listener.dialer
+        peer = self.transport.get_extra_info("peername")
+        tunnel = dialer.tunnel if hasattr(dialer.tunnel, "open_flow") else None
+        association = Socks5UdpAssociation(
+            self.listener.host,
+            (str(peer[0]), request.port),
+            dialer.router,
+            cast(DatagramTunnel | None, tunnel),
+            self.listener.udp_stats,
+        )
+        try:
+            host, port = await association.start()
+        except OSError as exc:
+            association.close()
+            self.fail(socks5.encode_reply(socks5.Reply.GENERAL_FAILURE), f"UDP bind: {exc}")
+            return
+        self.stop_timer()
+        if self.transport.is_closing():
+            association.close()
+            return
+        log.info("socks5 client %s: UDP association on %s:%d", self.peer, host, port)
+        self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED, host, port))
+        self.transport.set_protocol(_AssociationControl(association))
+        self.transport.resume_reading()
+
+
+class _AssociationControl(asyncio.Protocol):
+    """The TCP connection of a UDP association: its end ends the association (section 7)."""
+
+    def __init__(self, association: Socks5UdpAssociation) -> None:
+        self.association = association
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing is expected on the control connection; ignore it
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.association.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -24,7 +25,7 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
-from autovpn.tunnel import handshake
+from autovpn.tunnel import frames, handshake
 from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.frames import StreamKind
 
@@ -162,6 +163,13 @@ class TunnelClient:
         self.connects = 0
         self.failures = 0
         self.last_error = ""
+        # UDP flows (docs/protocol.md, DATAGRAM): flow id -> reply handler, and the connection
+        # each flow currently uses.  A flow outlives its connection: after a reconnect its next
+        # datagram goes out on a live one and the server starts a new session for it.
+        self._flows: dict[int, Callable[[str, int, bytes], None]] = {}
+        self._flow_conn: dict[int, MuxConnection] = {}
+        self._next_flow = 1
+        self.datagrams_dropped = 0
 
     async def __aenter__(self) -> TunnelClient:
         self.start()
@@ -186,6 +194,17 @@ class TunnelClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+
+    async def wait_up(self, within: float) -> bool:
+        """Wait until a tunnel connection is up; False if none came ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while not self.up:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def up(self) -> bool:
@@ -220,6 +239,7 @@ class TunnelClient:
             keepalive_interval=s.keepalive_interval,
             keepalive_timeout=s.keepalive_timeout,
             on_lost=self._lost,
+            on_datagram=self._on_datagram,
             peer=str(s.server),
         )
         transport.set_protocol(mux)
@@ -267,6 +287,55 @@ class TunnelClient:
                     mux.abort()
             if not self._closing:
                 log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
+
+    # -- UDP flows ---------------------------------------------------------------------------
+
+    def open_flow(self, on_reply: Callable[[str, int, bytes], None]) -> int:
+        """A new UDP flow; ``on_reply(host, port, data)`` gets the datagrams coming back."""
+        flow = self._next_flow
+        self._next_flow = (self._next_flow + 2) & 0xFFFFFFFF or 1
+        self._flows[flow] = on_reply
+        return flow
+
+    def close_flow(self, flow: int) -> None:
+        self._flows.pop(flow, None)
+        conn = self._flow_conn.pop(flow, None)
+        if conn is not None and not conn.closed:
+            conn.send_frame(frames.frame(frames.FrameType.DATAGRAM, flow))  # empty: flow ends
+
+    def send_datagram(self, flow: int, host: str, port: int, data: bytes) -> bool:
+        """Send one datagram on ``flow``; False (and counted) when it had to be dropped.
+
+        Datagrams are never queued behind stream flow control or a stalled connection: with
+        no live connection, or one whose write buffer is above its high-water mark, they are
+        dropped, as a congested network would.
+        """
+        conn = self._flow_conn.get(flow)
+        if conn is None or conn.closed:
+            live = [c for c in self.connections if not c.closed and not c.draining]
+            if not live:
+                self.datagrams_dropped += 1
+                return False
+            conn = min(live, key=lambda c: len(c.streams))
+            self._flow_conn[flow] = conn
+        if conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
+            self.datagrams_dropped += 1
+            return False
+        conn.send_frame(
+            frames.frame(frames.FrameType.DATAGRAM, flow, frames.encode_address(host, port) + data)
+        )
+        return True
+
+    def _on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:
+        handler = self._flows.get(flow)
+        if handler is None or not payload:
+            return
+        try:
+            host, port, end = frames.decode_address(payload)
+        except RemoteProtocolError:
+            self.datagrams_dropped += 1
+            return
+        handler(host, port, payload[end:])
 
     def _lost(self, mux: MuxConnection) -> None:
         if mux in self.connections:

@@ -32,6 +32,7 @@ from autovpn.tunnel import handshake
 from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.frames import StreamKind
 from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.tunnel.udp_server import UdpFlows
 
 log = logging.getLogger("autovpn.tunnel.server")
 
@@ -50,6 +51,7 @@ class ServerSettings:
     connect_timeout: float = 10.0
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
+    udp_idle_timeout: float = 180.0
 
 
 class _ServerHandshake(asyncio.Protocol):
@@ -140,8 +142,8 @@ class TunnelServer:
         self.streams_failed = 0
         self._server: asyncio.Server | None = None
         self._dials: set[asyncio.Task[None]] = set()
-        #: Handler of DATAGRAM frames (UDP flows), set by the UDP relay.
-        self.on_datagram: Callable[[MuxConnection, int, bytes], None] | None = None
+        #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
+        self.udp: UdpFlows | None = None
         #: Other protocols served on the same port (wstunnel): each is offered every request
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
@@ -162,9 +164,15 @@ class TunnelServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    def _connection_lost(self, conn: MuxConnection) -> None:
+        self.connections.discard(conn)
+        if self.udp is not None:
+            self.udp.connection_lost(conn)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
+        self.udp = UdpFlows(s.policy, s.udp_idle_timeout)
         try:
             self._server = await loop.create_server(
                 lambda: _ServerHandshake(self),
@@ -196,6 +204,8 @@ class TunnelServer:
             task.cancel()
         if self._dials:
             await asyncio.gather(*self._dials, return_exceptions=True)
+        if self.udp is not None:
+            await self.udp.close()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -209,8 +219,8 @@ class TunnelServer:
             keepalive_interval=s.keepalive_interval,
             keepalive_timeout=s.keepalive_timeout,
             on_open=self._on_open,
-            on_datagram=self.on_datagram,
-            on_lost=self.connections.discard,
+            on_datagram=self.udp.on_datagram if self.udp is not None else None,
+            on_lost=self._connection_lost,
             peer=f"{peer} ({accepted.user})",
         )
         self.connections.add(mux)
