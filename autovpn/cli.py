@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check-config", help="validate a config file and report every error")
     k.add_argument("file", type=Path)
+    _wg_parsers(sub)
     return p
 
 
@@ -240,6 +241,8 @@ async def _serve(cfg: Config, embedded: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "wg":
+            return _wg_command(args)
         if args.command == "check-config":
             _, errors = load_file(args.file)
             for error in errors:
@@ -274,4 +277,65 @@ def main(argv: list[str] | None = None) -> int:
     except AutovpnError as exc:
         print(f"autovpn: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _wg_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    w = sub.add_parser("wg", help="WireGuard keys and a client config for the UDP relay")
+    wsub = w.add_subparsers(dest="wg_command", required=True)
+    keys = wsub.add_parser("keys", help="print a new key pair")
+    keys.add_argument("--preshared", action="store_true", help="also a preshared key")
+    conf = wsub.add_parser("config", help="print a wg-quick client config (Endpoint = relay)")
+    conf.add_argument("--server-public-key", required=True, help="the WireGuard server's key")
+    conf.add_argument("--address", required=True, help="this peer's address, e.g. 10.66.0.2/32")
+    conf.add_argument("--private-key", help="this peer's key (default: a new one)")
+    conf.add_argument("--preshared-key", help="a preshared key (or --new-preshared-key)")
+    conf.add_argument("--new-preshared-key", action="store_true")
+    conf.add_argument("--endpoint", default="127.0.0.1:51820", help="the autovpn UDP relay")
+    conf.add_argument("--allowed-ips", default="0.0.0.0/0,::/0")
+    conf.add_argument(
+        "--tunnel-server-ip",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="the autovpn server's address, kept out of AllowedIPs (no loop)",
+    )
+    conf.add_argument("--dns", action="append", default=[])
+    conf.add_argument("--mtu", type=int, help="e.g. 1280: the tunnel adds its own overhead")
+    conf.add_argument("--out", type=Path, help="write the config here (mode 0600)")
+
+
+def _wg_command(args: argparse.Namespace) -> int:
+    from autovpn import wg
+    from autovpn.tunnel.tls import write_private
+
+    if args.wg_command == "keys":
+        pair = wg.generate_keypair()
+        print(f"PrivateKey = {pair.private}\nPublicKey = {pair.public}")
+        if args.preshared:
+            print(f"PresharedKey = {wg.generate_preshared_key()}")
+        return 0
+    private = args.private_key or wg.generate_keypair().private
+    psk = args.preshared_key or (wg.generate_preshared_key() if args.new_preshared_key else None)
+    holes = [f"{ip}/{32 if ':' not in ip else 128}" for ip in args.tunnel_server_ip]
+    text = wg.client_config(
+        private_key=private,
+        address=args.address,
+        server_public_key=args.server_public_key,
+        endpoint=args.endpoint,
+        allowed=wg.allowed_ips(args.allowed_ips.split(","), holes),
+        preshared_key=psk,
+        dns=args.dns or None,
+        mtu=args.mtu,
+    )
+    header = (
+        f"# WireGuard through autovpn: this peer's public key is {wg.public_key(private)}\n"
+        f"# Start the relay first:\n#   autovpn client -L 'udp://{args.endpoint}:"
+        "WG_SERVER_HOST:51820?timeout_sec=0' wss://YOUR_SERVER:443\n"
+    )
+    if args.out:
+        write_private(args.out, (header + text).encode())
+        print(f"wrote {args.out}")
+    else:
+        print(header + text, end="")
     return 0
