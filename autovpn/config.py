@@ -156,6 +156,8 @@ class ClientConfig:
     pool_size: int = 1
     listen: list[ListenSpec] = field(default_factory=list)
     allow_open: bool = False
+    keepalive_interval: float = 15.0  # PING after this long without hearing from the server
+    keepalive_timeout: float = 45.0  # a connection silent this long is dead
 
 
 @dataclass(slots=True)

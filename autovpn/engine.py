@@ -170,6 +170,8 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         sni=cc.sni,
         path_prefix=cc.path_prefix,
         pool_size=cc.pool_size,
+        keepalive_interval=cc.keepalive_interval,
+        keepalive_timeout=cc.keepalive_timeout,
     )
 
 

@@ -52,11 +52,28 @@ def free_port() -> int:
         return port
 
 
+#: Log file of each process started here (the harness quotes its tail when one dies).
+LOGS: dict[int, Path] = {}
+
+
+def exit_report(proc: subprocess.Popen[bytes]) -> str:
+    args = proc.args if isinstance(proc.args, list) else [str(proc.args)]
+    what = " ".join(str(a) for a in args[:6])
+    tail = ""
+    log = LOGS.get(proc.pid)
+    if log is not None:
+        try:
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        except OSError:
+            pass
+    return f"{what} ... exited with {proc.returncode}: {tail[-400:]}"
+
+
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+            raise RuntimeError(exit_report(proc))
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -80,7 +97,7 @@ class Running:
     def check(self) -> None:
         for p in self.procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{self.name}: {p.args!r} exited with {p.returncode}")
+                raise RuntimeError(f"{self.name}: {exit_report(p)}")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -178,7 +195,7 @@ def _popen(
     args: list[str], log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -186,6 +203,8 @@ def _popen(
             env=env,
             cwd=str(REPO),
         )
+    LOGS[proc.pid] = log
+    return proc
 
 
 # -- peers: where are they ----------------------------------------------------------------

@@ -485,6 +485,11 @@ def machine_info(specs: list[ChainSpec]) -> list[tuple[str, str]]:
         info.append(("websockets (C masking)", version("websockets")))
     except PackageNotFoundError:
         pass
+    info.append(("autovpn", _autovpn_revision()))
+    try:
+        info.append(("load average at the end", " ".join(f"{x:.2f}" for x in os.getloadavg())))
+    except OSError:
+        pass
     for spec in specs:
         if spec.name in ("direct", "autovpn"):
             continue
@@ -492,6 +497,25 @@ def machine_info(specs: list[ChainSpec]) -> list[tuple[str, str]]:
             (spec.name, spec.version if spec.start is not None else f"absent: {spec.why_absent}")
         )
     return info
+
+
+def _autovpn_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "autovpn"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    if not head:
+        return "?"
+    return f"commit {head}" + (" with uncommitted changes under autovpn/" if dirty else "")
 
 
 # -- the routing and UDP rows ---------------------------------------------------------------------
