@@ -300,9 +300,17 @@ def test_silent_dead_tunnel_is_detected_by_keepalive(certs: Certs) -> None:
 
         async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server_port)
+            tasks = [
+                asyncio.ensure_future(pump(reader, up_writer)),
+                asyncio.ensure_future(pump(up_reader, writer)),
+            ]
             try:
-                await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+                # Either side ending ends the relayed connection (both sockets close).
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 up_writer.close()
 
         async with tcp_server(relay) as relay_port, tcp_server(echo_handler) as echo:
