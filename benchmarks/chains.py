@@ -23,6 +23,14 @@ from pathlib import Path
 from typing import Final
 
 REPO: Final = Path(__file__).resolve().parents[1]
+
+
+def autovpn_source() -> Path:
+    """The autovpn tree to run: this checkout, or $BENCH_AUTOVPN_SRC (e.g. an exported commit,
+    to measure a fixed revision while the working tree changes)."""
+    return Path(os.environ.get("BENCH_AUTOVPN_SRC") or REPO)
+
+
 SECRET: Final = "bench-secret-0123456789abcdef"
 VLESS_ID: Final = str(uuid.UUID(int=0x6F1C2A0E4A1B4A5E9D1E2B3C4D5E6F70))
 
@@ -201,7 +209,7 @@ def _popen(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=str(REPO),
+            cwd=str(log.parent),
         )
     LOGS[proc.pid] = log
     return proc
@@ -263,7 +271,8 @@ def start_direct(work: Workdir) -> Running:
 
 def start_autovpn(work: Workdir) -> Running:
     server_port, socks = free_port(), free_port()
-    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(REPO))
+    src = autovpn_source()
+    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(src))
     env.pop("AUTOVPN_STATE_DIR", None)
     py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
     run = Running("autovpn", socks)

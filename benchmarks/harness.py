@@ -500,6 +500,8 @@ def machine_info(specs: list[ChainSpec]) -> list[tuple[str, str]]:
 
 
 def _autovpn_revision() -> str:
+    if chains.autovpn_source() != REPO:
+        return f"from {chains.autovpn_source()} (BENCH_AUTOVPN_SRC)"
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
