@@ -103,10 +103,13 @@ class Dialer:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if self.resolver is None or literal:
-                    # Happy Eyeballs (RFC 8305) across the resolved addresses.
-                    await loop.create_connection(
-                        lambda: remote, host, port, happy_eyeballs_delay=0.25, interleave=1
-                    )
+                    if isinstance(loop, asyncio.BaseEventLoop):
+                        # Happy Eyeballs (RFC 8305) across the resolved addresses.
+                        await loop.create_connection(
+                            lambda: remote, host, port, happy_eyeballs_delay=0.25, interleave=1
+                        )
+                    else:  # uvloop's create_connection has no Happy Eyeballs arguments
+                        await loop.create_connection(lambda: remote, host, port)
                 else:
                     resolution = await self.resolver.resolve(host, port)
                     addrs = (
