@@ -28,8 +28,32 @@ def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
         return "asyncio", asyncio.new_event_loop
 
 
+def tune_allocator() -> bool:
+    """Keep glibc from returning memory to the system after every large buffer is freed.
+
+    A relay frees and allocates 256 KiB-1 MiB buffers all the time; with glibc's defaults each
+    one is an mmap/munmap or a heap grow/trim (``brk``): 4-8% of a sender's time here (py-spy),
+    and a fresh Python relay ran at about half speed until the heap settled
+    (performance-notes.md).  Equivalent to MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_.
+    Returns False where there is no glibc (Windows, macOS, musl): nothing to tune there.
+    """
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, 4 << 20) == 1
+    return bool(mallopt(m_trim_threshold, 64 << 20) == 1) and ok
+
+
 def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
     """Run ``main`` to completion on the fastest loop (``asyncio.run`` semantics)."""
+    tune_allocator()
     _, factory = loop_factory()
     with asyncio.Runner(loop_factory=factory, debug=debug) as runner:
         return runner.run(main)

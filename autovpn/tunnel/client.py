@@ -188,12 +188,12 @@ class TunnelClient:
         self._closing = True
         for task in self._tasks:
             task.cancel()
-        for conn in list(self.connections):
-            conn.close()
+        connections = list(self.connections)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await asyncio.gather(*(conn.shutdown() for conn in connections))
 
     async def wait_up(self, within: float) -> bool:
         """Wait until a tunnel connection is up; False if none came ``within`` seconds."""
@@ -279,7 +279,7 @@ class TunnelClient:
             self.connections.append(mux)
             self._changed.set()
             try:
-                await mux.lost
+                await asyncio.shield(mux.lost)  # cancelling us must not cancel it
             finally:
                 if mux in self.connections:
                     self.connections.remove(mux)

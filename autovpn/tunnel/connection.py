@@ -47,6 +47,8 @@ DEFAULT_WINDOW: Final = 1 << 20
 TUNNEL_READ_BUFFER: Final = 256 * 1024
 #: Joined output is written at once past this size, not at the end of the loop iteration.
 FLUSH_THRESHOLD: Final = 256 * 1024
+#: Payloads at least this big are written as they are instead of joined (see ``flush``).
+BIG_PIECE: Final = 16 * 1024
 #: TLS transport write-buffer water marks (connection-level backpressure).
 TUNNEL_HIGH_WATER: Final = 4 << 20
 TUNNEL_LOW_WATER: Final = 1 << 20
@@ -89,6 +91,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._buffer = memoryview(bytearray(TUNNEL_READ_BUFFER))
         self._pending: list[bytes] = [b""]  # slot 0 is reserved for the WebSocket header
         self._pending_size = 0
+        self._big_pending = False  # a DATA payload of BIG_PIECE bytes or more is pending
         self._flush_handle: asyncio.Handle | None = None
         self._blocked: set[StreamEndpoint] = set()
         self._next_id = 1 if client else 2
@@ -260,6 +263,8 @@ class MuxConnection(asyncio.BufferedProtocol):
     def send_data(self, sid: int, data: bytes) -> None:
         if self.closed:
             return
+        if len(data) >= BIG_PIECE:
+            self._big_pending = True
         pending = self._pending
         pending.append(frames.data_header(sid, len(data)))
         pending.append(data)
@@ -286,9 +291,30 @@ class MuxConnection(asyncio.BufferedProtocol):
             self.transport.write(
                 encode_header(Opcode.BINARY, size, mask) + apply_mask(b"".join(pending), mask)
             )
-        else:
-            pending[0] = encode_header(Opcode.BINARY, size)
+            return
+        pending[0] = encode_header(Opcode.BINARY, size)
+        if not self._big_pending:
             self.transport.write(b"".join(pending))
+            return
+        # Bulk data: hand the big payloads to the transport as they are and join only the small
+        # pieces between them.  Joining a 256 KiB payload was one full copy per byte (31-36% of
+        # the sender's time was memmove, profiled with py-spy); the TLS layer encrypts each
+        # piece of ``writelines`` separately, so small pieces are still joined to avoid tiny
+        # TLS records.  The pieces are immutable bytes, so the transport may keep them.
+        self._big_pending = False
+        out: list[bytes] = []
+        small: list[bytes] = []
+        for piece in pending:
+            if len(piece) >= BIG_PIECE:
+                if small:
+                    out.append(b"".join(small) if len(small) > 1 else small[0])
+                    small = []
+                out.append(piece)
+            else:
+                small.append(piece)
+        if small:
+            out.append(b"".join(small))
+        self.transport.writelines(out)
 
     def _write_raw(self, opcode: int, payload: bytes) -> None:
         """A WebSocket control frame, after whatever mux bytes are pending."""
@@ -353,6 +379,21 @@ class MuxConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
         self.closed = True
+
+    async def shutdown(self, grace: float = 1.0) -> None:
+        """Close, and wait (at most ``grace`` seconds) until the transport is really gone.
+
+        A TLS close is asynchronous (close_notify goes out, the peer answers); returning
+        before it finished would leave a half-closed transport behind a closed event loop.
+        """
+        self.close()
+        if not self.lost.done():
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self.lost)
+            except TimeoutError:
+                self.abort()
+                await asyncio.sleep(0)  # let the abort deliver connection_lost
 
     def _keepalive(self) -> None:
         idle = self._loop.time() - self._last_recv

@@ -197,15 +197,16 @@ class TunnelServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
+        connections = list(self.connections)
+        for conn in connections:
             conn.goaway()
-            conn.close()
         for task in list(self._dials):
             task.cancel()
         if self._dials:
             await asyncio.gather(*self._dials, return_exceptions=True)
         if self.udp is not None:
             await self.udp.close()
+        await asyncio.gather(*(conn.shutdown() for conn in connections))
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
