@@ -10,9 +10,12 @@ autovpn check-config FILE
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from autovpn import __version__
 from autovpn.config import (
@@ -31,6 +34,9 @@ from autovpn.errors import AutovpnError, ConfigError
 from autovpn.eventloop import loop_factory, run
 from autovpn.routing.router import Mode
 from autovpn.tunnel.client import ServerURL
+
+if TYPE_CHECKING:
+    from autovpn.monitor.api import Reply
 
 log = logging.getLogger("autovpn")
 
@@ -110,7 +116,27 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check-config", help="validate a config file and report every error")
     k.add_argument("file", type=Path)
     _wg_parsers(sub)
+    _routing_parsers(sub)
     return p
+
+
+def _routing_parsers(sub: Any) -> None:
+    control = argparse.ArgumentParser(add_help=False)
+    control.add_argument(
+        "--control", metavar="URL", help="the running engine's control API (default: found)"
+    )
+    m = sub.add_parser("mode", parents=[control], help="show or switch the running engine's mode")
+    m.add_argument("mode", nargs="?", choices=[m.value for m in Mode])
+    r = sub.add_parser("route", parents=[control], help="explain the routing of HOST[:PORT]")
+    r.add_argument("host")
+    r.add_argument("port", nargs="?", type=int, default=443)
+    r.add_argument("--resolve", action="store_true", help="resolve and show the scored addresses")
+    r.add_argument("--json", action="store_true")
+    pac = sub.add_parser("pac", parents=[control], help="print a PAC file")
+    pac.add_argument("--mode", choices=[m.value for m in Mode])
+    v = sub.add_parser("resolve", parents=[control], help="batch-resolve the routing lists")
+    v.add_argument("--list", choices=["proxy", "direct", "all"], default="proxy")
+    v.add_argument("--concurrency", type=int, default=None, help="names in flight (50)")
 
 
 def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
@@ -248,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             for error in errors:
                 print(f"{args.file}: {error.key}: {error.reason}", file=sys.stderr)
             if not errors:
+                cfg, _ = load_file(args.file)
+                for list_error in cfg.routing.build_router(cfg.mode).errors:
+                    print(f"{args.file}: routing.lists: warning: {list_error}", file=sys.stderr)
                 print(f"{args.file}: OK")
             return 1 if errors else 0
         cfg = Config()
@@ -257,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 for error in errors:
                     print(f"{args.config}: {error.key}: {error.reason}", file=sys.stderr)
                 return 2
+        if args.command in ("mode", "route", "pac", "resolve"):
+            return run(_routing_command(args, cfg))
         if args.command == "client":
             _client_from_args(args, cfg)
             cfg.server = None if args.config is None else cfg.server
@@ -277,6 +308,209 @@ def main(argv: list[str] | None = None) -> int:
     except AutovpnError as exc:
         print(f"autovpn: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+# -- routing commands: talk to the running engine, or answer from the config ------------------
+
+
+def _control_urls(args: argparse.Namespace, cfg: Config) -> list[str]:
+    from autovpn.monitor.api import read_control_state
+
+    if args.control:
+        return [args.control]
+    urls = []
+    found = read_control_state(state_dir())
+    if found:
+        urls.append(found)
+    if cfg.control:
+        host, _, port = cfg.control.rpartition(":")
+        urls.append(f"http://{host}:{port}")
+    return list(dict.fromkeys(urls))
+
+
+async def _ask(urls: list[str], method: str, path: str, body: bytes = b"") -> Reply | None:
+    """The first running engine's answer, or None when none answers."""
+    from autovpn.monitor.api import request
+
+    for url in urls:
+        try:
+            async with asyncio.timeout(15):
+                return await request(url, method, path, body)
+        except (OSError, TimeoutError, ValueError):
+            continue
+    return None
+
+
+async def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
+    from urllib.parse import quote
+
+    urls = _control_urls(args, cfg)
+    if args.command == "mode":
+        if args.mode is None:
+            reply = await _ask(urls, "GET", "/mode")
+        else:
+            reply = await _ask(urls, "POST", "/mode", json.dumps({"mode": args.mode}).encode())
+        if reply is None:
+            print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
+            return 1
+        data = reply.json()
+        if reply.status != 200:
+            print(f"autovpn: {data.get('error')}", file=sys.stderr)
+            return 1
+        if args.mode is None:
+            print(data["mode"])
+        else:
+            print(f"mode {data['previous']} -> {data['mode']}")
+        return 0
+    if args.command == "pac":
+        mode = args.mode or "proxy"
+        reply = await _ask(urls, "GET", f"/{mode}.pac")
+        if reply is not None and reply.status == 200:
+            sys.stdout.write(reply.body.decode())
+            return 0
+        return _local_pac(cfg, Mode(args.mode) if args.mode else cfg.mode)
+    if args.command == "route":
+        query = f"/route?host={quote(args.host)}&port={args.port}"
+        reply = await _ask(urls, "GET", query + ("&resolve=1" if args.resolve else ""))
+        if reply is not None and reply.status == 200:
+            explained = reply.json()
+            explained["engine"] = "running"
+        else:
+            engine = Engine(cfg)
+            from autovpn.routing.scoring import SCORES_FILE
+
+            engine.scores.load(state_dir() / SCORES_FILE)
+            explained = await engine.explain(args.host, args.port, resolve=args.resolve)
+            explained["engine"] = "not running: answered from the configuration"
+        _print_route(explained, args.json)
+        return 0
+    return await _resolve_command(args, cfg, urls)
+
+
+def _local_pac(cfg: Config, mode: Mode) -> int:
+    from autovpn.routing.pac import render_pac
+
+    specs = cfg.client.listen if cfg.client is not None else []
+    http = next((s.port for s in specs if s.scheme == "http" and s.port), 8080)
+    socks = next((s.port for s in specs if s.scheme == "socks5" and s.port), 1080)
+    router = cfg.routing.build_router(cfg.mode)
+    sys.stdout.write(render_pac(router, mode, http_port=http, socks_port=socks))
+    return 0
+
+
+def _print_route(e: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(e, indent=2))
+        return
+    print(f"{e['host']}:{e['port']}  ->  {str(e['action']).upper()}")
+    print(f"  mode      {e['mode']}   (engine {e['engine']})")
+    print(f"  why       {e['reason']}")
+    rule = e.get("rule")
+    if rule:
+        where = f"{rule['file']}:{rule['line']}" if rule.get("file") else ""
+        print(f"  rule      {rule['kind']} {rule['value']}  [{rule['list']}] {where}".rstrip())
+    print(f"  resolver  {e['resolver']}: {e['resolver_detail']}")
+    if e.get("note"):
+        print(f"  note      {e['note']}")
+    if "resolve_error" in e:
+        print(f"  resolve   failed: {e['resolve_error']}")
+    for a in e.get("addresses", []):
+        rtt = f"{a['rtt_ms']:.1f} ms" if a.get("rtt_ms") is not None else "rtt ?"
+        print(
+            f"  address   {a['address']:<40} score {a['score']:6.2f}  {rtt:>10}  "
+            f"{a['successes']}/{a['attempts']} ok  country {a.get('country') or '?'}"
+        )
+
+
+class _Progress:
+    """A one-line progress bar on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += not ok
+        if self.tty and (self.done == self.total or self.done % 5 == 0):
+            width = 30
+            filled = width * self.done // max(1, self.total)
+            bar = "#" * filled + "." * (width - filled)
+            sys.stderr.write(f"\r[{bar}] {self.done}/{self.total}  failed {self.failed}")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+async def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> int:
+    from autovpn.monitor.api import stream_lines
+
+    path = f"/resolve?list={args.list}"
+    if args.concurrency:
+        path += f"&concurrency={args.concurrency}"
+    progress: _Progress | None = None
+    summary: dict[str, Any] = {}
+    errors: list[str] = []
+
+    def on_line(obj: dict[str, Any]) -> None:
+        nonlocal progress
+        if "total" in obj:
+            progress = _Progress(int(obj["total"]))
+        elif "name" in obj and progress is not None:
+            progress.step("error" not in obj)
+            if "error" in obj:
+                errors.append(str(obj["error"]))
+        else:
+            summary.update(obj)
+
+    for url in urls:
+        try:
+            status = await stream_lines(url, "POST", path, on_line)
+        except (OSError, ValueError):
+            continue
+        if progress is not None:
+            progress.end()
+        if status != 200:
+            print(f"autovpn: {summary.get('error')}", file=sys.stderr)
+            return 1
+        print(
+            f"resolved {summary.get('done', 0)} names from the {args.list} list in "
+            f"{summary.get('seconds', 0):.2f} s ({summary.get('failed', 0)} failed); "
+            "the running engine's cache is warm"
+        )
+        return 0
+    return await _resolve_in_process(args, cfg)
+
+
+async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:
+    """No engine running: start the tunnel (no listeners, no control API) and resolve here."""
+    import time
+
+    if cfg.client is None and cfg.server is None:
+        cfg = embedded_config(state_dir())
+    if cfg.client is not None:
+        cfg.client.listen = []
+    cfg.control = None
+    async with Engine(cfg) as engine:
+        names = engine.list_names(args.list)
+        progress = _Progress(len(names))
+        start = time.perf_counter()
+        await engine.resolver.resolve_many(
+            names,
+            concurrency=args.concurrency,
+            progress=lambda _n, r: progress.step(not isinstance(r, Exception)),
+        )
+        progress.end()
+        print(
+            f"resolved {len(names)} names from the {args.list} list in "
+            f"{time.perf_counter() - start:.2f} s ({progress.failed} failed; no engine was"
+            " running, so no cache was warmed)"
+        )
     return 0
 
 

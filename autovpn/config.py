@@ -35,11 +35,13 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from autovpn.errors import ConfigError
-from autovpn.routing.router import Mode
+from autovpn.routing.hosts import default_hosts_path
+from autovpn.routing.router import Action, ListSpec, Mode, Router
 from autovpn.tunnel.client import ServerURL
 
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
+DEFAULT_CONTROL = "127.0.0.1:9090"
 LISTEN_SCHEMES = ("socks5", "http", "udp", "tcp")
 #: Schemes that forward to one fixed target: ``udp://[BIND:]PORT:HOST:PORT`` (wstunnel's form).
 FORWARD_SCHEMES = ("udp", "tcp")
@@ -172,11 +174,79 @@ class ServerConfig:
 
 
 @dataclass(slots=True)
+class RoutingConfig:
+    """The ``[routing]`` table: what ``Router.from_config`` and the split resolver get.
+
+    ::
+
+        [routing]
+        default = "proxy"                 # what smart mode does when no rule matches
+        rules = ["domain:corp.example=direct", "keyword:ads=reject", "10.8.0.0/16=proxy"]
+        lists = [{ path = "gfwlist.txt", action = "proxy", format = "autoproxy" }, "mine.txt"]
+        default_lists = true              # the shipped proxy/direct lists
+        proxy_add = ["example.org"]       # added to the shipped proxy list
+        direct_add = ["example.cn"]
+        remove = ["github.com"]           # dropped from the shipped lists
+        geoip = "auto"                    # load the country database if a rule needs it
+        [routing.dns]
+        local = ["192.0.2.53"]            # omit for the system's resolvers
+        public = ["8.8.8.8", "1.1.1.1"]   # asked through the tunnel for proxied names
+        hosts_file = "/etc/hosts"         # false to ignore it
+        timeout = 5.0
+        concurrency = 50                  # names in flight in a batch (autovpn resolve)
+        warm_at_start = false             # resolve the lists when the engine starts
+    """
+
+    default: str = "proxy"
+    rules: list[str] = field(default_factory=list)
+    lists: list[ListSpec] = field(default_factory=list)
+    default_lists: bool = True
+    proxy_add: list[str] = field(default_factory=list)
+    direct_add: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    geoip: bool | None = None  # None: auto
+    dns_local: list[str] | None = None  # None: the system's
+    dns_public: list[str] = field(default_factory=lambda: ["8.8.8.8", "1.1.1.1"])
+    hosts_file: Path | None = field(default_factory=default_hosts_path)
+    dns_timeout: float = 5.0
+    concurrency: int = 50
+    warm_at_start: bool = False
+
+    def build_router(self, mode: Mode) -> Router:
+        """The router this table describes (list-file problems land in ``router.errors``)."""
+        geo = None
+        wants_geo = self.geoip or (
+            self.geoip is None and any("geoip" in r.lower() for r in self.rules)
+        )
+        if wants_geo:
+            try:
+                from autovpn.routing.geoip import geoip2fast_lookup
+
+                geo = geoip2fast_lookup()
+            except ImportError:
+                geo = None
+        return Router.from_config(
+            mode=mode,
+            default=Action(self.default),
+            rules=self.rules,
+            lists=self.lists,
+            default_lists=self.default_lists,
+            proxy_add=self.proxy_add,
+            direct_add=self.direct_add,
+            remove=self.remove,
+            geoip=geo,
+        )
+
+
+@dataclass(slots=True)
 class Config:
     client: ClientConfig | None = None
     server: ServerConfig | None = None
     mode: Mode = Mode.GLOBAL
     log_level: str = "info"
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    #: The control API (``autovpn mode``, PAC files): ``HOST:PORT`` on loopback, None for off.
+    control: str | None = DEFAULT_CONTROL
 
 
 def read_secret(path: Path, key: str) -> bytes:
@@ -224,7 +294,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
     return value
 
 
-_TOP_KEYS = {"mode", "log_level", "client", "server", "routing"}
+_TOP_KEYS = {"mode", "log_level", "client", "server", "routing", "control"}
 _CLIENT_KEYS = {
     "server",
     "user",
@@ -407,6 +477,10 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                         if c.take(f"server.allow[{i}]", AllowEntry.parse, str(entry)) is not None:
                             sc.allow.append(str(entry))
             cfg.server = sc
+    if "routing" in data:
+        cfg.routing = parse_routing(data["routing"], base, c.errors)
+    if "control" in data:
+        cfg.control = c.take("control", parse_control, data["control"])
     return cfg, c.errors
 
 
@@ -437,3 +511,175 @@ def state_dir() -> Path:
     if sys.platform == "darwin":
         return home / "Library" / "Application Support" / "autovpn"
     return Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "autovpn"
+
+
+# -- [routing] and control --------------------------------------------------------------------
+
+_ROUTING_KEYS = {
+    "default",
+    "rules",
+    "lists",
+    "default_lists",
+    "proxy_add",
+    "direct_add",
+    "remove",
+    "geoip",
+    "dns",
+}
+_DNS_KEYS = {"local", "public", "hosts_file", "timeout", "concurrency", "warm_at_start"}
+_LIST_KEYS = {"path", "action", "format", "name"}
+
+
+def parse_control(value: Any) -> str | None:
+    """``control = "127.0.0.1:9090"`` (loopback only: the API has no authentication), or
+    ``false`` to turn it off."""
+    if value is False:
+        return None
+    text: str = _expect(value, str, "control")
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdecimal() or not 0 <= int(port) < 65536:
+        raise ConfigError("control", f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_CONTROL}")
+    from autovpn.proxy.listener import is_loopback
+
+    if not is_loopback(host):
+        raise ConfigError("control", f"{text!r}: the control API listens on loopback only")
+    return text
+
+
+def _str_list(value: Any, key: str, errors: list[ConfigError]) -> list[str]:
+    if not isinstance(value, list):
+        errors.append(ConfigError(key, f"expected a list of strings, got {type(value).__name__}"))
+        return []
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            errors.append(ConfigError(f"{key}[{i}]", f"expected a string, got {item!r}"))
+    return out
+
+
+def parse_routing(data: Any, base: Path, errors: list[ConfigError]) -> RoutingConfig:
+    """The ``[routing]`` table; every problem is appended to ``errors`` with its key."""
+    from autovpn.routing.dns import Upstream
+    from autovpn.routing.lists import ListFormat
+    from autovpn.routing.router import parse_user_rule
+    from autovpn.routing.rules import RuleError
+
+    rc = RoutingConfig()
+    if not isinstance(data, dict):
+        errors.append(ConfigError("routing", "must be a table"))
+        return rc
+    for key in data:
+        if key not in _ROUTING_KEYS:
+            errors.append(ConfigError(f"routing.{key}", "unknown key"))
+    if "default" in data:
+        if data["default"] in ("proxy", "direct"):
+            rc.default = data["default"]
+        else:
+            errors.append(ConfigError("routing.default", 'must be "proxy" or "direct"'))
+    rc.rules = _str_list(data.get("rules", []), "routing.rules", errors)
+    for i, text in enumerate(rc.rules):
+        try:
+            parse_user_rule(text)
+        except RuleError as exc:
+            errors.append(ConfigError(f"routing.rules[{i}]", str(exc)))
+    for key in ("proxy_add", "direct_add", "remove"):
+        setattr(rc, key, _str_list(data.get(key, []), f"routing.{key}", errors))
+    if "default_lists" in data:
+        if isinstance(data["default_lists"], bool):
+            rc.default_lists = data["default_lists"]
+        else:
+            errors.append(ConfigError("routing.default_lists", "expected true or false"))
+    if "geoip" in data:
+        g = data["geoip"]
+        if g == "auto" or isinstance(g, bool):
+            rc.geoip = None if g == "auto" else g
+        else:
+            errors.append(ConfigError("routing.geoip", 'expected "auto", true or false'))
+    lists = data.get("lists", [])
+    if not isinstance(lists, list):
+        errors.append(ConfigError("routing.lists", "expected a list"))
+        lists = []
+    formats = {f.value: f for f in ListFormat}
+    for i, entry in enumerate(lists):
+        key = f"routing.lists[{i}]"
+        spec = {"path": entry} if isinstance(entry, str) else entry
+        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+            errors.append(ConfigError(key, 'expected "FILE" or { path = "FILE", action = ... }'))
+            continue
+        bad = False
+        for k in spec:
+            if k not in _LIST_KEYS:
+                errors.append(ConfigError(f"{key}.{k}", "unknown key"))
+                bad = True
+        action = spec.get("action", "proxy")
+        if action not in ("proxy", "direct", "reject"):
+            errors.append(ConfigError(f"{key}.action", "must be proxy, direct or reject"))
+            bad = True
+        fmt = spec.get("format", "auto")
+        if fmt != "auto" and fmt not in formats:
+            errors.append(
+                ConfigError(f"{key}.format", "must be auto, " + ", ".join(sorted(formats)))
+            )
+            bad = True
+        path = Path(spec["path"]).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            errors.append(ConfigError(f"{key}.path", f"{path}: no such file"))
+            bad = True
+        name = spec.get("name")
+        if not bad:
+            rc.lists.append(
+                ListSpec(
+                    path,
+                    Action(action),
+                    None if fmt == "auto" else formats[fmt],
+                    name if isinstance(name, str) else None,
+                )
+            )
+    dns = data.get("dns", {})
+    if not isinstance(dns, dict):
+        errors.append(ConfigError("routing.dns", "must be a table"))
+        return rc
+    for key in dns:
+        if key not in _DNS_KEYS:
+            errors.append(ConfigError(f"routing.dns.{key}", "unknown key"))
+    for key, attr in (("local", "dns_local"), ("public", "dns_public")):
+        if key not in dns:
+            continue
+        servers = _str_list(dns[key], f"routing.dns.{key}", errors)
+        for i, text in enumerate(servers):
+            try:
+                Upstream.parse(text)
+            except ValueError as exc:
+                errors.append(ConfigError(f"routing.dns.{key}[{i}]", str(exc)))
+        setattr(rc, attr, servers)
+    if "hosts_file" in dns:
+        h = dns["hosts_file"]
+        if h is False:
+            rc.hosts_file = None
+        elif isinstance(h, str):
+            p = Path(h).expanduser()
+            rc.hosts_file = p if p.is_absolute() else base / p
+        else:
+            errors.append(ConfigError("routing.dns.hosts_file", "expected a path or false"))
+    if "timeout" in dns:
+        t = dns["timeout"]
+        if isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 60:
+            rc.dns_timeout = float(t)
+        else:
+            errors.append(ConfigError("routing.dns.timeout", "seconds, between 0 and 60"))
+    if "concurrency" in dns:
+        n = dns["concurrency"]
+        if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000:
+            rc.concurrency = n
+        else:
+            errors.append(ConfigError("routing.dns.concurrency", "between 1 and 1000"))
+    if "warm_at_start" in dns:
+        if isinstance(dns["warm_at_start"], bool):
+            rc.warm_at_start = dns["warm_at_start"]
+        else:
+            errors.append(ConfigError("routing.dns.warm_at_start", "expected true or false"))
+    return rc

@@ -13,17 +13,29 @@ port, say) stops what was already started and raises the error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
 from pathlib import Path
 
-from autovpn.config import DEFAULT_USER, ClientConfig, Config, ListenSpec, ServerConfig
+from autovpn.config import (
+    DEFAULT_USER,
+    ClientConfig,
+    Config,
+    ListenSpec,
+    ServerConfig,
+    state_dir,
+)
+from autovpn.monitor.api import ControlAPI
 from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
-from autovpn.routing.router import Mode, Router
+from autovpn.routing.dns import SplitResolver, Upstream, tunnel_opener
+from autovpn.routing.hosts import parse_hosts
+from autovpn.routing.router import Action, Mode, Router
+from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.server import ServerSettings, TunnelServer
@@ -31,13 +43,42 @@ from autovpn.tunnel.tls import client_context, make_self_signed, server_context,
 
 log = logging.getLogger("autovpn")
 
+
+def _routing_parts(
+    config: Config,
+) -> tuple[Router, SplitResolver, ScoreBook]:
+    """The router, split resolver and IP scores that ``config.routing`` describes."""
+    rc = config.routing
+    router = rc.build_router(config.mode)
+    for error in router.errors:
+        log.warning("routing list: %s", error)  # file:line: reason; the rest loaded
+    hosts: dict[str, list[str]] = {}
+    if rc.hosts_file is not None:
+        try:
+            hosts = parse_hosts(rc.hosts_file.read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            log.warning("hosts file %s not read: %s", rc.hosts_file, exc.strerror or exc)
+    resolver = SplitResolver(
+        router,
+        local=None if rc.dns_local is None else [Upstream.parse(u) for u in rc.dns_local],
+        public=[Upstream.parse(u) for u in rc.dns_public],
+        hosts=hosts,
+        timeout=rc.dns_timeout,
+        concurrency=rc.concurrency,
+    )
+    geo = router.user_rules.geoip_lookup
+    return router, resolver, ScoreBook(geo=geo)
+
+
 STARTUP_WAIT = 3.0  # seconds to wait for the first tunnel connection when starting
 
 
 class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.router = Router(config.mode)
+        self.router, self.resolver, self.scores = _routing_parts(config)
+        self.api: ControlAPI | None = None
+        self._warm: asyncio.Task[object] | None = None
         self.server: TunnelServer | None = None
         self.tunnel: TunnelClient | None = None
         self.listeners: list[ProxyListener] = []
@@ -60,6 +101,87 @@ class Engine:
         self.router.mode = Mode(mode)
         log.info("routing mode is now %s", self.router.mode.value)
 
+    def list_names(self, which: str = "proxy") -> list[str]:
+        """The domains of the routing lists (``proxy``, ``direct`` or ``all``), for batch
+        resolution: full and suffix rules only (keywords and regexes name no host)."""
+        from autovpn.routing.rules import RuleKind
+
+        tiers = {
+            "proxy": [self.router.proxy_rules],
+            "direct": [self.router.direct_rules],
+            "all": [self.router.proxy_rules, self.router.direct_rules],
+        }[which]
+        names: dict[str, None] = {}
+        for rs in tiers:
+            for table, kind in ((rs.full, RuleKind.FULL), (rs.suffix, RuleKind.SUFFIX)):
+                for key, rule in table.items():
+                    if rule.kind is kind:
+                        names.setdefault(key.lstrip("."), None)
+        return list(names)
+
+    async def explain(self, host: str, port: int, *, resolve: bool = False) -> dict[str, object]:
+        """What ``autovpn route`` shows: the decision, the resolver that would be used and,
+        with ``resolve``, the addresses in the order the dialer would try them, with scores."""
+        import time
+
+        from autovpn.routing.dns import ResolveError
+
+        decision = self.router.decide(host, port)
+        upstream, _, how = self.resolver.plan(host, port)
+        out: dict[str, object] = {
+            "host": host,
+            "port": port,
+            **decision.to_json(),
+            "resolver": upstream,
+            "resolver_detail": how,
+        }
+        if decision.action is Action.PROXY:
+            out["note"] = "the name travels to the tunnel server unresolved (no local DNS)"
+        if resolve:
+            try:
+                r = await self.resolver.resolve(host, port)
+            except ResolveError as exc:
+                out["resolve_error"] = str(exc)
+            else:
+                now = time.time()
+                out["resolved"] = r.to_json()
+                out["addresses"] = [
+                    self.scores.describe(a, now) for a in self.scores.order(r.addresses, now)
+                ]
+        return out
+
+    def status(self) -> dict[str, object]:
+        """What ``GET /status`` answers."""
+        from autovpn import __version__
+
+        r = self.router
+        return {
+            "version": __version__,
+            "mode": r.mode.value,
+            "default": r.default.value,
+            "listeners": [
+                {"kind": lst.kind.value, "host": lst.host, "port": lst.bound_port}
+                for lst in self.listeners
+            ],
+            "tunnel": None
+            if self.tunnel is None
+            else {"server": str(self.tunnel.settings.server), "up": self.tunnel.up},
+            "control": self.api.url if self.api is not None else None,
+            "rules": {
+                "user": len(r.user_rules),
+                "reject": len(r.reject_rules),
+                "direct": len(r.direct_rules),
+                "proxy": len(r.proxy_rules),
+                "list_errors": len(r.errors),
+            },
+            "dns": {
+                "cache_entries": len(self.resolver.cache),
+                "cache_hits": self.resolver.cache.hits,
+                "queries": dict(self.resolver.queries),
+            },
+            "scored_addresses": len(self.scores.stats),
+        }
+
     async def start(self) -> None:
         try:
             await self._start()
@@ -69,6 +191,7 @@ class Engine:
 
     async def _start(self) -> None:
         cfg = self.config
+        self.scores.load(state_dir() / SCORES_FILE)
         if cfg.server is not None:
             self.server = TunnelServer(_server_settings(cfg.server))
             await self.server.start()
@@ -87,7 +210,8 @@ class Engine:
                     server_url,
                     self.tunnel.last_error or "no answer",
                 )
-            dialer = Dialer(self.router, self.tunnel)
+            self.resolver.opener = tunnel_opener(self.tunnel)
+            dialer = Dialer(self.router, self.tunnel, resolver=self.resolver, scores=self.scores)
             for spec in client.listen:
                 if spec.scheme == "udp":
                     relay = _make_udp_relay(spec, self.tunnel)
@@ -97,8 +221,28 @@ class Engine:
                 listener = _make_listener(spec, dialer, client.allow_open)
                 await listener.start()
                 self.listeners.append(listener)
+        if cfg.control is not None:
+            self.api = ControlAPI(self, cfg.control, state_dir())
+            await self.api.start()
+        if cfg.routing.warm_at_start:
+            self._warm = asyncio.get_running_loop().create_task(
+                self.resolver.resolve_many(self.list_names("all")), name="dns-warm-up"
+            )
 
     async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+        if self._warm is not None:
+            self._warm.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._warm
+            self._warm = None
+        if self.scores.stats:
+            try:
+                self.scores.save(state_dir() / SCORES_FILE)
+            except OSError as exc:
+                log.warning("IP scores not saved: %s", exc)
         for relay in self.udp_relays:
             await relay.close()
         self.udp_relays.clear()
@@ -137,6 +281,8 @@ class Engine:
                 f"udp    relay   {relay.host}:{relay.bound_port} -> {relay.target[0]}:"
                 f"{relay.target[1]} (through the tunnel)"
             )
+        if self.api is not None:
+            lines.append(f"control api    {self.api.url}  (PAC: {self.api.url}/proxy.pac)")
         for listener in self.listeners:
             auth = " (auth)" if listener.credentials else ""
             lines.append(

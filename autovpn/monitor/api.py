@@ -1,0 +1,488 @@
+"""The control API: a small HTTP/1.1 server on loopback that the CLI and browsers talk to.
+
+    GET  /status                  engine state (JSON)
+    POST /mode                    {"mode": "smart"} (or ?mode=smart): switch at run time
+    GET  /route?host=H&port=P[&resolve=1]   explain a routing decision (JSON)
+    POST /resolve?list=proxy|direct|all[&concurrency=N]   batch-resolve a list; the answer
+                                  streams one JSON line per name, then a summary line
+    GET  /proxy.pac               the PAC file for the current mode
+    GET  /global.pac /smart.pac /direct.pac
+
+PAC files carry an ETag (a hash of the text) and Last-Modified (when the text was generated);
+``If-None-Match`` / ``If-Modified-Since`` get a 304.  A PAC is generated again only when its
+key changes: the mode, the router object (rules are replaced as a whole), or the ports the
+engine actually bound.  Browsers fetch the PAC often (Chromium twice per launch), and a smart
+PAC with the default lists is tens of kilobytes of JSON.
+
+The API has no authentication, so it listens on loopback only (``config.parse_control``
+refuses anything else).  If the configured port is taken it binds an ephemeral port instead,
+logs it, and writes ``control.json`` in the state directory, where ``autovpn mode`` looks first.
+
+Requests are read with named limits (``MAX_HEAD``, ``MAX_BODY``); every response closes the
+connection (the clients are one-shot: the CLI, a PAC fetch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from autovpn.proxy.listener import ListenerKind
+from autovpn.routing.pac import render_pac
+from autovpn.routing.router import Mode
+
+if TYPE_CHECKING:
+    from autovpn.engine import Engine
+
+__all__ = [
+    "CONTROL_STATE_FILE",
+    "ControlAPI",
+    "PacCache",
+    "Reply",
+    "read_control_state",
+    "request",
+    "stream_lines",
+]
+
+log = logging.getLogger("autovpn.api")
+
+MAX_HEAD = 16 * 1024  # request line + headers
+MAX_BODY = 64 * 1024  # POST bodies are tiny JSON objects
+READ_TIMEOUT = 10.0
+CONTROL_STATE_FILE = "control.json"
+PAC_TYPE = "application/x-ns-proxy-autoconfig"
+
+
+class _HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str = "") -> None:
+        super().__init__(message or status.phrase)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class PacFile:
+    text: bytes
+    etag: str
+    last_modified: float
+
+
+class PacCache:
+    """PAC texts keyed by what they depend on; ``generations`` counts real renders."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._files: dict[tuple[object, ...], PacFile] = {}
+        self.generations = 0
+        self.clock = clock
+
+    def get(self, engine: Engine, mode: Mode) -> PacFile:
+        http_port, socks_port = _proxy_ports(engine)
+        router = engine.router
+        # The router's mode matters only for /proxy.pac (``mode`` is resolved before this), but
+        # the default action is part of the smart text.
+        key = (mode, id(router), router.default, http_port, socks_port)
+        pac = self._files.get(key)
+        if pac is None:
+            text = render_pac(router, mode, http_port=http_port, socks_port=socks_port).encode()
+            etag = '"' + hashlib.sha256(text).hexdigest()[:32] + '"'
+            pac = PacFile(text, etag, float(int(self.clock())))
+            # Only the latest text per mode is kept: old keys cannot come back into use
+            # without rendering the same text again.
+            for old in [k for k in self._files if k[0] is mode]:
+                del self._files[old]
+            self._files[key] = pac
+            self.generations += 1
+        return pac
+
+
+def _proxy_ports(engine: Engine) -> tuple[int, int]:
+    http = next((lst for lst in engine.listeners if lst.kind is ListenerKind.HTTP), None)
+    socks = next((lst for lst in engine.listeners if lst.kind is ListenerKind.SOCKS5), None)
+    if http is None or socks is None:
+        raise _HttpError(
+            HTTPStatus.SERVICE_UNAVAILABLE, "a PAC needs both an HTTP and a SOCKS5 listener"
+        )
+    return http.bound_port, socks.bound_port
+
+
+def _fresh(headers: dict[str, str], pac: PacFile) -> bool:
+    """RFC 9110 section 13.1.2 / 13.1.3: If-None-Match wins over If-Modified-Since."""
+    inm = headers.get("if-none-match")
+    if inm is not None:
+        tags = {t.strip().removeprefix("W/") for t in inm.split(",")}
+        return "*" in tags or pac.etag in tags
+    ims = headers.get("if-modified-since")
+    if ims is not None:
+        try:
+            return parsedate_to_datetime(ims).timestamp() >= pac.last_modified
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
+def read_control_state(state: Path) -> str | None:
+    """The control URL a running engine wrote in ``state/control.json``, if its process lives."""
+    try:
+        data = json.loads((state / CONTROL_STATE_FILE).read_text(encoding="utf-8"))
+        url, pid = data["url"], int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(url, str):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass  # exists, not ours to signal
+    return url
+
+
+class ControlAPI:
+    def __init__(self, engine: Engine, address: str, state: Path | None = None) -> None:
+        host, _, port = address.rpartition(":")
+        self.engine = engine
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.bound_port = 0
+        self.state = state
+        self.pacs = PacCache()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._wrote_state = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.bound_port}"
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(
+                self._handle, self.host, self.port, limit=MAX_HEAD
+            )
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or self.port == 0:
+                raise
+            self._server = await asyncio.start_server(self._handle, self.host, 0, limit=MAX_HEAD)
+            log.warning(
+                "control API: %s:%d is taken; listening on %s:%d instead (autovpn mode finds it"
+                " through %s)",
+                self.host,
+                self.port,
+                self.host,
+                self._server.sockets[0].getsockname()[1],
+                CONTROL_STATE_FILE,
+            )
+        self.bound_port = self._server.sockets[0].getsockname()[1]
+        if self.state is not None:
+            try:
+                self.state.mkdir(parents=True, exist_ok=True)
+                (self.state / CONTROL_STATE_FILE).write_text(
+                    json.dumps({"url": self.url, "pid": os.getpid()}), encoding="utf-8"
+                )
+                self._wrote_state = True
+            except OSError as exc:
+                log.warning("control API: cannot write %s: %s", CONTROL_STATE_FILE, exc)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._wrote_state and self.state is not None:
+            with contextlib.suppress(OSError):
+                path = self.state / CONTROL_STATE_FILE
+                if json.loads(path.read_text(encoding="utf-8")).get("url") == self.url:
+                    path.unlink()
+            self._wrote_state = False
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    method, target, headers, body = await self._read_request(reader)
+                await self._dispatch(method, target, headers, body, writer)
+            except _HttpError as exc:
+                self._send_json(writer, exc.status, {"error": str(exc)})
+            await writer.drain()
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[str, str, dict[str, str], bytes]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise _HttpError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
+            ) from None
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "bad request line")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _HttpError(HTTPStatus.BAD_REQUEST, "bad header line")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies")
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdecimal():
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        length = int(length_text)
+        if length > MAX_BODY:
+            raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+        body = await reader.readexactly(length) if length else b""
+        return parts[0], parts[1], headers, body
+
+    def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        extra: dict[str, str] | None = None,
+        *,
+        head_only: bool = False,
+    ) -> None:
+        fields = {
+            "Content-Type": content_type,
+            "Content-Length": str(len(body)),
+            "Cache-Control": "no-cache",
+            "Connection": "close",
+            **(extra or {}),
+        }
+        out = f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        out += "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+        writer.write(out.encode("latin-1") + (b"" if head_only else body))
+
+    def _send_json(self, writer: asyncio.StreamWriter, status: HTTPStatus, obj: object) -> None:
+        body = (json.dumps(obj, indent=1) + "\n").encode()
+        self._send(writer, status, body, "application/json")
+
+    async def _dispatch(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        url = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        path = url.path
+        if path.endswith(".pac") and path[1:-4] in ("proxy", "global", "smart", "direct"):
+            if method not in ("GET", "HEAD"):
+                raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED)
+            name = path[1:-4]
+            mode = self.engine.mode if name == "proxy" else Mode(name)
+            pac = self.pacs.get(self.engine, mode)
+            cache = {
+                "ETag": pac.etag,
+                "Last-Modified": formatdate(pac.last_modified, usegmt=True),
+            }
+            if _fresh(headers, pac):
+                writer.write(
+                    b"HTTP/1.1 304 Not Modified\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in cache.items()).encode()
+                    + b"Connection: close\r\n\r\n"
+                )
+                return
+            self._send(writer, HTTPStatus.OK, pac.text, PAC_TYPE, cache, head_only=method == "HEAD")
+            return
+        if path == "/status":
+            self._require(method, "GET")
+            self._send_json(writer, HTTPStatus.OK, self.engine.status())
+        elif path == "/mode":
+            if method == "GET":
+                self._send_json(writer, HTTPStatus.OK, {"mode": self.engine.mode.value})
+                return
+            self._require(method, "POST")
+            value: Any = query.get("mode")
+            if value is None:
+                try:
+                    value = json.loads(body or b"{}").get("mode")
+                except (ValueError, AttributeError):
+                    raise _HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON") from None
+            try:
+                mode = Mode(value)
+            except ValueError:
+                raise _HttpError(
+                    HTTPStatus.BAD_REQUEST, "mode must be global, smart or direct"
+                ) from None
+            previous = self.engine.mode
+            self.engine.set_mode(mode)
+            self._send_json(writer, HTTPStatus.OK, {"mode": mode.value, "previous": previous.value})
+        elif path == "/route":
+            self._require(method, "GET")
+            host = query.get("host")
+            port = query.get("port", "443")
+            if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+                raise _HttpError(HTTPStatus.BAD_REQUEST, "give host= and a port= in 1-65535")
+            resolve = query.get("resolve") in ("1", "true", "yes")
+            explained = await self.engine.explain(host, int(port), resolve=resolve)
+            self._send_json(writer, HTTPStatus.OK, explained)
+        elif path == "/resolve":
+            self._require(method, "POST")
+            await self._resolve(query, writer)
+        else:
+            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+
+    @staticmethod
+    def _require(method: str, allowed: str) -> None:
+        if method != allowed:
+            raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed}")
+
+    async def _resolve(self, query: dict[str, str], writer: asyncio.StreamWriter) -> None:
+        which = query.get("list", "proxy")
+        if which not in ("proxy", "direct", "all"):
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "list must be proxy, direct or all")
+        conc = query.get("concurrency", "")
+        if conc and (not conc.isdecimal() or not 1 <= int(conc) <= 1000):
+            raise _HttpError(HTTPStatus.BAD_REQUEST, "concurrency must be 1-1000")
+        names = self.engine.list_names(which)
+        # Streamed: no Content-Length, the body ends when the connection closes.
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+            + json.dumps({"total": len(names)}).encode()
+            + b"\n"
+        )
+        start = time.perf_counter()
+        failed = 0
+
+        def progress(name: str, result: object) -> None:
+            nonlocal failed
+            from autovpn.routing.dns import Resolution
+
+            if isinstance(result, Resolution):
+                line = {"name": name, "addresses": list(result.addresses)}
+            else:
+                failed += 1
+                line = {"name": name, "error": str(result)}
+            writer.write(json.dumps(line).encode() + b"\n")
+
+        await self.engine.resolver.resolve_many(
+            names, concurrency=int(conc) if conc else None, progress=progress
+        )
+        summary = {
+            "done": len(names),
+            "failed": failed,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        writer.write(json.dumps(summary).encode() + b"\n")
+
+
+# -- the client side (used by the CLI) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _split_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.port is None:
+        raise ValueError(f"{url!r}: expected http://HOST:PORT")
+    return parts.hostname, parts.port
+
+
+async def _open_request(
+    url: str, method: str, path: str, body: bytes, headers: dict[str, str] | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
+    host, port = _split_url(url)
+    reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
+    try:
+        fields = {"Host": f"{host}:{port}", "Content-Length": str(len(body)), **(headers or {})}
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        got = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                got[name.strip().lower()] = value.strip()
+        return reader, writer, status, got
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def request(
+    url: str,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request to a control API at ``url`` (``http://127.0.0.1:9090``); the caller
+    bounds the time (``asyncio.timeout``)."""
+    reader, writer, status, got = await _open_request(url, method, path, body, headers)
+    try:
+        n = got.get("content-length")
+        if method == "HEAD" or status in (204, 304):
+            data = b""  # RFC 9110 section 6.4.1: no content, whatever the headers say
+        elif n is not None:
+            data = await reader.readexactly(int(n))
+        else:
+            data = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return Reply(status, got, data)
+
+
+async def stream_lines(url: str, method: str, path: str, on_line: Callable[[Any], None]) -> int:
+    """A streamed JSON-lines answer (``POST /resolve``): ``on_line`` gets each parsed line.
+    Returns the HTTP status; an error body is passed to ``on_line`` as one object."""
+    reader, writer, status, got = await _open_request(url, method, path, b"", None)
+    try:
+        if status != 200:
+            n = got.get("content-length")
+            data = await (reader.readexactly(int(n)) if n is not None else reader.read())
+            on_line(json.loads(data or b"{}"))
+            return status
+        while line := await reader.readline():
+            on_line(json.loads(line))
+        return status
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
