@@ -17,7 +17,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -52,6 +52,10 @@ class ServerSettings:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     udp_idle_timeout: float = 180.0
+    #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
+    #: failure); tests point it at a loopback DNS server so that no test name reaches the
+    #: system resolver.
+    resolve: Callable[[str, int], Awaitable[list[str]]] | None = None
 
 
 class _ServerHandshake(asyncio.Protocol):
@@ -301,6 +305,8 @@ class TunnelServer:
             return [host]
         except ValueError:
             pass
+        if self.settings.resolve is not None:
+            return await self.settings.resolve(host, port)
         infos = await asyncio.get_running_loop().getaddrinfo(
             host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
         )
