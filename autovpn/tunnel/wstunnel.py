@@ -649,3 +649,23 @@ class Session:
 def frames_for(session: Session, chunks: Iterable[bytes]) -> bytes:
     """Helper for tests and small writes: each chunk as one frame."""
     return b"".join(session.data_header(len(c)) + c for c in chunks)
+
+
+# -- PROXY protocol v2 (section 5.5) -------------------------------------------------------------
+
+PROXY_V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2_header(source: tuple[str, int], destination: tuple[str, int]) -> bytes:
+    """The PROXY v2 header (PROXY command, STREAM) wstunnel writes to a ``proxy_protocol``
+    destination.  When the families differ, the destination's address becomes the unspecified
+    address of the source's family."""
+    src = ipaddress.ip_address(source[0].split("%", 1)[0])
+    dst = ipaddress.ip_address(destination[0].split("%", 1)[0])
+    if src.version != dst.version:
+        dst = ipaddress.ip_address("::" if src.version == 6 else "0.0.0.0")
+    family, length = (0x11, 12) if src.version == 4 else (0x21, 36)
+    body = (
+        src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
+    )
+    return PROXY_V2_SIGNATURE + bytes((0x21, family)) + length.to_bytes(2, "big") + body
