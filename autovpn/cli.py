@@ -492,7 +492,9 @@ async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:
     import time
 
     if cfg.client is None and cfg.server is None:
-        cfg = embedded_config(state_dir())
+        embedded = embedded_config(state_dir())
+        embedded.routing, embedded.mode = cfg.routing, cfg.mode
+        cfg = embedded
     if cfg.client is not None:
         cfg.client.listen = []
     cfg.control = None

@@ -24,6 +24,8 @@ PURE = [
     "autovpn/proxy/auth.py",
     "autovpn/routing/rules.py",
     "autovpn/routing/router.py",
+    "autovpn/routing/dns_cache.py",
+    "autovpn/routing/scoring.py",
 ]
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]
 

@@ -143,3 +143,54 @@ def test_load_file_keeps_existing_keys_working(tmp_path: Path) -> None:
     cfg, errors = load_file(f)
     assert errors == [] and cfg.mode is Mode.DIRECT and cfg.control == "127.0.0.1:9090"
     assert cfg.routing == RoutingConfig()
+
+
+def test_resolve_command_streams_from_the_running_engine(
+    certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.routing.dnsserver import dns_server
+
+    async def main_() -> None:
+        async with dns_server() as local, dns_server() as public:
+            cfg = engine_config(certs, mode=Mode.SMART)
+            cfg.routing = RoutingConfig(
+                hosts_file=None,
+                dns_local=[f"127.0.0.1:{local.port}"],
+                dns_public=[f"127.0.0.1:{public.port}"],
+            )
+            cfg.control = "127.0.0.1:0"
+            async with Engine(cfg) as eng:
+                assert eng.api is not None
+                argv = ["resolve", "--list", "all", "--concurrency", "20", "--control", eng.api.url]
+                assert await asyncio.to_thread(main, argv) == 0
+                direct = set(eng.list_names("direct"))
+                proxied = set(eng.list_names("proxy"))
+            # Split even in a batch: each list went to its own resolver.
+            assert local.names() == direct - proxied
+            assert public.names() == proxied
+
+    run(main_())
+    assert "the running engine's cache is warm" in capsys.readouterr().out
+
+
+def test_resolve_command_in_process_without_an_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No engine running: the command starts the embedded tunnel itself (no listeners)."""
+    from tests.routing.dnsserver import dns_server
+
+    async def main_() -> None:
+        async with dns_server() as local:
+            conf = tmp_path / "c.toml"
+            conf.write_text(
+                'mode = "smart"\ncontrol = "127.0.0.1:1"\n[routing]\ndefault_lists = false\n'
+                'direct_add = ["a.direct.test", "b.direct.test"]\n'
+                f'[routing.dns]\nlocal = ["127.0.0.1:{local.port}"]\nhosts_file = false\n'
+            )
+            argv = ["--config", str(conf), "resolve", "--list", "direct"]
+            # A config without [client]/[server] runs the embedded default.
+            assert await asyncio.to_thread(main, argv) == 0
+            assert local.names() == {"a.direct.test", "b.direct.test"}
+
+    run(main_())
+    assert "resolved 2 names from the direct list" in capsys.readouterr().out
