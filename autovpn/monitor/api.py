@@ -379,7 +379,7 @@ class ControlAPI:
         start = time.perf_counter()
         failed = 0
 
-        def progress(name: str, result: object) -> None:
+        async def progress(name: str, result: object) -> None:
             nonlocal failed
             from autovpn.routing.dns import Resolution
 
@@ -388,7 +388,13 @@ class ControlAPI:
             else:
                 failed += 1
                 line = {"name": name, "error": str(result)}
+            if writer.is_closing():
+                return  # the client left; the batch still warms the cache
             writer.write(json.dumps(line).encode() + b"\n")
+            try:
+                await writer.drain()  # backpressure: a slow reader slows the batch
+            except ConnectionError:
+                writer.close()
 
         await self.engine.resolver.resolve_many(
             names, concurrency=int(conc) if conc else None, progress=progress

@@ -411,10 +411,13 @@ class SplitResolver:
         names: Iterable[str],
         *,
         concurrency: int | None = None,
-        progress: Callable[[str, Resolution | ResolveError], None] | None = None,
+        progress: Callable[[str, Resolution | ResolveError], Awaitable[None] | None] | None = None,
     ) -> dict[str, Resolution | ResolveError]:
         """Resolve every name, at most ``concurrency`` (default ``self.concurrency``) in
-        flight.  Failures are returned, not raised; ``progress`` is called once per name."""
+        flight.  Failures are returned, not raised; ``progress`` is called once per name, and
+        when it returns an awaitable the worker awaits it (so a slow consumer, such as a
+        client reading the streamed ``/resolve`` answer, slows the batch instead of buffering
+        its results without bound)."""
         results: dict[str, Resolution | ResolveError] = {}
         todo = iter(dict.fromkeys(names))
 
@@ -426,7 +429,9 @@ class SplitResolver:
                     r = exc
                 results[name] = r
                 if progress is not None:
-                    progress(name, r)
+                    pending = progress(name, r)
+                    if pending is not None:
+                        await pending
 
         n = max(1, concurrency or self.concurrency)
         async with asyncio.TaskGroup() as tg:
