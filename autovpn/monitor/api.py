@@ -161,6 +161,7 @@ class ControlAPI:
         self.pacs = PacCache()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()  # owned here: cancelled by close()
         self._wrote_state = False
 
     @property
@@ -202,6 +203,10 @@ class ControlAPI:
             self._server.close()
             for w in list(self._writers):
                 w.close()
+            handlers = list(self._handlers)
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         if self._wrote_state and self.state is not None:
@@ -214,6 +219,9 @@ class ControlAPI:
     # -- HTTP ------------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         self._writers.add(writer)
         try:
             try:
@@ -227,6 +235,8 @@ class ControlAPI:
             pass
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

@@ -194,3 +194,23 @@ def test_scores_are_saved_at_close_and_loaded_at_start(certs: Certs, tmp_path: P
             assert eng.api is None
 
     run(main())
+
+
+def test_a_client_leaving_a_streamed_resolve_does_not_break_the_engine(certs: Certs) -> None:
+    async def main() -> None:
+        async with (
+            dns_server() as local,
+            dns_server(latency=0.01) as public,
+            api_engine(certs, local, public) as eng,
+        ):
+            assert eng.api is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
+            writer.write(b"POST /resolve?list=proxy&concurrency=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            assert json.loads(await reader.readline())["total"] >= 290
+            writer.close()  # leave early
+            await writer.wait_closed()
+            r = await request(url(eng), "GET", "/status")
+            assert r.status == 200 and r.json()["mode"] == "smart"
+
+    run(main())
