@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -97,6 +98,10 @@ class Running:
     name: str
     socks_port: int | None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    udp_port: int | None = None  # the UDP relay's port (UDP chains)
+    #: Processes started as their own session, stopped by process group: socat forks a child
+    #: per UDP peer, and a child left behind keeps the port busy (testing-recipes.md).
+    groups: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def pids(self) -> list[int]:
@@ -108,6 +113,12 @@ class Running:
                 raise RuntimeError(f"{self.name}: {exit_report(p)}")
 
     def stop(self) -> None:
+        for p in self.groups:
+            _stop_children(p.pid)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # its own group: start_new_session=True
+            except ProcessLookupError:
+                pass
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -117,6 +128,39 @@ class Running:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for p in self.groups:  # the group's other members (forked children) too
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(raw[raw.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _stop_children(pid: int, grace: float = 2.0) -> None:
+    """Terminate ``pid``'s children first and give it time to reap them: killed together, the
+    parent may die first, and PID 1 here never reaps the orphans (zombies pile up)."""
+    children = _children(pid)
+    for child in children:
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while children and time.monotonic() < deadline:
+        children = [c for c in children if Path(f"/proc/{c}").exists()]
+        time.sleep(0.02)
 
 
 @dataclass
@@ -200,7 +244,7 @@ def make_certs(directory: Path) -> Workdir:
 
 
 def _popen(
-    args: list[str], log: Path, env: dict[str, str] | None = None
+    args: list[str], log: Path, env: dict[str, str] | None = None, session: bool = False
 ) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -210,6 +254,7 @@ def _popen(
             stderr=subprocess.STDOUT,
             env=env,
             cwd=str(log.parent),
+            start_new_session=session,
         )
     LOGS[proc.pid] = log
     return proc
@@ -448,6 +493,127 @@ def start_v2ray(work: Workdir, binary: str) -> Running:
         )
         run.procs.append(client)
         wait_port(socks, client)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+# -- UDP relays ---------------------------------------------------------------------------------
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def udp_bound(port: int) -> bool:
+    """Whether something has bound UDP 127.0.0.1:``port`` (from /proc/net/udp)."""
+    want = f"0100007F:{port:04X}"
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] == want for line in lines if len(line.split()) > 1)
+
+
+def wait_udp(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(exit_report(proc))
+        if udp_bound(port):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing bound UDP 127.0.0.1:{port} after {timeout} s")
+
+
+def find_socat() -> str | None:
+    return os.environ.get("BENCH_SOCAT") or shutil.which("socat")
+
+
+def socat_version(binary: str) -> str:
+    out = subprocess.run([binary, "-V"], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("socat version"):
+            return " ".join(line.split()[:3])
+    return "?"
+
+
+#: socat's sockets get the same 4 MiB buffers autovpn's relay sets (``rcvbuf``/``sndbuf``):
+#: with the default 208 KiB a 1 ms burst at the higher rates overflows it, which would measure
+#: the buffer, not the relay.
+SOCAT_BUFFERS: Final = "rcvbuf=4194304,sndbuf=4194304"
+
+
+def start_socat_udp(work: Workdir, target_port: int, binary: str = "socat") -> Running:
+    """``socat UDP4-LISTEN:P,bind=127.0.0.1,fork,reuseaddr UDP4:127.0.0.1:T`` in its own
+    session, stopped by process group (its per-peer fork child goes with it)."""
+    port = free_udp_port()
+    run = Running("socat", None, udp_port=port)
+    proc = _popen(
+        [
+            binary,
+            f"UDP4-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,{SOCAT_BUFFERS}",
+            f"UDP4:127.0.0.1:{target_port},{SOCAT_BUFFERS}",
+        ],
+        work.path / "socat.log",
+        session=True,
+    )
+    run.procs.append(proc)
+    run.groups.append(proc)
+    try:
+        wait_udp(port, proc)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+def start_autovpn_udp(work: Workdir, target_port: int) -> Running:
+    """``autovpn client -L 'udp://127.0.0.1:P:127.0.0.1:T?timeout_sec=0' wss://…`` →
+    ``autovpn server wss://… --allow 127.0.0.0/8`` (two processes, as for the TCP chain)."""
+    server_port, port = free_port(), free_udp_port()
+    src = autovpn_source()
+    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(src))
+    env.pop("AUTOVPN_STATE_DIR", None)
+    py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
+    run = Running("autovpn", None, udp_port=port)
+    try:
+        server = _popen(
+            py
+            + [
+                "server",
+                f"wss://127.0.0.1:{server_port}",
+                "--tls-certificate",
+                str(work.cert),
+                "--tls-private-key",
+                str(work.key),
+                "--allow",
+                "127.0.0.0/8",
+            ],
+            work.path / "autovpn-udp-server.log",
+            env,
+        )
+        run.procs.append(server)
+        wait_port(server_port, server)
+        client = _popen(
+            py
+            + [
+                "client",
+                "-L",
+                f"udp://127.0.0.1:{port}:127.0.0.1:{target_port}?timeout_sec=0",
+                "--tls-ca",
+                str(work.ca),
+                f"wss://127.0.0.1:{server_port}",
+            ],
+            work.path / "autovpn-udp-client.log",
+            env,
+        )
+        run.procs.append(client)
+        wait_udp(port, client)
     except BaseException:
         run.stop()
         raise

@@ -9,6 +9,15 @@ shared machine hits all of them alike.  On each fresh chain, in this order:
    with p50/p99 time to first byte and the chain's CPU per request;
 3. single-connection download, then upload (MB/s = 10^6 bytes/s), with the chain's CPU.
 
+UDP chains (direct, autovpn's UDP relay, a socat relay) get a fresh chain per repetition too:
+4. the highest rate of 1,400-byte datagrams delivered with under 1% loss (fixed-rate trials,
+   ``loadgen.test_udp``), MB/s and loss at that rate, chain CPU per datagram;
+5. WireGuard (wireguard-go, root only) TCP throughput direct, via autovpn and via socat
+   (``benchmarks/wg_bench.py``).
+
+``--only`` takes chain names (direct, autovpn, pproxy, pproxy-ws, v2ray, socat) and/or groups
+(tcp, udp, wireguard, routing); with no group named, all groups run.
+
 CPU of the chain processes comes from /proc/PID/stat (utime+stime) sampled around each test;
 the load generator (benchmarks/loadgen.py, its own uvloop process) reports its own CPU share.
 """
@@ -21,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,14 +59,17 @@ class Sizes:
     transfer_seconds: float
     conn_seconds: float
     idle: int
+    udp_seconds: float = 2.0  # each fixed-rate UDP trial
+    wg_transfer: int = 256 * MIB  # one TCP transfer inside WireGuard
+    udp_max_rate: float = 400_000.0  # the UDP ladder stops here (datagrams/s)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(GIB, 20.0, 5.0, 2000)
+        return cls(GIB, 20.0, 5.0, 2000, 2.0, 256 * MIB)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(256 * MIB, 8.0, 2.0, 2000)
+        return cls(256 * MIB, 8.0, 2.0, 2000, 1.0, 64 * MIB)
 
 
 # -- process accounting ------------------------------------------------------------------
@@ -182,7 +196,56 @@ METRICS: Final[list[tuple[str, str, bool]]] = [
     ("gen_down", "loadgen CPU % of a core (down)", False),
     ("gen_up", "loadgen CPU % of a core (up)", False),
     ("gen_conns", "loadgen CPU % of a core (conns)", False),
+    ("udp_rate", "UDP datagrams/s at < 1% loss (1,400 B)", True),
+    ("udp_mbs", "UDP MB/s delivered at that rate", True),
+    ("udp_loss", "UDP loss % at that rate", False),
+    ("udp_cpu", "UDP chain CPU µs per datagram", False),
+    ("udp_gen", "UDP loadgen CPU % of a core", False),
+    ("wg_mbit", "WireGuard TCP Mbit/s (wireguard-go)", True),
+    ("wg_ratio", "WireGuard ÷ WireGuard direct (per rep)", True),
 ]
+
+#: Test groups for ``--only``.
+GROUPS: Final = ("tcp", "udp", "wireguard", "routing")
+
+
+def measure_udp(
+    chain: Running, sizes: Sizes, log: Callable[[str], None], *, sink: int
+) -> dict[str, float]:
+    """Datagram rate through ``chain.udp_port`` to a sink on ``sink`` (loadgen ``udp``)."""
+    assert chain.udp_port is not None
+    r = run_loadgen(
+        chain,
+        "udp",
+        {
+            "target": chain.udp_port,
+            "sink": sink,
+            "seconds": sizes.udp_seconds,
+            "max_rate": sizes.udp_max_rate,
+            "pids": chain.pids,
+        },
+        timeout=40 * (sizes.udp_seconds + 1) + 60,
+    )
+    best = r["best"]
+    trials = ", ".join(f"{t['offered'] / 1e3:.0f}k:{t['loss']:.1f}%" for t in r["trials"])
+    log(f"    udp trials (offered:loss) {trials}")
+    if best is None:
+        raise RuntimeError(f"{chain.name}: no UDP rate had < 1% loss ({trials})")
+    out = {
+        "udp_rate": best["rate"],
+        "udp_mbs": best["mbs"],
+        "udp_loss": best["loss"],
+        "udp_gen": best["gen_share"] * 100,
+    }
+    if chain.pids:
+        out["udp_cpu"] = best["cpu_us"]
+    log(
+        f"    udp: {best['rate']:,.0f} datagrams/s ({best['mbs']:.0f} MB/s) at"
+        f" {best['offered']:,.0f} offered, loss {best['loss']:.2f}%, chain"
+        f" {best['cpu_us']:.1f} µs/datagram, gen {best['gen_share'] * 100:.0f}%"
+        + (" (generator-limited)" if r["gen_limited"] else "")
+    )
+    return out
 
 
 def measure_chain(chain: Running, sizes: Sizes, log: Callable[[str], None]) -> dict[str, float]:
@@ -239,16 +302,47 @@ def measure_chain(chain: Running, sizes: Sizes, log: Callable[[str], None]) -> d
 class ChainSpec:
     name: str
     title: str
-    start: Callable[[Workdir], Running] | None  # None: absent
+    start: Callable[[Workdir], Running] | None  # TCP chain (None: none, or absent)
     version: str = ""
     why_absent: str = ""
+    #: UDP relay to a sink port (None: no UDP chain); its name is also the WireGuard path.
+    udp_start: Callable[[Workdir, int], Running] | None = None
+
+    @property
+    def absent(self) -> bool:
+        return bool(self.why_absent)
+
+
+def _start_direct_udp(work: Workdir, sink: int) -> Running:
+    return Running("direct", None, udp_port=sink)
 
 
 def chain_specs(peers: bool, only: Sequence[str] | None = None) -> list[ChainSpec]:
     specs = [
-        ChainSpec("direct", "direct (limit)", chains.start_direct),
-        ChainSpec("autovpn", "autovpn wss mux", chains.start_autovpn),
+        ChainSpec("direct", "direct (limit)", chains.start_direct, udp_start=_start_direct_udp),
+        ChainSpec(
+            "autovpn", "autovpn wss mux", chains.start_autovpn, udp_start=chains.start_autovpn_udp
+        ),
     ]
+    groups = _groups(only)
+    if "udp" in groups or "wireguard" in groups:
+        socat = chains.find_socat()
+        if socat is not None:
+            specs.append(
+                ChainSpec(
+                    "socat",
+                    "socat UDP relay",
+                    None,
+                    chains.socat_version(socat),
+                    udp_start=lambda w, sink: chains.start_socat_udp(w, sink, socat),
+                )
+            )
+        else:
+            specs.append(
+                ChainSpec(
+                    "socat", "socat UDP relay", None, why_absent="socat not found (apt socat)"
+                )
+            )
     if peers:
         python = chains.find_pproxy_python()
         if python is not None:
@@ -289,9 +383,15 @@ def chain_specs(peers: bool, only: Sequence[str] | None = None) -> list[ChainSpe
                     "v2ray", "v2ray VLESS ws+TLS", None, why_absent="v2ray not found (apt v2ray)"
                 )
             )
-    if only:
-        specs = [s for s in specs if s.name in only]
+    names = [o for o in only or () if o not in GROUPS]
+    if names:
+        specs = [s for s in specs if s.name in names]
     return specs
+
+
+def _groups(only: Sequence[str] | None) -> set[str]:
+    named = {o for o in only or () if o in GROUPS}
+    return named or set(GROUPS)
 
 
 # -- results -------------------------------------------------------------------------------
@@ -305,6 +405,9 @@ class Results:
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     failures: dict[str, list[str]] = field(default_factory=dict)
     extra_rows: list[tuple[str, str]] = field(default_factory=list)
+    groups: set[str] = field(default_factory=lambda: set(GROUPS))
+    #: Why a whole metric was not measured (e.g. WireGuard without root), shown in its row.
+    notes: dict[str, str] = field(default_factory=dict)
 
     def add(self, chain: str, values: dict[str, float]) -> None:
         per = self.samples.setdefault(chain, {})
@@ -324,26 +427,91 @@ class Results:
         return (max(values) - min(values)) / mid * 100 if mid else None
 
 
-def run_all(specs: list[ChainSpec], reps: int, sizes: Sizes, log: Callable[[str], None]) -> Results:
-    results = Results(specs, reps, sizes)
+_ERRORS: Final = (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError)
+
+
+def run_all(
+    specs: list[ChainSpec],
+    reps: int,
+    sizes: Sizes,
+    log: Callable[[str], None],
+    groups: set[str] | None = None,
+) -> Results:
+    groups = set(GROUPS) if groups is None else groups
+    results = Results(specs, reps, sizes, groups=groups)
+    from benchmarks import wg_bench
+
+    wg_absent = wg_bench.why_absent() if "wireguard" in groups else None
+    if wg_absent is not None:
+        results.notes["wg_mbit"] = results.notes["wg_ratio"] = wg_absent
     with tempfile.TemporaryDirectory(prefix="autovpn-bench-") as tmp:
         work = chains.make_certs(Path(tmp))
         for rep in range(1, reps + 1):
+            wg: dict[str, float] = {}
             for spec in specs:
-                if spec.start is None:
+                if spec.absent:
                     continue
-                log(f"rep {rep}/{reps} {spec.name}")
-                running: Running | None = None
-                try:
-                    running = spec.start(work)
-                    results.add(spec.name, measure_chain(running, sizes, log))
-                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-                    results.failures.setdefault(spec.name, []).append(str(exc))
-                    log(f"    FAILED: {exc}")
-                finally:
-                    if running is not None:
-                        running.stop()
+                if "tcp" in groups and spec.start is not None:
+                    log(f"rep {rep}/{reps} {spec.name}")
+                    _run_one(
+                        results, spec.name, partial(spec.start, work), measure_chain, sizes, log
+                    )
+                if "udp" in groups and spec.udp_start is not None:
+                    log(f"rep {rep}/{reps} {spec.name} udp")
+                    sink = chains.free_udp_port()
+                    _run_one(
+                        results,
+                        spec.name,
+                        partial(spec.udp_start, work, sink),
+                        partial(measure_udp, sink=sink),
+                        sizes,
+                        log,
+                    )
+                if (
+                    "wireguard" in groups
+                    and wg_absent is None
+                    and spec.udp_start is not None
+                    and spec.name in wg_bench.VIAS
+                ):
+                    log(f"rep {rep}/{reps} {spec.name} wireguard")
+                    try:
+                        r = wg_bench.measure(spec.name, work, sizes.wg_transfer)
+                    except _ERRORS as exc:
+                        results.failures.setdefault(spec.name, []).append(f"wireguard: {exc}")
+                        log(f"    FAILED: wireguard: {exc}")
+                        continue
+                    wg[spec.name] = r["mbit"]
+                    results.add(spec.name, {"wg_mbit": r["mbit"]})
+                    log(
+                        f"    wireguard via {spec.name}: {r['mbit']:,.0f} Mbit/s"
+                        f" ({r['bytes'] / MIB:,.0f} MiB in {r['seconds']:.2f} s)"
+                        f" relay CPU {r['relay_cpu']:.2f}s"
+                    )
+            if "direct" in wg:  # ratios within one repetition: drift hits both alike
+                for name, mbit in wg.items():
+                    if name != "direct":
+                        results.add(name, {"wg_ratio": mbit / wg["direct"]})
     return results
+
+
+def _run_one(
+    results: Results,
+    name: str,
+    start: Callable[[], Running],
+    measure: Callable[[Running, Sizes, Callable[[str], None]], dict[str, float]],
+    sizes: Sizes,
+    log: Callable[[str], None],
+) -> None:
+    running: Running | None = None
+    try:
+        running = start()
+        results.add(name, measure(running, sizes, log))
+    except _ERRORS as exc:
+        results.failures.setdefault(name, []).append(str(exc))
+        log(f"    FAILED: {exc}")
+    finally:
+        if running is not None:
+            running.stop()
 
 
 def _fmt(value: float | None) -> str:
@@ -363,17 +531,23 @@ def build_table(results: Results) -> list[list[str]]:
     names = [s.name for s in results.specs]
     peers = [s for s in results.specs if s.name not in ("direct", "autovpn")]
     header = ["metric"] + [s.title for s in results.specs]
-    header += [f"autovpn ÷ {s.name}" for s in peers if s.start is not None]
+    header += [f"autovpn ÷ {s.name}" for s in peers if not s.absent]
     rows = [header]
     for key, label, _ in METRICS:
+        measured = any(results.samples.get(n, {}).get(key) for n in names)
+        if not measured and key not in results.notes:
+            continue  # a test group this run did not include
         row = [label]
         for spec in results.specs:
-            if spec.start is None:
+            if spec.absent:
                 row.append("absent")
                 continue
             med = results.median(spec.name, key)
             spread = results.spread(spec.name, key)
-            if med is None and spec.name in results.failures:
+            if med is None and key in results.notes and _applies(spec, key):
+                row.append(results.notes[key])
+                continue
+            if med is None and spec.name in results.failures and _applies(spec, key):
                 row.append("failed")
                 continue
             cell = _fmt(med)
@@ -382,7 +556,7 @@ def build_table(results: Results) -> list[list[str]]:
             row.append(cell)
         mine = results.median("autovpn", key) if "autovpn" in names else None
         for spec in peers:
-            if spec.start is None:
+            if spec.absent:
                 continue
             theirs = results.median(spec.name, key)
             if mine is None or theirs is None or not theirs or theirs != theirs:
@@ -395,6 +569,17 @@ def build_table(results: Results) -> list[list[str]]:
         rows.append([label, *[""] * (width - 1)])
         rows[-1][names.index("autovpn") + 1 if "autovpn" in names else 1] = value
     return rows
+
+
+def _applies(spec: ChainSpec, key: str) -> bool:
+    """Whether metric ``key`` is measured on ``spec`` at all (TCP rows on a UDP-only relay
+    are not; nor CPU/ratio rows on direct)."""
+    udp = key.startswith(("udp_", "wg_"))
+    if udp:
+        return spec.udp_start is not None and not (
+            spec.name == "direct" and key in ("udp_cpu", "wg_ratio")
+        )
+    return spec.start is not None
 
 
 def render_text(rows: list[list[str]]) -> str:
@@ -447,9 +632,27 @@ def target_checks(results: Results) -> list[str]:
         "≤ 8 KiB per idle tunnelled conn", m("autovpn", "idle_kib"), lambda v: v <= 8, "{:.1f} KiB"
     )
     check("≤ 2.5 CPU-s per GiB", m("autovpn", "cpu_gib"), lambda v: v <= 2.5, "{:.2f} CPU-s/GiB")
-    lines.append(
-        "- UDP relay ≥ 80% of socat, < 1% loss; WireGuard ≥ 50% of direct: not implemented yet"
-    )
+    udp = ratio("udp_rate", "socat")
+    loss = m("autovpn", "udp_loss")
+    if udp is None or loss is None:
+        lines.append(
+            "- UDP relay ≥ 80% of socat's datagram rate, < 1% loss: not measured in this run"
+        )
+    else:
+        met = udp >= 0.8 and loss < 1
+        lines.append(
+            f"- UDP relay ≥ 80% of socat's datagram rate, < 1% loss: {udp:.2f}x socat at"
+            f" {loss:.2f}% loss → {'met' if met else 'NOT met'}"
+        )
+    if "wg_ratio" in results.notes:
+        lines.append(f"- WireGuard via autovpn ≥ 50% of direct: {results.notes['wg_ratio']}")
+    else:
+        check(
+            "WireGuard via autovpn ≥ 50% of direct (median of per-rep ratios)",
+            m("autovpn", "wg_ratio"),
+            lambda r: r >= 0.5,
+            "{:.0%}",
+        )
     return lines
 
 
@@ -493,9 +696,11 @@ def machine_info(specs: list[ChainSpec]) -> list[tuple[str, str]]:
     for spec in specs:
         if spec.name in ("direct", "autovpn"):
             continue
-        info.append(
-            (spec.name, spec.version if spec.start is not None else f"absent: {spec.why_absent}")
-        )
+        info.append((spec.name, f"absent: {spec.why_absent}" if spec.absent else spec.version))
+    wg = shutil.which("wireguard-go")
+    if wg is not None:
+        out = subprocess.run([wg, "--version"], capture_output=True, text=True)
+        info.append(("wireguard-go", (out.stdout.strip().splitlines() or ["?"])[0]))
     return info
 
 
@@ -532,9 +737,6 @@ def extra_rows(quick: bool) -> list[tuple[str, str]]:
             rows.append((f"routing: {name}", _fmt(value)))
     except Exception as exc:  # the routing bench belongs to another module: report, go on
         rows.append(("routing", f"failed: {type(exc).__name__}: {exc}"[:80]))
-    rows.append(("UDP datagrams/s via relay (vs socat)", "not implemented yet"))
-    rows.append(("UDP loss at that rate", "not implemented yet"))
-    rows.append(("WireGuard via autovpn ÷ direct", "not implemented yet"))
     return rows
 
 
@@ -578,7 +780,9 @@ def generated_section(results: Results, rows: list[list[str]], command: str) -> 
         f"Command: `{command}`; {results.reps} repetitions, each on a freshly started chain;"
         f" cells are medians ±(max−min)/median.  Transfers: {s.transfer // MIB} MiB per"
         f" direction (capped at {s.transfer_seconds:.0f} s); connections: {s.conn_seconds:.0f} s"
-        f" at 50 concurrent; idle: {s.idle} connections.  MB = 10^6 bytes.",
+        f" at 50 concurrent; idle: {s.idle} connections.  UDP: {s.udp_seconds:.0f} s per"
+        f" fixed-rate trial; WireGuard: {s.wg_transfer // MIB} MiB per transfer."
+        "  MB = 10^6 bytes.",
         "",
         "| machine | |",
         "|---|---|",
@@ -610,8 +814,9 @@ def run_benchmarks(
 ) -> tuple[Results, list[list[str]]]:
     raise_nofile()
     specs = chain_specs(peers, only)
-    results = run_all(specs, reps, sizes or (Sizes.quick() if quick else Sizes.full()), log)
-    if routing:
+    groups = _groups(only)
+    results = run_all(specs, reps, sizes or (Sizes.quick() if quick else Sizes.full()), log, groups)
+    if routing and "routing" in groups:
         results.extra_rows = extra_rows(quick)
     return results, build_table(results)
 
@@ -621,7 +826,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB transfers, 2 s of connections")
     p.add_argument("--peers", action="store_true", help="also measure pproxy and v2ray")
     p.add_argument("--reps", type=int, default=3, help="repetitions per chain (default 3)")
-    p.add_argument("--only", action="append", help="only these chains (repeatable)")
+    p.add_argument(
+        "--only",
+        action="append",
+        help="only these chains and/or test groups (tcp, udp, wireguard, routing); repeatable",
+    )
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--no-out", action="store_true", help="print only, write no file")
     args = p.parse_args(argv)
@@ -639,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             + (["--quick"] if args.quick else [])
             + (["--peers"] if args.peers else [])
             + [f"--reps {args.reps}"]
+            + [f"--only {o}" for o in args.only or ()]
         )
         write_doc(args.out, generated_section(results, rows, command))
         print(f"\nwritten to {args.out}")

@@ -18,6 +18,9 @@ Tests:
             from the start of the TCP connect to the first response byte.
   idle      open N connections (each proven end to end by a one-byte echo), report, hold them
             until told to close.
+  udp       paced 1,400-byte datagrams to a relay (or straight to the sink), counted by a sink in
+            this process: a ladder of fixed-rate trials, then a bisection, finds the highest
+            offered rate delivered with under 1% loss (see ``test_udp``).
 """
 
 from __future__ import annotations
@@ -487,6 +490,202 @@ async def test_idle(socks: tuple[str, int] | None, count: int, concurrency: int 
     print(json.dumps({"done": True}), flush=True)
 
 
+# -- UDP: datagram rate and loss through a relay --------------------------------------------------
+
+UDP_BUFFER: Final = 4 << 20  # SO_RCVBUF/SO_SNDBUF: a burst must not overflow our own sockets
+UDP_TICK: Final = 0.001  # the pacer sends what is due once per millisecond
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """utime+stime (with reaped children) of ``roots`` and all their descendants: socat serves
+    each peer from a forked child that is not among the PIDs the harness started."""
+    parent: dict[int, int] = {}
+    stats: dict[int, list[str]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0.0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        stats[pid] = fields
+    wanted = set(roots)
+    grew = True
+    while grew:  # bounded: each pass adds at least one PID of a finite table or stops
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in wanted and pid not in wanted:
+                wanted.add(pid)
+                grew = True
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(sum(int(x) for x in stats[p][11:15]) / tick for p in wanted if p in stats)
+
+
+class _UdpSink(asyncio.DatagramProtocol):
+    """Counts datagrams whose first byte is the current trial's tag (late ones are ignored)."""
+
+    def __init__(self) -> None:
+        self.tag = 0
+        self.count = 0
+        self.nbytes = 0
+        self.any = asyncio.Event()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        if data[0] == self.tag:
+            self.count += 1
+            self.nbytes += len(data)
+        self.any.set()
+
+
+def _big_buffers(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
+
+
+async def _udp_trial(
+    send: asyncio.DatagramTransport,
+    sink: _UdpSink,
+    tag: int,
+    size: int,
+    rate: float,
+    seconds: float,
+    drain: float,
+    pids: list[int],
+) -> dict[str, Any]:
+    """Offer ``rate`` datagrams/s for ``seconds``; count what arrives until ``drain`` after."""
+    payload = bytes((tag,)) + BLOCK[: size - 1]
+    sink.tag, sink.count, sink.nbytes = tag, 0, 0
+    chain0, cpu0 = tree_cpu(pids), cpu_seconds()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    end = t0 + seconds
+    sent = 0
+    burst_cap = max(1, int(rate * 0.01))  # never more than 10 ms worth at once after a stall
+    while True:
+        now = loop.time()
+        if now >= end:
+            break
+        due = min(int(rate * (now - t0)) - sent, burst_cap)
+        for _ in range(due):
+            send.sendto(payload)
+        sent += max(0, due)
+        await asyncio.sleep(UDP_TICK)
+    wall = loop.time() - t0
+    gen_cpu = cpu_seconds() - cpu0
+    await asyncio.sleep(drain)
+    chain_cpu = tree_cpu(pids) - chain0
+    got = sink.count
+    return {
+        "offered": rate,
+        "sent_rate": sent / wall,
+        "sent": sent,
+        "received": got,
+        "rate": got / wall,
+        "mbs": sink.nbytes / wall / 1e6,
+        "loss": (1 - got / sent) * 100 if sent else 100.0,
+        "chain_cpu": chain_cpu,
+        "cpu_us": chain_cpu / got * 1e6 if got else float("nan"),
+        "gen_share": gen_cpu / wall,
+    }
+
+
+async def test_udp(
+    target: tuple[str, int],
+    sink_port: int,
+    *,
+    size: int = 1400,
+    seconds: float = 2.0,
+    start: float = 5000.0,
+    factor: float = 2.0,
+    max_rate: float = 400_000.0,
+    bisect: int = 3,
+    loss_limit: float = 1.0,
+    pids: list[int] | None = None,
+) -> dict[str, Any]:
+    """The highest offered rate delivered with under ``loss_limit`` % loss.
+
+    Trials at ``start``, ``start*factor``, ... until one loses ``loss_limit`` % or more (or the
+    pacer cannot keep up: then the generator is the limit and says so), then ``bisect`` trials
+    between the last good and the first bad rate.  Each trial is a fixed offered rate, paced
+    every millisecond, so bursts stay far below the relays' 4 MiB socket buffers.
+    """
+    loop = asyncio.get_running_loop()
+    sink = _UdpSink()
+    sink_transport, _ = await loop.create_datagram_endpoint(
+        lambda: sink, local_addr=("127.0.0.1", sink_port)
+    )
+    _big_buffers(sink_transport)
+    send, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=target)
+    _big_buffers(send)
+    chain = pids or []
+    try:
+        # Warm-up: until a datagram crosses (the tunnel may still be connecting), then a
+        # short low-rate run so sessions, sockets and socat's per-peer child exist.
+        sink.tag = 0
+        for _ in range(400):
+            send.sendto(b"\x00warm")
+            try:
+                async with asyncio.timeout(0.05):
+                    await sink.any.wait()
+                break
+            except TimeoutError:
+                pass
+        else:
+            raise RuntimeError(f"no datagram came through {target} in 20 s")
+        await _udp_trial(send, sink, 0, size, start, 0.3, 0.2, chain)
+        trials: list[dict[str, Any]] = []
+        good: dict[str, Any] | None = None
+        bad: dict[str, Any] | None = None
+        tag = 1
+
+        def ok(t: dict[str, Any]) -> bool:
+            return bool(t["loss"] < loss_limit)
+
+        rate = start
+        gen_limited = False
+        while rate <= max_rate:
+            t = await _udp_trial(send, sink, tag, size, rate, seconds, 0.4, chain)
+            tag += 1
+            trials.append(t)
+            if not ok(t):
+                bad = t
+                break
+            good = t
+            if t["sent_rate"] < 0.95 * rate:  # the pacer fell behind: we are the limit
+                gen_limited = True
+                break
+            rate *= factor
+        if good is not None and bad is not None and not gen_limited:
+            lo, hi = good["offered"], bad["offered"]
+            for _ in range(bisect):
+                mid = (lo * hi) ** 0.5
+                t = await _udp_trial(send, sink, tag, size, mid, seconds, 0.4, chain)
+                tag += 1
+                trials.append(t)
+                if ok(t):
+                    lo, good = mid, t
+                else:
+                    hi, bad = mid, t
+        return {
+            "best": good,
+            "first_bad": bad,
+            "gen_limited": gen_limited,
+            "trials": trials,
+        }
+    finally:
+        send.close()
+        sink_transport.close()
+
+
 async def _main(test: str, args: dict[str, Any]) -> dict[str, Any] | None:
     socks = ("127.0.0.1", int(args["socks"])) if args.get("socks") else None
     if test == "download":
@@ -498,6 +697,17 @@ async def _main(test: str, args: dict[str, Any]) -> dict[str, Any] | None:
     if test == "idle":
         await test_idle(socks, int(args["count"]))
         return None
+    if test == "udp":
+        return await test_udp(
+            ("127.0.0.1", int(args["target"])),
+            int(args["sink"]),
+            size=int(args.get("size", 1400)),
+            seconds=float(args.get("seconds", 2.0)),
+            start=float(args.get("start", 5000)),
+            max_rate=float(args.get("max_rate", 400_000)),
+            bisect=int(args.get("bisect", 3)),
+            pids=[int(p) for p in args.get("pids", [])],
+        )
     raise SystemExit(f"unknown test {test!r}")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import pytest
 
 from benchmarks.harness import (
     Sizes,
@@ -10,6 +13,7 @@ from benchmarks.harness import (
     render_markdown,
     render_text,
     run_benchmarks,
+    target_checks,
     write_doc,
 )
 
@@ -17,7 +21,7 @@ from benchmarks.harness import (
 def test_harness_runs_direct_and_autovpn(tmp_path: Path) -> None:
     sizes = Sizes(transfer=8 << 20, transfer_seconds=10.0, conn_seconds=0.5, idle=50)
     results, rows = run_benchmarks(
-        reps=1, only=["direct", "autovpn"], sizes=sizes, routing=False, log=lambda s: None
+        reps=1, only=["direct", "autovpn", "tcp"], sizes=sizes, routing=False, log=lambda s: None
     )
     assert not results.failures, results.failures
     for chain in ("direct", "autovpn"):
@@ -35,3 +39,25 @@ def test_harness_runs_direct_and_autovpn(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.count("benchmarks:begin") == 1
     assert "# kept above" in text
+
+
+@pytest.mark.skipif(not Path("/proc/net/udp").exists(), reason="needs Linux /proc")
+def test_harness_udp_rows_at_low_rates() -> None:
+    """Two 0.2 s trials (5k and 10k datagrams/s) through autovpn's relay, socat if present."""
+    sizes = Sizes(
+        transfer=1 << 20,
+        transfer_seconds=1.0,
+        conn_seconds=0.1,
+        idle=1,
+        udp_seconds=0.2,
+        udp_max_rate=10_000,
+    )
+    only = ["autovpn", "udp"] + (["socat"] if shutil.which("socat") else [])
+    results, rows = run_benchmarks(reps=1, only=only, sizes=sizes, log=lambda s: None)
+    assert not results.failures, results.failures
+    assert (results.median("autovpn", "udp_rate") or 0) > 1000
+    assert (results.median("autovpn", "udp_loss") or 0) < 1
+    assert results.median("autovpn", "udp_cpu") is not None
+    assert any(r[0].startswith("UDP datagrams/s") for r in rows)
+    assert not any(r[0].startswith("download") for r in rows)  # the TCP group did not run
+    assert any("UDP relay ≥ 80% of socat" in line for line in target_checks(results))
