@@ -69,6 +69,7 @@ class ProxyListener:
         self.udp_stats = UdpRelayStats()  # all UDP associations of this listener
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.handshaking: set[HandshakeBase] = set()
 
     @property
     def bound_port(self) -> int:
@@ -106,6 +107,10 @@ class ProxyListener:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for handshake in list(self.handshaking):  # clients still in their handshake
+            if handshake.transport is not None:
+                handshake.transport.abort()
+        self.handshaking.clear()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -130,6 +135,7 @@ class HandshakeBase(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.accepted += 1
+        self.listener.handshaking.add(self)
         self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timeout)
 
     def _timeout(self) -> None:
@@ -138,6 +144,8 @@ class HandshakeBase(asyncio.Protocol):
             self.transport.abort()
 
     def stop_timer(self) -> None:
+        """The handshake is over (handed off, failed or gone)."""
+        self.listener.handshaking.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -294,6 +294,9 @@ class TunnelServer:
         except (OSError, TimeoutError) as exc:
             reason, message = reset_reason_for(exc), str(exc) or type(exc).__name__
             log.info("dial %s:%d for %s failed: %s", host, port, conn.peer, message)
+        except Exception as exc:  # a bug (say in a resolver hook) must not leave it unanswered
+            log.exception("dial %s:%d for %s failed unexpectedly", host, port, conn.peer)
+            reason, message = ResetReason.GENERAL_FAILURE, type(exc).__name__
         self.streams_failed += 1
         if not ep.done:
             ep.done = True

@@ -31,6 +31,8 @@ MAX_TARGETS_PER_FLOW = 64
 MAX_FLOWS_PER_CONNECTION = 4096
 #: Datagrams kept per target while its socket opens (bounded: at most ~16 MiB of 64 KiB ones).
 PENDING_WHILE_RESOLVING = 256
+#: Seconds a target that could not be opened (policy, DNS) stays failed before a retry.
+RETRY_FAILED_TARGET = 2.0
 
 
 @dataclass(slots=True)
@@ -167,7 +169,10 @@ class UdpFlows:
         except OSError as exc:
             log.info("UDP target %s:%d unavailable: %s", host, port, exc)
             self.stats.dropped += len(target.pending or ())
-            target.pending = None  # later datagrams to it are dropped until the flow idles out
+            target.pending = None
+            # Forget the target after a pause, so a later datagram tries again (a DNS failure
+            # may pass); until then its datagrams are dropped rather than each retrying.
+            self.loop.call_later(RETRY_FAILED_TARGET, self._forget_target, target)
             return
         pending, target.pending = target.pending or [], None
         if target.session.targets.get((host, port)) is not target:  # session closed meanwhile
@@ -177,6 +182,12 @@ class UdpFlows:
         assert target.transport is not None
         for data in pending:
             target.transport.sendto(data)
+
+    @staticmethod
+    def _forget_target(target: _TargetSocket) -> None:
+        targets = target.session.targets
+        if targets.get((target.host, target.port)) is target and target.transport is None:
+            del targets[(target.host, target.port)]
 
     def connection_lost(self, conn: MuxConnection) -> None:
         for key in [k for k in self._sessions if k[0] is conn]:

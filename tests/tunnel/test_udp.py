@@ -12,10 +12,12 @@ from typing import cast
 import dns.message
 import dns.rdatatype
 import dns.rrset
+import pytest
 
 from autovpn.config import ListenSpec
 from autovpn.engine import Engine
 from autovpn.proxy import socks5
+from autovpn.tunnel import udp_server
 from autovpn.tunnel.udp_server import UdpFlows
 from tests.conftest import Certs, engine_config, eventually, run, socks_port
 
@@ -152,7 +154,9 @@ def test_unreachable_udp_target_is_counted_not_raised(certs: Certs) -> None:
     run(main())
 
 
-def test_server_policy_applies_to_udp(certs: Certs) -> None:
+def test_server_policy_applies_to_udp(certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(udp_server, "RETRY_FAILED_TARGET", 0.2)
+
     async def main() -> None:
         async with (
             udp_echo() as echo,
@@ -164,6 +168,10 @@ def test_server_policy_applies_to_udp(certs: Certs) -> None:
             await eventually(lambda: _udp_stats(eng).stats.refused > 0)
             await asyncio.sleep(0.2)
             assert peer.queue.empty()
+            # a failed target is tried again later (a DNS failure may pass), not black-holed
+            await asyncio.sleep(0.3)
+            peer.transport.sendto(b"again", ("127.0.0.1", eng.udp_relays[0].bound_port))
+            await eventually(lambda: _udp_stats(eng).stats.refused > 1)
 
     run(main())
 
