@@ -33,6 +33,7 @@ from autovpn.engine import Engine, embedded_config
 from autovpn.errors import AutovpnError, ConfigError
 from autovpn.eventloop import loop_factory, run
 from autovpn.routing.router import Mode
+from autovpn.tunnel import wstunnel_cli
 from autovpn.tunnel.client import ServerURL
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--udp-dst", metavar="HOST:PORT", help="where the tunnel server sends the relayed datagrams"
     )
+    wstunnel_cli.add_client_arguments(c)
 
     s = sub.add_parser("server", help="run the tunnel server")
     s.add_argument("listen", nargs="?", help="wss://0.0.0.0:8443 or ws://127.0.0.1:8080")
@@ -106,12 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CIDR|HOST[:PORT]",
         help="open a destination the default policy refuses (private, loopback...)",
     )
-    s.add_argument(
-        "--http-upgrade-path-prefix",
-        "--restrict-http-upgrade-path-prefix",
-        "-r",
-        dest="path_prefix",
-    )
+    s.add_argument("--http-upgrade-path-prefix", dest="path_prefix")
+    wstunnel_cli.add_server_arguments(s)
 
     k = sub.add_parser("check-config", help="validate a config file and report every error")
     k.add_argument("file", type=Path)
@@ -144,7 +142,12 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     if args.server is None and base is None:
         raise ConfigError("server", "give the tunnel server URL, e.g. wss://vpn.example.net:443")
     server = ServerURL.parse(args.server) if args.server else base.server  # type: ignore[union-attr]
-    if args.secret_file or base is None:
+    wstunnel_protocol = args.protocol == "wstunnel" or (
+        base is not None and base.protocol == "wstunnel"
+    )
+    if wstunnel_protocol and not args.secret_file:
+        secret = base.secret if base is not None else b""  # wstunnel has no secret
+    elif args.secret_file or base is None:
         secret = secret_from(args.secret_file, "--secret-file")
     else:
         secret = base.secret
@@ -166,6 +169,8 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cc.allow_open = cc.allow_open or args.allow_open
     if args.mode:
         cfg.mode = Mode(args.mode)
+    for note in wstunnel_cli.apply_client_arguments(args, cc):
+        print(note, file=sys.stderr)
     cfg.client = cc
 
 
@@ -210,6 +215,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         for entry in args.allow:
             AllowEntry.parse(entry)
         sc.allow = list(sc.allow) + list(args.allow)
+    wstunnel_cli.apply_server_arguments(args, sc)
     if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
         raise ConfigError(
             "listen",

@@ -38,6 +38,8 @@ from autovpn.errors import ConfigError
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.router import Action, ListSpec, Mode, Router
 from autovpn.tunnel.client import ServerURL
+from autovpn.tunnel.wstunnel import WstunnelClientOptions
+from autovpn.tunnel.wstunnel_server import WstunnelServerOptions
 
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
@@ -160,6 +162,9 @@ class ClientConfig:
     allow_open: bool = False
     keepalive_interval: float = 15.0  # PING after this long without hearing from the server
     keepalive_timeout: float = 45.0  # a connection silent this long is dead
+    #: "autovpn" (our mux) or "wstunnel" (a stock wstunnel v10 server; no secret needed)
+    protocol: str = "autovpn"
+    wstunnel: WstunnelClientOptions = field(default_factory=WstunnelClientOptions)
 
 
 @dataclass(slots=True)
@@ -171,6 +176,8 @@ class ServerConfig:
     path_prefix: str = "autovpn"
     allow: list[str] = field(default_factory=list)
     allow_all: bool = False  # the embedded server: the user's own machine, no SSRF boundary
+    tls_client_ca_certs: Path | None = None  # mTLS: clients must present a certificate
+    wstunnel: WstunnelServerOptions = field(default_factory=WstunnelServerOptions)
 
 
 @dataclass(slots=True)
@@ -296,6 +303,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
 
 _TOP_KEYS = {"mode", "log_level", "client", "server", "routing", "control"}
 _CLIENT_KEYS = {
+    "protocol",
     "server",
     "user",
     "secret_file",
@@ -353,14 +361,19 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                     _expect(client.get("server"), str, "client.server"), key="client.server"
                 ),
             )
-            secret = c.take(
-                "client.secret_file",
-                lambda: secret_from(
-                    path(client["secret_file"], "client.secret_file")
-                    if "secret_file" in client
-                    else None,
+            wstunnel_protocol = client.get("protocol") == "wstunnel"
+            secret = (
+                b""
+                if wstunnel_protocol and "secret_file" not in client
+                else c.take(
                     "client.secret_file",
-                ),
+                    lambda: secret_from(
+                        path(client["secret_file"], "client.secret_file")
+                        if "secret_file" in client
+                        else None,
+                        "client.secret_file",
+                    ),
+                )
             )
             listen = []
             for i, spec in enumerate(client.get("listen", [])):
@@ -381,11 +394,14 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                 ("insecure", bool),
                 ("pool_size", int),
                 ("allow_open", bool),
+                ("protocol", str),
             ):
                 if key in client:
                     value = c.take(f"client.{key}", _expect, client[key], kind, f"client.{key}")
                     if value is not None:
                         setattr(cc, key, value)
+            if cc.protocol not in ("autovpn", "wstunnel"):
+                c.errors.append(ConfigError("client.protocol", 'must be "autovpn" or "wstunnel"'))
             if "tls_ca" in client:
                 cc.tls_ca = c.take("client.tls_ca", path, client["tls_ca"], "client.tls_ca")
                 if cc.tls_ca is not None and not cc.tls_ca.is_file():

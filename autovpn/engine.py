@@ -40,6 +40,8 @@ from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_self_signed, server_context, write_private
+from autovpn.tunnel.wstunnel_client import WstunnelClient
+from autovpn.tunnel.wstunnel_server import WstunnelService
 
 log = logging.getLogger("autovpn")
 
@@ -81,6 +83,10 @@ class Engine:
         self._warm: asyncio.Task[object] | None = None
         self.server: TunnelServer | None = None
         self.tunnel: TunnelClient | None = None
+        #: wstunnel v10 protocol: the client (``client.protocol = "wstunnel"``) and the server
+        #: side served on the tunnel server's port.
+        self.wstunnel: WstunnelClient | None = None
+        self.wstunnel_service: WstunnelService | None = None
         self.listeners: list[ProxyListener] = []
         self.udp_relays: list[UdpRelay] = []
         self._stopped = asyncio.Event()
@@ -195,8 +201,11 @@ class Engine:
         if cfg.server is not None:
             self.server = TunnelServer(_server_settings(cfg.server))
             await self.server.start()
+            self.wstunnel_service = WstunnelService(self.server, cfg.server.wstunnel).install()
         client = cfg.client
-        if client is not None:
+        if client is not None and client.protocol == "wstunnel":
+            await self._start_wstunnel_client(client)
+        elif client is not None:
             server_url = client.server
             if server_url.port == 0 and self.server is not None:  # embedded: bound on port 0
                 server_url = dataclasses.replace(server_url, port=self.server.port)
@@ -229,6 +238,17 @@ class Engine:
                 self.resolver.resolve_many(self.list_names("all")), name="dns-warm-up"
             )
 
+    async def _start_wstunnel_client(self, client: ClientConfig) -> None:
+        from autovpn.tunnel.wstunnel_client import client_settings
+
+        self.wstunnel = WstunnelClient(client_settings(client))
+        self.wstunnel.start()
+        dialer = Dialer(self.router, self.wstunnel, resolver=self.resolver, scores=self.scores)
+        for spec in client.listen:
+            listener = _make_listener(spec, dialer, client.allow_open)
+            await listener.start()
+            self.listeners.append(listener)
+
     async def close(self) -> None:
         if self.api is not None:
             await self.api.close()
@@ -252,6 +272,12 @@ class Engine:
         if self.tunnel is not None:
             await self.tunnel.close()
             self.tunnel = None
+        if self.wstunnel is not None:
+            await self.wstunnel.close()
+            self.wstunnel = None
+        if self.wstunnel_service is not None:
+            await self.wstunnel_service.close()
+            self.wstunnel_service = None
         if self.server is not None:
             await self.server.close()
             self.server = None
@@ -295,7 +321,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
     ctx = None
     if sc.listen.tls:
         assert sc.tls_certificate is not None and sc.tls_private_key is not None
-        ctx = server_context(sc.tls_certificate, sc.tls_private_key)
+        ctx = server_context(sc.tls_certificate, sc.tls_private_key, sc.tls_client_ca_certs)
     return ServerSettings(
         host=sc.listen.host,
         port=sc.listen.port,

@@ -669,3 +669,38 @@ def proxy_v2_header(source: tuple[str, int], destination: tuple[str, int]) -> by
         src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
     )
     return PROXY_V2_SIGNATURE + bytes((0x21, family)) + length.to_bytes(2, "big") + body
+
+
+# -- command-line values -------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """A duration as wstunnel's CLI parses it: ``30s``, ``5m``, ``1h`` or bare seconds."""
+    value = text.strip().lower()
+    scale = 1.0
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if value.endswith(suffix):
+            value, scale = value[: -len(suffix)], factor
+            break
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        raise ValueError(f"bad duration {text!r} (use 30s, 5m, 1h or seconds)") from None
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"bad duration {text!r}")
+    return seconds
+
+
+@dataclass(slots=True)
+class WstunnelClientOptions:
+    """The client's wstunnel-protocol settings (``client.protocol = "wstunnel"``)."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    headers_file: str | None = None
+    credentials: str | None = None
+    min_idle: int = 0
+    max_backoff: float = 300.0
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    sni_disable: bool = False

@@ -21,7 +21,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from autovpn.errors import RemoteProtocolError, ResetReason, StreamError, TunnelUnavailable
 from autovpn.tunnel import wstunnel
@@ -29,6 +29,9 @@ from autovpn.tunnel.client import ServerURL
 from autovpn.tunnel.handshake import parse_head
 from autovpn.tunnel.wstunnel import Claims, LocalProtocol, Session, WstunnelRejected
 from autovpn.tunnel.wstunnel_relay import WsSide
+
+if TYPE_CHECKING:
+    from autovpn.config import ClientConfig
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
 
@@ -293,3 +296,54 @@ class WstunnelClient:
         if early:
             ws.send_data(early)
         return WsUpstream(ws)
+
+
+def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
+    """The client's settings from the config (``client.protocol = "wstunnel"``).
+
+    Certificate verification stays on (as everywhere in autovpn) unless ``insecure``; wstunnel
+    itself does not verify by default (``--tls-verify-certificate`` turns it on there).
+    """
+    from autovpn.tunnel.tls import client_context
+
+    w = cc.wstunnel
+    ctx = None
+    if cc.server.tls:
+        ctx = client_context(
+            cc.tls_ca,
+            insecure=cc.insecure,
+            certificate=Path(w.tls_certificate) if w.tls_certificate else None,
+            private_key=Path(w.tls_private_key) if w.tls_private_key else None,
+        )
+        if w.sni_disable:
+            ctx.check_hostname = False
+    prefix = cc.path_prefix
+    if prefix in ("autovpn", wstunnel.DEFAULT_PATH_PREFIX) and w.tls_certificate:
+        # mTLS: with the default prefix, wstunnel uses the certificate's CN (section 1.1).
+        prefix = _certificate_cn(Path(w.tls_certificate)) or wstunnel.DEFAULT_PATH_PREFIX
+    elif prefix == "autovpn":  # our native default: wstunnel's is v1
+        prefix = wstunnel.DEFAULT_PATH_PREFIX
+    return WstunnelClientSettings(
+        server=cc.server,
+        ssl_context=ctx,
+        sni="" if w.sni_disable else cc.sni,
+        path_prefix=prefix,
+        headers=w.headers,
+        headers_file=Path(w.headers_file) if w.headers_file else None,
+        credentials=w.credentials,
+        min_idle=w.min_idle,
+        max_backoff=w.max_backoff,
+        ping_interval=w.ping_interval,
+    )
+
+
+def _certificate_cn(path: Path) -> str | None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None

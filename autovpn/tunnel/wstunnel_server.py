@@ -1,11 +1,12 @@
 """Serving stock wstunnel v10 clients on the tunnel server's own port, without configuration.
 
 ``WstunnelService.install(server)`` adds ``offer`` to ``TunnelServer.alternatives``: every
-request whose path is not our native tunnel path and which looks like wstunnel (a WebSocket
-upgrade, or a path ending in ``events``) is taken over here and answered as wstunnel answers it:
-the checks of wstunnel.md section 1.3 in order, each failure a ``400 Invalid request``, the
-destination dialled *before* the 101 (so an unreachable destination is a 400 too), then one
-``WsSide`` relay per tunnel.  Anything else is left to the native server (404).
+request whose path is not our native tunnel path and which looks like wstunnel (a path ending
+in ``events``, or a bearer JWT in ``Sec-WebSocket-Protocol``) is taken over here and
+answered as wstunnel answers it: the checks of wstunnel.md section 1.3 in order, each
+failure a ``400 Invalid request``, the destination dialled *before* the 101 (so an
+unreachable destination is a 400 too), then one ``WsSide`` relay per tunnel.  Anything else
+is left to the native server (404).
 
 Access control, as in wstunnel: the mTLS CN must equal the path prefix, then the restrictions
 (``--restrict-config`` file, reloaded when it changes, or ``--restrict-to``/``-r``), then our own
@@ -40,6 +41,8 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 
 @dataclass(slots=True)
 class WstunnelServerOptions:
+    """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
+
     restrict_to: tuple[str, ...] = ()
     restrict_path_prefixes: tuple[str, ...] = ()
     restrict_config: Path | None = None
@@ -149,7 +152,11 @@ class WstunnelService:
         """``TunnelServer.alternatives`` hook: take wstunnel-looking requests over."""
         target = head.start_line.split(" ")
         path = target[1].split("?", 1)[0] if len(target) > 1 else ""
-        if not (wstunnel.is_upgrade_request(head) or path.endswith("events")):
+        # A wstunnel client always asks for /<prefix>/events and sends its JWT; other
+        # requests stay with the native server (its 404), so probes learn nothing new.
+        if not (
+            path.endswith("events") or wstunnel.BEARER_PREFIX in head.get("sec-websocket-protocol")
+        ):
             return False
         transport.pause_reading()
         pending = _Pending()
