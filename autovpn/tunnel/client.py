@@ -321,8 +321,11 @@ class TunnelClient:
         if conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
             self.datagrams_dropped += 1
             return False
-        conn.send_frame(
-            frames.frame(frames.FrameType.DATAGRAM, flow, frames.encode_address(host, port) + data)
+        address = frames.encode_address(host, port)
+        conn.send_pieces(
+            frames.HEADER.pack(frames.FrameType.DATAGRAM, 0, flow, len(address) + len(data)),
+            address,
+            data,
         )
         return True
 

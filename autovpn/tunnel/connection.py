@@ -260,6 +260,18 @@ class MuxConnection(asyncio.BufferedProtocol):
         elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self.flush)
 
+    def send_pieces(self, *pieces: bytes) -> None:
+        """Queue one frame given as pieces (header, then payload parts), joined at flush."""
+        if self.closed:
+            return
+        self._pending.extend(pieces)
+        for piece in pieces:
+            self._pending_size += len(piece)
+        if self._pending_size >= FLUSH_THRESHOLD:
+            self.flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self.flush)
+
     def send_data(self, sid: int, data: bytes) -> None:
         if self.closed:
             return

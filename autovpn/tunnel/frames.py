@@ -115,6 +115,15 @@ class MuxDecoder:
                 self._remaining -= take
                 if self._remaining == 0:
                     self._type = -1
+            elif take == self._remaining and not self._control:
+                # The whole payload is in this buffer (the common case): one copy, no
+                # accumulator.  Matters for DATAGRAM frames, which come one per UDP datagram.
+                frames.append(
+                    (self._type, self._flags, self._stream, bytes(view[pos : pos + take]))
+                )
+                pos += take
+                self._remaining = 0
+                self._type = -1
             else:
                 self._control += view[pos : pos + take]
                 pos += take

@@ -82,10 +82,11 @@ class _Session:
             self.flows.stats.dropped += 1
             return
         self.flows.stats.datagrams_out += 1
-        conn.send_frame(
-            frames.frame(
-                frames.FrameType.DATAGRAM, self.flow, frames.encode_address(host, port) + data
-            )
+        address = frames.encode_address(host, port)
+        conn.send_pieces(
+            frames.HEADER.pack(frames.FrameType.DATAGRAM, 0, self.flow, len(address) + len(data)),
+            address,
+            data,
         )
 
     def close(self) -> None:
