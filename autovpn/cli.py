@@ -114,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check-config", help="validate a config file and report every error")
     k.add_argument("file", type=Path)
     _wg_parsers(sub)
+    cert = sub.add_parser("cert", help="make a private CA and a server certificate it signs")
+    cert.add_argument("directory", type=Path, help="where ca.pem, server.pem, server.key go")
+    cert.add_argument(
+        "--name",
+        action="append",
+        required=True,
+        help="the server's DNS name or IP address (repeatable)",
+    )
+    cert.add_argument("--days", type=int, default=825)
     _routing_parsers(sub)
     return p
 
@@ -256,9 +265,12 @@ def _configure_logging(level: str) -> None:
 async def _serve(cfg: Config, embedded: bool) -> None:
     async with Engine(cfg) as engine:
         name, _ = loop_factory()
-        print(f"autovpn {__version__} running ({name} event loop)")
+        # stdio:// owns stdout (ssh ProxyCommand): everything else goes to stderr then.
+        stdio = cfg.client is not None and any(s.scheme == "stdio" for s in cfg.client.listen)
+        out = sys.stderr if stdio else sys.stdout
+        print(f"autovpn {__version__} running ({name} event loop)", file=out)
         for line in engine.describe():
-            print(f"  {line}")
+            print(f"  {line}", file=out)
         if embedded:
             print(
                 "This is the embedded default: a tunnel to a server inside this process.\n"
@@ -275,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "wg":
             return _wg_command(args)
+        if args.command == "cert":
+            from autovpn.tunnel.tls import make_private_ca
+
+            ca, cert_path, key = make_private_ca(args.directory, args.name, days=args.days)
+            print(
+                f"server: --tls-certificate {cert_path} --tls-private-key {key}\n"
+                f"client: --tls-ca {ca}"
+            )
+            return 0
         if args.command == "check-config":
             _, errors = load_file(args.file)
             for error in errors:
