@@ -1,4 +1,11 @@
-"""The HTTP proxy listener's connection handling: CONNECT and absolute-form forwarding."""
+"""The HTTP proxy listener's connection handling: CONNECT, and absolute-form forwarding.
+
+The first request head is parsed here.  CONNECT (RFC 9110 §9.3.6): route and connect, answer
+200, and hand the socket to the upstream, which relays it from then on.  An absolute-form
+request (``GET http://host/path``) hands the socket to an ``HttpForwarder``
+(``autovpn.proxy.http_forward``), which carries it and the following requests of the
+connection with keep-alive.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import logging
 
 from autovpn.errors import RemoteProtocolError, StreamError
 from autovpn.proxy import http_proxy
-from autovpn.proxy.auth import parse_basic_proxy_authorization
+from autovpn.proxy.http_forward import HttpForwarder, authorization_problem, error_response
 from autovpn.proxy.listener import HandshakeBase, ProxyListener
 
 log = logging.getLogger("autovpn.proxy")
@@ -32,50 +39,37 @@ class HttpHandshake(HandshakeBase):
             return
         self._done = True
         self.transport.pause_reading()
-        creds = self.listener.credentials
-        if creds:
-            offered = parse_basic_proxy_authorization(head.headers)
-            if offered is None or not creds.check(*offered):
-                self.fail(
-                    http_proxy.proxy_auth_required(),
-                    "proxy authentication " + ("missing" if offered is None else "failed"),
-                )
-                return
-        self.listener.spawn(self._serve(head), f"http-{self.peer}")
-
-    async def _serve(self, head: http_proxy.HttpRequestHead) -> None:
-        assert self.transport is not None
-        trailing = self._parser.trailing_data
+        problem = authorization_problem(self.listener, head)
+        if problem is not None:
+            self.fail(http_proxy.proxy_auth_required(), problem)
+            return
         if head.is_connect:
-            early = trailing
+            self.listener.spawn(self._connect(head), f"http-{self.peer}")
         elif head.form is not http_proxy.TargetForm.ABSOLUTE:
             # A proxy only forwards absolute-form requests; anything else was meant for an
             # origin server, and we are none.
-            self.fail(http_proxy.response(400), "request is not in absolute form")
-            return
+            self.fail(error_response(400), "request is not in absolute form")
         else:
-            # Absolute-form request: forward it with hop-by-hop headers removed.  The origin is
-            # asked to close after its response, so the raw relay that follows carries exactly
-            # one exchange; the client then opens a new connection for its next request.
-            early = http_proxy.rewrite_for_origin(head, force_close=True) + trailing
+            self.stop_timer()
+            forwarder = HttpForwarder(self.listener, self.transport, self.peer)
+            self.transport.set_protocol(forwarder)
+            forwarder.start(head, self._parser.trailing_data)
+
+    async def _connect(self, head: http_proxy.HttpRequestHead) -> None:
+        assert self.transport is not None
         try:
             upstream, _ = await self.listener.dialer.connect(
                 head.host,
                 head.port,
-                early,
+                self._parser.trailing_data,
                 client=self.peer,
                 via="http",
             )
         except StreamError as exc:
-            status = exc.reason.http_status
-            self.fail(
-                http_proxy.response(status, body=f"{exc}\n".encode()),
-                f"{head.host}:{head.port}: {exc}",
-            )
+            self.fail(error_response(exc.reason.http_status), f"{head.host}:{head.port}: {exc}")
             return
         self.stop_timer()
         if self.transport.is_closing():
             return
-        if head.is_connect:
-            self.transport.write(http_proxy.CONNECTION_ESTABLISHED)
+        self.transport.write(http_proxy.CONNECTION_ESTABLISHED)
         upstream.attach(self.transport)

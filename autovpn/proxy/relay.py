@@ -35,14 +35,24 @@ class Pipe(asyncio.BufferedProtocol):
         if self.early:
             transport.write(self.early)
             self.early = b""
+        # What the peer saw before we were attached (a server that speaks first, a reply to
+        # early data): its EOF or close was kept for us.
+        peer = self.peer
+        if peer is not None and peer.closed:
+            transport.close()
+        elif peer is not None and peer.eof and transport.can_write_eof():
+            transport.write_eof()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
-        if peer is not None and peer.transport is not None and not peer.closed:
-            peer.transport.write(bytes(_READ_BUFFER[:nbytes]))
+        if peer is not None and not peer.closed:
+            if peer.transport is not None:
+                peer.transport.write(bytes(_READ_BUFFER[:nbytes]))
+            else:  # read before the listener attached its socket: it gets this first
+                peer.early += _READ_BUFFER[:nbytes]
 
     def eof_received(self) -> bool:
         self.eof = True
