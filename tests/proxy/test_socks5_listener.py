@@ -233,9 +233,7 @@ def test_username_password(certs: Certs) -> None:
         pytest.param(b"\x05\x01\x00\x09", id="bad-atyp"),
     ],
 )
-def test_bad_input_is_answered_or_closed_and_the_engine_goes_on(
-    certs: Certs, junk: bytes
-) -> None:
+def test_bad_input_is_answered_or_closed_and_the_engine_goes_on(certs: Certs, junk: bytes) -> None:
     async def main() -> None:
         async with engine(certs) as eng, tcp_server(echo_handler) as echo:
             reader, writer = await asyncio.open_connection("127.0.0.1", socks_port(eng))
