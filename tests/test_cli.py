@@ -1,0 +1,289 @@
+"""The command line as a user runs it: ``python -m autovpn`` in subprocesses, curl through it,
+Ctrl-C, config checking and start-up errors.
+
+Every process is waited for (in a container, PID 1 may reap no orphans); SIGINT is what a
+terminal sends on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SECRET, Certs, env_without_proxies, free_port, run
+from tests.http_origin import http_origin
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = env_without_proxies()
+    env.pop("AUTOVPN_STATE_DIR", None)
+    env.pop("AUTOVPN_SECRET", None)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env["HOME"] = str(home)
+    env["XDG_STATE_HOME"] = str(home / ".state")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def autovpn(
+    *args: str, env: dict[str, str], ready: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run ``python -m autovpn ARGS`` until a line containing ``ready`` appears on its stdout
+    or stderr; on exit, Ctrl-C it if still running and always wait for it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autovpn",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stdout.readline()).decode(errors="replace")
+                if not line:
+                    raise AssertionError("autovpn exited before it was ready:\n" + "".join(seen))
+                seen.append(line)
+                if ready in line:
+                    break
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(15):
+                    await proc.communicate()
+            except TimeoutError:
+                proc.kill()
+        await proc.wait()
+
+
+async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
+    """Ctrl-C, then (exit code, the rest of the output)."""
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(15):
+        out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "20",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env_without_proxies(),
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autovpn",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# --- the embedded default ------------------------------------------------------------------
+
+
+@needs_curl
+@posix_only
+def test_no_arguments_runs_the_embedded_default(tmp_path: Path) -> None:
+    busy = [p for p in (1080, 8080) if not port_free(p)]
+    if busy:
+        pytest.skip(f"127.0.0.1 port(s) {busy} in use here (CI runs in its own network namespace)")
+    env = clean_env(tmp_path)
+
+    async def main() -> None:
+        with http_origin() as origin:
+            url = f"http://127.0.0.1:{origin.port}/hello"
+            async with autovpn(env=env, ready="Stop with Ctrl-C") as proc:
+                for proxy in ("socks5h://127.0.0.1:1080", "http://127.0.0.1:8080"):
+                    rc, out, err = await curl("-x", proxy, url)
+                    assert (rc, out) == (0, "hello /hello"), err
+                code, rest = await stop(proc)
+            assert code in (0, 130), rest
+            assert "Traceback" not in rest
+        state = Path(env["XDG_STATE_HOME"]) / "autovpn"
+        assert (state / "embedded-cert.pem").is_file()
+
+    run(main())
+
+
+# --- server and client ---------------------------------------------------------------------
+
+
+@needs_curl
+@posix_only
+def test_server_and_client_processes(tmp_path: Path, certs: Certs) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(SECRET + b"\n")
+    server_port, socks, http = free_port(), free_port(), free_port()
+
+    async def main() -> None:
+        with http_origin() as origin:
+            server_env = clean_env(tmp_path, AUTOVPN_SECRET=SECRET.decode())
+            server_args = [
+                "server",
+                f"wss://127.0.0.1:{server_port}",
+                "--tls-certificate",
+                str(certs.cert),
+                "--tls-private-key",
+                str(certs.key),
+                "--allow",
+                "127.0.0.0/8",
+            ]
+            client_args = [
+                "client",
+                "-L",
+                f"socks5://127.0.0.1:{socks}",
+                "-L",
+                f"http://127.0.0.1:{http}?login=alice&password=s3cret",
+                "--tls-ca",
+                str(certs.ca),
+                "--secret-file",
+                str(secret_file),
+                "--mode",
+                "global",
+                f"wss://127.0.0.1:{server_port}",
+            ]
+            async with (
+                autovpn(*server_args, env=server_env, ready="listening") as server,
+                autovpn(*client_args, env=clean_env(tmp_path), ready="is up") as client,
+            ):
+                url = f"http://127.0.0.1:{origin.port}/hello"
+                rc, out, err = await curl("-x", f"socks5h://127.0.0.1:{socks}", url)
+                assert (rc, out) == (0, "hello /hello"), err
+                rc, out, err = await curl("-x", f"http://alice:s3cret@127.0.0.1:{http}", url)
+                assert (rc, out) == (0, "hello /hello"), err
+                for proc in (client, server):
+                    code, rest = await stop(proc)
+                    assert code in (0, 130) and "Traceback" not in rest, rest
+
+    run(main())
+
+
+# --- configuration errors ------------------------------------------------------------------
+
+
+def test_check_config_lists_every_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'mode = "sideways"\n'
+        'log_level = "loud"\n'
+        "[client]\n"
+        'server = "ftp://example.net"\n'
+        'listen = ["gopher://127.0.0.1:70"]\n'
+        "pool_size = -1\n"
+    )
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'mode = "global"\n'
+        "[client]\n"
+        'server = "wss://vpn.example.net:443"\n'
+        'listen = ["socks5://127.0.0.1:1080"]\n'
+        'secret_file = "secret"\n'
+    )
+    (tmp_path / "secret").write_bytes(SECRET)
+    env = clean_env(tmp_path)
+
+    async def main() -> None:
+        rc, out, err = await run_cli("check-config", str(bad), env=env)
+        assert rc == 1
+        for key in ("mode", "log_level", "client.server", "client.listen", "client.pool_size"):
+            assert f": {key}" in err, (key, err)
+        assert "Traceback" not in err
+        rc, out, err = await run_cli("check-config", str(good), env=env)
+        assert (rc, err) == (0, ""), err
+        assert "OK" in out
+
+    run(main())
+
+
+def test_broken_toml_names_the_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text('mode = "global"\n[client\nserver = "wss://x:1"\n')
+    env = clean_env(tmp_path)
+
+    async def main() -> None:
+        for args in (["check-config", str(broken)], ["--config", str(broken)]):
+            rc, out, err = await run_cli(*args, env=env)
+            assert rc != 0
+            assert "line 2" in err, err
+            assert "Traceback" not in err
+
+    run(main())
+
+
+@posix_only
+def test_taken_port_is_one_clear_line(tmp_path: Path, certs: Certs) -> None:
+    env = clean_env(tmp_path, AUTOVPN_SECRET=SECRET.decode())
+
+    async def main() -> None:
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        try:
+            rc, out, err = await run_cli(
+                "client",
+                "-L",
+                f"socks5://127.0.0.1:{port}",
+                "--tls-ca",
+                str(certs.ca),
+                f"wss://127.0.0.1:{free_port()}",
+                env=env,
+            )
+        finally:
+            holder.close()
+        assert rc != 0
+        assert "Traceback" not in err
+        errors = [line for line in err.splitlines() if line.startswith("autovpn:")]
+        assert len(errors) == 1, err
+        assert f"127.0.0.1:{port}" in errors[0] and "another program" in errors[0]
+
+    run(main())
