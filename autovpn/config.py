@@ -44,7 +44,7 @@ from autovpn.tunnel.wstunnel_server import WstunnelServerOptions
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
 DEFAULT_CONTROL = "127.0.0.1:9090"
-LISTEN_SCHEMES = ("socks5", "http", "udp", "tcp")
+LISTEN_SCHEMES = ("socks5", "http", "udp", "tcp", "unix", "stdio")
 #: Schemes that forward to one fixed target: ``udp://[BIND:]PORT:HOST:PORT`` (wstunnel's form).
 FORWARD_SCHEMES = ("udp", "tcp")
 
@@ -108,6 +108,8 @@ class ListenSpec:
             raise ConfigError(key, f"{text!r}: give both login= and password=")
         if login is not None and password is not None:
             users = ((login, password),)
+        if scheme in ("stdio", "unix"):
+            return _local_forward(scheme, address, users, query, key, text)
         fields = _split_endpoints(address, key, text)
         target_host: str | None = None
         target_port: int | None = None
@@ -146,6 +148,33 @@ class ListenSpec:
             target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
             text += f":{target}:{self.target_port}"
         return text
+
+
+def _local_forward(
+    scheme: str,
+    address: str,
+    users: tuple[tuple[str, str], ...],
+    query: dict[str, str],
+    key: str,
+    text: str,
+) -> ListenSpec:
+    """``stdio://HOST:PORT`` and ``unix:///path.sock:HOST:PORT`` (the path in ``host``)."""
+    fields = _split_endpoints(address, key, text)
+    if scheme == "stdio":
+        fields = ["", *fields]
+    if len(fields) != 3 or not fields[0] and scheme == "unix" or not fields[1]:
+        shape = "stdio://HOST:PORT" if scheme == "stdio" else "unix:///PATH.sock:HOST:PORT"
+        raise ConfigError(key, f"{text!r}: expected {shape}")
+    target = fields[1].strip("[]")
+    return ListenSpec(
+        scheme,
+        fields[0],
+        0,
+        users,
+        tuple(sorted(query.items())),
+        target,
+        _port(fields[2], key, text),
+    )
 
 
 @dataclass(slots=True)

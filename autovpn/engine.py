@@ -29,7 +29,7 @@ from autovpn.config import (
 )
 from autovpn.monitor.api import ControlAPI
 from autovpn.proxy.auth import Credentials
-from autovpn.proxy.dialer import Dialer
+from autovpn.proxy.dialer import Dialer, TunnelOpener
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
 from autovpn.routing.dns import SplitResolver, Upstream, tunnel_opener
@@ -41,6 +41,7 @@ from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_self_signed, server_context, write_private
 from autovpn.tunnel.wstunnel_client import WstunnelClient
+from autovpn.tunnel.wstunnel_forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.tunnel.wstunnel_server import WstunnelService
 
 log = logging.getLogger("autovpn")
@@ -87,6 +88,8 @@ class Engine:
         #: side served on the tunnel server's port.
         self.wstunnel: WstunnelClient | None = None
         self.wstunnel_service: WstunnelService | None = None
+        #: Fixed forwards (-L tcp://, unix://, stdio://): always through the tunnel.
+        self.forwards: list[ForwardListener | StdioForward] = []
         self.listeners: list[ProxyListener] = []
         self.udp_relays: list[UdpRelay] = []
         self._stopped = asyncio.Event()
@@ -227,6 +230,9 @@ class Engine:
                     await relay.start()
                     self.udp_relays.append(relay)
                     continue
+                if spec.scheme in FORWARD_LISTENER_SCHEMES:
+                    await self._start_forward(spec, self.tunnel)
+                    continue
                 listener = _make_listener(spec, dialer, client.allow_open)
                 await listener.start()
                 self.listeners.append(listener)
@@ -245,9 +251,24 @@ class Engine:
         self.wstunnel.start()
         dialer = Dialer(self.router, self.wstunnel, resolver=self.resolver, scores=self.scores)
         for spec in client.listen:
+            if spec.scheme in FORWARD_LISTENER_SCHEMES:
+                await self._start_forward(spec, self.wstunnel)
+                continue
+            if spec.scheme == "udp":
+                log.warning("%s: UDP over the wstunnel protocol is not supported yet", spec)
+                continue
             listener = _make_listener(spec, dialer, client.allow_open)
             await listener.start()
             self.listeners.append(listener)
+
+    async def _start_forward(self, spec: ListenSpec, opener: TunnelOpener) -> None:
+        forward: ForwardListener | StdioForward
+        if spec.scheme == "stdio":
+            forward = StdioForward(spec, opener, self.stop)
+        else:
+            forward = ForwardListener(spec, opener)
+        await forward.start()
+        self.forwards.append(forward)
 
     async def close(self) -> None:
         if self.api is not None:
@@ -266,6 +287,9 @@ class Engine:
         for relay in self.udp_relays:
             await relay.close()
         self.udp_relays.clear()
+        for forward in reversed(self.forwards):
+            await forward.close()
+        self.forwards.clear()
         for listener in reversed(self.listeners):
             await listener.close()
         self.listeners.clear()
@@ -314,6 +338,15 @@ class Engine:
             lines.append(
                 f"{listener.kind.value:<6} proxy   {listener.host}:{listener.bound_port}{auth}"
             )
+        for forward in self.forwards:
+            spec = forward.spec
+            where = spec.host if spec.scheme == "unix" else f"{spec.host}:{forward.bound_port}"
+            lines.append(
+                f"{spec.scheme:<6} forward {where} -> {spec.target_host}:{spec.target_port}"
+                " (through the tunnel)"
+            )
+        if self.wstunnel is not None:
+            lines.append(f"tunnel client  -> {self.wstunnel.settings.server}  (wstunnel protocol)")
         return lines
 
 

@@ -28,7 +28,26 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning"}
+_LEVELS |= {"warning": "warning", "error": "error", "off": "error"}
+
+
+def log_level(text: str) -> str:
+    """wstunnel's ``--log-lvl`` values (RUST_LOG-style, any case) as ours."""
+    level = text.strip().lower().split(",")[0].split("=")[-1]
+    if level not in _LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}")
+    return _LEVELS[level]
+
+
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    # Also accepted after the subcommand, as wstunnel's global flag is; SUPPRESS keeps a value
+    # given before the subcommand.
+    parser.add_argument("--log-lvl", dest="log_level", type=log_level, default=argparse.SUPPRESS)
+
+
 def add_client_arguments(c: argparse.ArgumentParser) -> None:
+    _add_log_level(c)
     g = c.add_argument_group("wstunnel protocol (--protocol wstunnel)")
     g.add_argument("--protocol", choices=["autovpn", "wstunnel"], default=None)
     g.add_argument("--http-upgrade-credentials", metavar="USER[:PASS]")
@@ -122,6 +141,7 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
 
 
 def add_server_arguments(s: argparse.ArgumentParser) -> None:
+    _add_log_level(s)
     g = s.add_argument_group("wstunnel clients (served on the same port)")
     g.add_argument("--restrict-to", action="append", default=[], metavar="HOST:PORT")
     g.add_argument(
