@@ -704,3 +704,5 @@ class WstunnelClientOptions:
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     sni_disable: bool = False
+    remote_to_local: tuple[str, ...] = ()  # -R specs
+    reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff

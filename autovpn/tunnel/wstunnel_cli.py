@@ -50,6 +50,21 @@ def add_client_arguments(c: argparse.ArgumentParser) -> None:
     _add_log_level(c)
     g = c.add_argument_group("wstunnel protocol (--protocol wstunnel)")
     g.add_argument("--protocol", choices=["autovpn", "wstunnel"], default=None)
+    g.add_argument(
+        "-R",
+        "--remote-to-local",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="reverse tunnel: tcp://[BIND:]PORT:HOST:PORT, socks5://[BIND:]PORT, "
+        "unix://PATH:HOST:PORT (wstunnel protocol)",
+    )
+    g.add_argument(
+        "--reverse-tunnel-connection-retry-max-backoff",
+        "--reverse-tunnel-connection-retry-max-backoff-sec",
+        type=_duration,
+        default=None,
+    )
     g.add_argument("--http-upgrade-credentials", metavar="USER[:PASS]")
     g.add_argument("-H", "--http-headers", action="append", default=[], metavar="'Name: value'")
     g.add_argument("--http-headers-file", type=Path)
@@ -119,6 +134,16 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
         w.tls_certificate = str(args.tls_certificate)
         w.tls_private_key = str(args.tls_private_key or args.tls_certificate)
     w.sni_disable = w.sni_disable or args.tls_sni_disable
+    if args.remote_to_local:
+        if cc.protocol != "wstunnel":
+            raise ConfigError("-R", "reverse tunnels need --protocol wstunnel for now")
+        from autovpn.tunnel.wstunnel_reverse import ReverseSpec
+
+        for spec in args.remote_to_local:
+            ReverseSpec.parse(spec)  # report a bad spec now, not at start
+        w.remote_to_local = (*w.remote_to_local, *args.remote_to_local)
+    if args.reverse_tunnel_connection_retry_max_backoff is not None:
+        w.reverse_max_backoff = args.reverse_tunnel_connection_retry_max_backoff
     login = args.listener_username or args.listener_login
     password = args.listener_password
     if login is not None or password is not None:

@@ -54,6 +54,8 @@ class WstunnelClientSettings:
     connect_timeout: float = 10.0
     ping_interval: float = wstunnel.DEFAULT_PING_INTERVAL
     proxy_protocol: bool = False
+    reverse: tuple[str, ...] = ()  # -R specs, each kept pending by a ReverseRunner
+    reverse_max_backoff: float = 1.0
 
 
 class _Idle(asyncio.Protocol):
@@ -126,6 +128,12 @@ class WstunnelClient:
         self._pool_task: asyncio.Task[None] | None = None
         self._pool_wakeup = asyncio.Event()
         self._closing = False
+        from autovpn.tunnel.wstunnel_reverse import ReverseRunner, ReverseSpec
+
+        self.reverse = [
+            ReverseRunner(self, ReverseSpec.parse(r), settings.reverse_max_backoff)
+            for r in settings.reverse
+        ]
 
     async def __aenter__(self) -> WstunnelClient:
         self.start()
@@ -135,6 +143,8 @@ class WstunnelClient:
         await self.close()
 
     def start(self) -> None:
+        for runner in self.reverse:
+            runner.start()
         if self.settings.min_idle > 0:
             self._pool_task = asyncio.get_running_loop().create_task(
                 self._fill_pool(), name="wstunnel-pool"
@@ -142,6 +152,8 @@ class WstunnelClient:
 
     async def close(self) -> None:
         self._closing = True
+        for runner in self.reverse:
+            await runner.close()
         if self._pool_task is not None:
             self._pool_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -249,9 +261,17 @@ class WstunnelClient:
         )
 
     async def open_tunnel(
-        self, protocol: LocalProtocol, host: str, port: int
+        self,
+        protocol: LocalProtocol,
+        host: str,
+        port: int,
+        *,
+        answer_timeout: float | None = 20.0,
     ) -> tuple[WsSide, wstunnel.UpgradeAnswer]:
-        """One upgraded WebSocket for ``protocol`` to host:port (not yet relaying)."""
+        """One upgraded WebSocket for ``protocol`` to host:port (not yet relaying).
+
+        ``answer_timeout`` None waits for the 101 forever (a reverse tunnel's request is held
+        until the server's listener accepts a connection)."""
         claims = Claims(
             wstunnel.new_tunnel_id(int(time.time() * 1000), os.urandom(10)),
             protocol,
@@ -263,7 +283,7 @@ class WstunnelClient:
         transport.set_protocol(upgrade)
         transport.write(self._request(claims))
         try:
-            async with asyncio.timeout(self.settings.connect_timeout + 10.0):
+            async with asyncio.timeout(answer_timeout):
                 answer, rest = await upgrade.done
         except BaseException:
             transport.abort()
@@ -334,6 +354,8 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
         min_idle=w.min_idle,
         max_backoff=w.max_backoff,
         ping_interval=w.ping_interval,
+        reverse=w.remote_to_local,
+        reverse_max_backoff=w.reverse_max_backoff,
     )
 
 

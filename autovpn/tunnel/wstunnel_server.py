@@ -200,10 +200,11 @@ class WstunnelService:
                 on_closed=self.tunnels.discard,
             )
             cookie: str | None = None
+            early = b""
             if kind is Kind.TCP:
                 target = await self._dial(req, ws.local, peer)
             elif kind.reverse:
-                target, cookie = await self.reverse.wait(req, verdict, ws.local, self.server)
+                target, cookie, early = await self.reverse.wait(req, verdict, ws.local, self.server)
             else:
                 raise WstunnelRejected(f"{kind.value} tunnels are not served here")
             response = wstunnel.accept_upgrade(head, cookie)
@@ -235,7 +236,7 @@ class WstunnelService:
         transport.write(response)
         self.tunnels.add(ws)
         ws.start(transport, rest)
-        ws.attach_local(target)
+        ws.attach_local(target, early)
 
     async def _dial(self, req: TunnelRequest, local: LocalSide, peer: str) -> asyncio.Transport:
         """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""

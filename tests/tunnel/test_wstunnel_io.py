@@ -488,3 +488,86 @@ def test_autovpn_client_to_autovpn_server_in_the_wstunnel_protocol(certs: Certs)
             assert svc.accepted == 1
 
     run(main())
+
+
+# -- reverse tunnels (section 5.6) -------------------------------------------------------------
+
+
+def test_server_reverse_tcp_holds_the_request_until_a_connection_and_idles_out() -> None:
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        bind = free_port()
+        async with autovpn_server(reverse_idle_timeout=0.5) as (server, svc):
+            claims = {"id": "r", "p": "ReverseTcp", "r": "127.0.0.1", "rp": bind}
+            jwt = peer.make_jwt(claims)
+            # two clients wait on the same listener (several waiting clients)
+            waits = [
+                asyncio.create_task(
+                    peer.client_connect(server.port, peer.upgrade_request("x", jwt))
+                )
+                for _ in range(2)
+            ]
+            await wait_until(lambda: len(svc.reverse.listeners) == 1)
+            await asyncio.sleep(0.1)
+            assert not any(w.done() for w in waits)  # held unanswered
+            r1, w1 = await asyncio.open_connection("127.0.0.1", bind)
+            w1.write(b"first")
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            answer = done.pop().result()
+            assert answer.status == 101
+            f = await peer.read_frame(answer.reader)
+            assert f.payload == b"first"
+            answer.writer.write(peer.frame(peer.BINARY, b"back"))
+            assert await r1.readexactly(4) == b"back"
+            r2, w2 = await asyncio.open_connection("127.0.0.1", bind)  # the second waiter
+            other = [w for w in waits if not w.done() or w.result() is not answer]
+            second = await other[0]
+            assert second.status == 101
+            for a in (answer, second):
+                a.writer.close()
+            w1.close()
+            w2.close()
+            # nobody waits any more: the listener closes after the idle timeout
+            await wait_until(lambda: not svc.reverse.listeners)
+            try:
+                _, w3 = await asyncio.open_connection("127.0.0.1", bind)
+            except OSError:
+                pass
+            else:
+                w3.close()
+                raise AssertionError("the idle reverse listener is still open")
+
+    run(main())
+
+
+def test_autovpn_client_reverse_tcp_and_socks5_through_autovpn_server() -> None:
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        tcp_bind, socks_bind = free_port(), free_port()
+        async with autovpn_server() as (server, _), tcp_server(echo_handler) as echo:
+            settings = WstunnelClientSettings(
+                ServerURL(False, "127.0.0.1", server.port),
+                reverse=(f"tcp://{tcp_bind}:127.0.0.1:{echo}", f"socks5://127.0.0.1:{socks_bind}"),
+            )
+            async with WstunnelClient(settings) as client:
+                for _ in range(2):  # the client re-arms after each connection
+                    for _attempt in range(100):
+                        try:
+                            reader, writer = await asyncio.open_connection("127.0.0.1", tcp_bind)
+                            break
+                        except OSError:
+                            await asyncio.sleep(0.05)
+                    else:
+                        raise AssertionError("reverse listener never opened")
+                    writer.write(b"reverse!")
+                    assert await reader.readexactly(8) == b"reverse!"
+                    writer.close()
+                reader, writer = await socks_open(socks_bind, "127.0.0.1", echo)
+                writer.write(b"dynamic")
+                assert await reader.readexactly(7) == b"dynamic"
+                writer.close()
+                assert client.reverse[0].served == 2 and client.reverse[1].served == 1
+
+    run(main())
