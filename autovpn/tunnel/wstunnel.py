@@ -706,3 +706,53 @@ class WstunnelClientOptions:
     sni_disable: bool = False
     remote_to_local: tuple[str, ...] = ()  # -R specs
     reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff
+
+
+# -- whole frames, for UDP (one datagram per frame, section 3.2) ---------------------------------
+
+#: A UDP tunnel's frames carry one datagram each: at most 64 KiB, plus the header.
+MAX_DATAGRAM_FRAME: Final = 65536 + 14
+
+
+def frame_size(buffer: bytes | bytearray | memoryview) -> int | None:
+    """Total size of the frame starting ``buffer`` (header included), None if unknown yet."""
+    if len(buffer) < 2:
+        return None
+    n = buffer[1] & 0x7F
+    size = 2
+    if n == 126:
+        if len(buffer) < 4:
+            return None
+        n = int.from_bytes(buffer[2:4], "big")
+        size = 4
+    elif n == 127:
+        if len(buffer) < 10:
+            return None
+        n = int.from_bytes(buffer[2:10], "big")
+        size = 10
+    return size + (4 if buffer[1] & 0x80 else 0) + n
+
+
+@dataclass(slots=True)
+class FrameSplitter:
+    """Cuts a byte stream into whole frames, so each data frame's payload is one datagram."""
+
+    limit: int = MAX_DATAGRAM_FRAME
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        while True:
+            size = frame_size(self._buffer)
+            if size is None:
+                if len(self._buffer) > 14:  # pragma: no cover - a header is at most 14 bytes
+                    raise RemoteProtocolError("unparseable frame header")
+                break
+            if size > self.limit:
+                raise LimitExceeded(f"frame of {size} bytes on a UDP tunnel (limit {self.limit})")
+            if len(self._buffer) < size:
+                break
+            frames.append(bytes(self._buffer[:size]))
+            del self._buffer[:size]
+        return frames

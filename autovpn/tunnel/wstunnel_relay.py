@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from autovpn.errors import RemoteProtocolError
-from autovpn.tunnel.wstunnel import Session, SessionState
+from autovpn.tunnel.wstunnel import FrameSplitter, Session, SessionState
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
 
@@ -243,3 +243,64 @@ class LocalSide(asyncio.BufferedProtocol):
             self.ws.abort()
         else:
             self.ws.local_eof()
+
+
+class UdpWsSide(WsSide):
+    """The WebSocket side of a UDP tunnel: each data frame is one datagram, both ways."""
+
+    def __init__(self, session: Session, **kwargs: Any) -> None:
+        super().__init__(session, **kwargs)
+        self._splitter = FrameSplitter()
+        self.udp: asyncio.DatagramTransport | None = None
+        self.datagram_protocol = _UdpLocal(self)
+
+    def _receive(self, data: bytes | memoryview) -> None:
+        self.bytes_in += len(data)
+        try:
+            for frame in self._splitter.feed(data):
+                pieces = self.session.receive(frame)
+                if pieces and self.udp is not None and not self.udp.is_closing():
+                    self.udp.sendto(b"".join(bytes(p) for p in pieces))
+        except RemoteProtocolError as exc:
+            log.info("wstunnel %s: protocol error: %s", self.peer, exc)
+            self.session.close(1002)
+            self._flush()
+            self.abort()
+            return
+        self._flush()
+        if self.session.state is SessionState.CLOSED:
+            self.finish()
+
+    def attach_datagram(self, transport: asyncio.DatagramTransport) -> None:
+        self.udp = transport
+        held, self._held = self._held, b""
+        if held:
+            self._receive(held)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.udp is not None:
+            self.udp.close()
+
+    def finish(self) -> None:
+        super().finish()
+        if self.udp is not None:
+            self.udp.close()
+
+    def abort(self) -> None:
+        super().abort()
+        if self.udp is not None:
+            self.udp.abort()
+
+
+class _UdpLocal(asyncio.DatagramProtocol):
+    def __init__(self, ws: UdpWsSide) -> None:
+        self.ws = ws
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.ws.send_data(data)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("wstunnel %s: UDP error %s", self.ws.peer, exc)

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.tunnel import wstunnel
 from autovpn.tunnel.handshake import HttpHead
+from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.restrictions import Restrictions
 from autovpn.tunnel.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
-from autovpn.tunnel.wstunnel_relay import LocalSide, WsSide
+from autovpn.tunnel.wstunnel_relay import LocalSide, UdpWsSide, WsSide
 
 if TYPE_CHECKING:
     from autovpn.tunnel.server import TunnelServer
@@ -182,6 +183,7 @@ class WstunnelService:
         pending: _Pending,
     ) -> None:
         target: asyncio.Transport | None = None
+        udp: asyncio.DatagramTransport | None = None
         try:
             req = wstunnel.check_request(head, client_cn=_client_cn(transport))
             verdict = self.restrictions.check(
@@ -193,7 +195,7 @@ class WstunnelService:
                     f"{req.claims.host}:{req.claims.port} for prefix {req.path_prefix!r}"
                 )
             kind = req.claims.protocol.kind
-            ws = WsSide(
+            ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
                 peer=peer,
@@ -203,6 +205,9 @@ class WstunnelService:
             early = b""
             if kind is Kind.TCP:
                 target = await self._dial(req, ws.local, peer)
+            elif kind is Kind.UDP:
+                assert isinstance(ws, UdpWsSide)
+                udp = await self._dial_udp(req, ws, peer)
             elif kind.reverse:
                 target, cookie, early = await self.reverse.wait(req, verdict, ws.local, self.server)
             else:
@@ -213,6 +218,8 @@ class WstunnelService:
             log.info("wstunnel peer %s refused: %s", peer, exc)
             if target is not None:
                 target.close()
+            if udp is not None:
+                udp.close()
             if not transport.is_closing():
                 transport.write(exc.reply or wstunnel.INVALID_REQUEST)
                 transport.close()
@@ -220,10 +227,15 @@ class WstunnelService:
         except asyncio.CancelledError:
             if target is not None:
                 target.abort()
+            if udp is not None:
+                udp.close()
             transport.abort()
             raise
         if pending.lost or transport.is_closing():
-            target.close()
+            if target is not None:
+                target.close()
+            if udp is not None:
+                udp.close()
             return
         self.accepted += 1
         log.info(
@@ -236,22 +248,31 @@ class WstunnelService:
         transport.write(response)
         self.tunnels.add(ws)
         ws.start(transport, rest)
-        ws.attach_local(target, early)
+        if isinstance(ws, UdpWsSide) and udp is not None:
+            ws.attach_datagram(udp)
+        elif target is not None:
+            ws.attach_local(target, early)
+
+    async def _dial_udp(
+        self, req: TunnelRequest, ws: UdpWsSide, peer: str
+    ) -> asyncio.DatagramTransport:
+        """A connected UDP socket to ``r:rp`` (no idle timeout on this side, as wstunnel)."""
+        loop = asyncio.get_running_loop()
+        host, port = req.host, req.claims.port
+        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer, True)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: ws.datagram_protocol, remote_addr=(addresses[0], port)
+            )
+        except OSError as exc:
+            raise WstunnelRejected(f"cannot open UDP to {host}:{port}: {exc}") from None
+        return transport
 
     async def _dial(self, req: TunnelRequest, local: LocalSide, peer: str) -> asyncio.Transport:
         """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port
-        policy = self.server.settings.policy
-        try:
-            addresses = await _resolve(host, port)
-        except OSError as exc:
-            raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
-        if not policy.host_allowed(host, port):
-            addresses = [a for a in addresses if policy.address_allowed(a, port)]
-            if not addresses:
-                log.warning("policy refused %s:%d for wstunnel peer %s", host, port, peer)
-                raise WstunnelRejected(f"destination {host}:{port} not allowed by policy")
+        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer)
         last: BaseException | None = None
         for address in addresses:
             try:
@@ -269,6 +290,21 @@ class WstunnelService:
         raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
 
 
+async def _allowed_addresses(
+    policy: DestinationPolicy, host: str, port: int, peer: str, udp: bool = False
+) -> list[str]:
+    try:
+        addresses = await _resolve(host, port, udp)
+    except OSError as exc:
+        raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
+    if not policy.host_allowed(host, port):
+        addresses = [a for a in addresses if policy.address_allowed(a, port)]
+        if not addresses:
+            log.warning("policy refused %s:%d for wstunnel peer %s", host, port, peer)
+            raise WstunnelRejected(f"destination {host}:{port} not allowed by policy")
+    return addresses
+
+
 def _peer_address(peer: str, forwarded: str | None) -> tuple[str, int] | None:
     host, _, port = peer.rpartition(":")
     if forwarded is not None:
@@ -280,14 +316,17 @@ def _peer_address(peer: str, forwarded: str | None) -> tuple[str, int] | None:
     return host, int(port) if port.isdecimal() else 0
 
 
-async def _resolve(host: str, port: int) -> list[str]:
+async def _resolve(host: str, port: int, udp: bool = False) -> list[str]:
     try:
         ipaddress.ip_address(host)
         return [host]
     except ValueError:
         pass
     infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        host,
+        port,
+        type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+        proto=socket.IPPROTO_UDP if udp else socket.IPPROTO_TCP,
     )
     seen: list[str] = []
     for info in infos:

@@ -569,3 +569,24 @@ def test_fuzz_parse_host(text: str) -> None:
     except ValueError:
         return
     assert host and "/" not in host
+
+
+def test_3_2_frame_splitter_cuts_whole_frames_for_udp() -> None:
+    wire = encode_frame(Opcode.BINARY, b"a" * 300) + encode_frame(Opcode.PING, b"") + b"\x82"
+    splitter = wstunnel.FrameSplitter()
+    frames = splitter.feed(wire[:5]) + splitter.feed(wire[5:])
+    assert frames == [encode_frame(Opcode.BINARY, b"a" * 300), encode_frame(Opcode.PING, b"")]
+    with pytest.raises(RemoteProtocolError):
+        wstunnel.FrameSplitter().feed(Session(client=False).data_header(1 << 20))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=70000), max_size=4), st.integers(1, 5000))
+def test_fuzz_frame_splitter_keeps_boundaries(payloads: list[bytes], step: int) -> None:
+    wire = b"".join(encode_frame(Opcode.BINARY, p, b"\x01\x02\x03\x04") for p in payloads)
+    splitter = wstunnel.FrameSplitter(limit=1 << 20)
+    frames: list[bytes] = []
+    for i in range(0, len(wire), step):
+        frames += splitter.feed(wire[i : i + step])
+    session = Session(client=False)
+    assert [b"".join(bytes(x) for x in session.receive(f)) for f in frames] == payloads

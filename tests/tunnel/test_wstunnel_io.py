@@ -12,6 +12,7 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
@@ -569,5 +570,45 @@ def test_autovpn_client_reverse_tcp_and_socks5_through_autovpn_server() -> None:
                 assert await reader.readexactly(7) == b"dynamic"
                 writer.close()
                 assert client.reverse[0].served == 2 and client.reverse[1].served == 1
+
+    run(main())
+
+
+def test_server_udp_tunnel_one_datagram_per_frame_both_ways() -> None:
+    """wstunnel -L 'udp://51820:127.0.0.1:PORT?timeout_sec=0' (the WireGuard set-up)."""
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.DatagramTransport, transport)
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.transport.sendto(b"echo:" + data, addr)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        port = echo.get_extra_info("sockname")[1]
+        try:
+            async with autovpn_server() as (server, _):
+                claims = {"id": "u", "p": {"Udp": {"timeout": None}}, "r": "127.0.0.1", "rp": port}
+                answer = await peer.client_connect(
+                    server.port, peer.upgrade_request("x", peer.make_jwt(claims))
+                )
+                assert answer.status == 101
+                sizes = [1, 100, 1420, 60000]
+                # several datagrams in one write: boundaries come from the frames alone
+                answer.writer.write(
+                    b"".join(peer.frame(peer.BINARY, bytes([n % 251]) * n) for n in sizes)
+                )
+                got: list[bytes] = []
+                async with asyncio.timeout(5):
+                    while len(got) < len(sizes):
+                        f = await peer.read_frame(answer.reader)
+                        assert f.opcode == peer.BINARY
+                        got.append(f.payload)
+                assert sorted(got, key=len) == [b"echo:" + bytes([n % 251]) * n for n in sizes]
+                answer.writer.close()
+        finally:
+            echo.close()
 
     run(main())
