@@ -285,6 +285,13 @@ class Config:
     control: str | None = DEFAULT_CONTROL
 
 
+def parse_mode(value: object, key: str = "mode") -> Mode:
+    choices = ", ".join(m.value for m in Mode)
+    if not isinstance(value, str) or value not in {m.value for m in Mode}:
+        raise ConfigError(key, f"{value!r} is not a mode: use one of {choices}")
+    return Mode(value)
+
+
 def read_secret(path: Path, key: str) -> bytes:
     try:
         secret = path.expanduser().read_bytes().strip()
@@ -368,7 +375,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
         return p if p.is_absolute() else base / p
 
     if "mode" in data:
-        cfg.mode = c.take("mode", lambda: Mode(_expect(data["mode"], str, "mode"))) or cfg.mode
+        cfg.mode = c.take("mode", parse_mode, data["mode"]) or cfg.mode
     if "log_level" in data:
         level = data["log_level"]
         if level not in ("debug", "info", "warning", "error"):

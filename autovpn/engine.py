@@ -92,6 +92,7 @@ class Engine:
         self.forwards: list[ForwardListener | StdioForward] = []
         self.listeners: list[ProxyListener] = []
         self.udp_relays: list[UdpRelay] = []
+        self._dialers: list[Dialer] = []
         self._stopped = asyncio.Event()
 
     async def __aenter__(self) -> Engine:
@@ -224,6 +225,7 @@ class Engine:
                 )
             self.resolver.opener = tunnel_opener(self.tunnel)
             dialer = Dialer(self.router, self.tunnel, resolver=self.resolver, scores=self.scores)
+            self._dialers.append(dialer)
             for spec in client.listen:
                 if spec.scheme == "udp":
                     relay = _make_udp_relay(spec, self.tunnel)
@@ -250,6 +252,7 @@ class Engine:
         self.wstunnel = WstunnelClient(client_settings(client))
         self.wstunnel.start()
         dialer = Dialer(self.router, self.wstunnel, resolver=self.resolver, scores=self.scores)
+        self._dialers.append(dialer)
         for spec in client.listen:
             if spec.scheme in FORWARD_LISTENER_SCHEMES:
                 await self._start_forward(spec, self.wstunnel)
@@ -293,6 +296,9 @@ class Engine:
         for listener in reversed(self.listeners):
             await listener.close()
         self.listeners.clear()
+        for dialer in self._dialers:
+            dialer.close()
+        self._dialers.clear()
         if self.tunnel is not None:
             await self.tunnel.close()
             self.tunnel = None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from autovpn.errors import ResetReason, StreamError
 from autovpn.net import reset_reason_for
-from autovpn.proxy.relay import Pipe, link
+from autovpn.proxy.relay import Pipe, abort_all, link
 from autovpn.routing.router import Action, Decision, Router
 from autovpn.routing.rules import normalize_host, parse_ip
 from autovpn.routing.scoring import ScoreBook, interleave_families
@@ -76,6 +76,7 @@ class Dialer:
         self.scores = scores
         self.attempt_delay = attempt_delay
         self.counts = {Action.DIRECT: 0, Action.PROXY: 0, Action.REJECT: 0}
+        self.pipes: set[Pipe] = set()  # live DIRECT relays, ended by ``close``
 
     async def connect(
         self, host: str, port: int, early: bytes = b"", *, client: str = "", via: str = ""
@@ -94,9 +95,13 @@ class Dialer:
             return await self.tunnel.open_upstream(host, port, early), decision
         return await self._direct(host, port, early), decision
 
+    def close(self) -> None:
+        """End the DIRECT relays (tunnelled streams end with their tunnel)."""
+        abort_all(self.pipes)
+
     async def _direct(self, host: str, port: int, early: bytes) -> Upstream:
         loop = asyncio.get_running_loop()
-        local, remote = Pipe(), Pipe()
+        local, remote = Pipe(), Pipe(self.pipes)
         link(local, remote)
         remote.early = early
         literal = parse_ip(normalize_host(host)) is not None

@@ -177,7 +177,8 @@ class _Socks5Handshake(HandshakeBase):
             request = self._parser.receive_data(data)
         except socks5.Socks5Error as exc:
             self._done = True
-            self.fail(exc.reply, f"SOCKS5 error: {exc}")
+            # A pipelined greeting + bad auth: the method selection precedes the error reply.
+            self.fail(self._parser.data_to_send() + exc.reply, f"SOCKS5 error: {exc}")
             return
         out = self._parser.data_to_send()
         if out:

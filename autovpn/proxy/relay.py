@@ -18,14 +18,18 @@ _READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 class Pipe(asyncio.BufferedProtocol):
     """One side of a direct relay.  Create both, then ``link`` them."""
 
-    __slots__ = ("transport", "peer", "eof", "closed", "early")
+    __slots__ = ("transport", "peer", "eof", "closed", "early", "registry")
 
-    def __init__(self) -> None:
+    def __init__(self, registry: set[Pipe] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.peer: Pipe | None = None
         self.eof = False
         self.closed = False
         self.early = b""
+        #: The set of live pipes this one belongs to (so an engine can close them all).
+        self.registry = registry
+        if registry is not None:
+            registry.add(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.attach(cast(asyncio.Transport, transport))
@@ -42,6 +46,8 @@ class Pipe(asyncio.BufferedProtocol):
             transport.close()
         elif peer is not None and peer.eof and transport.can_write_eof():
             transport.write_eof()
+        if peer is not None and peer.transport is not None and not peer.closed:
+            peer.transport.resume_reading()  # paused while we were not attached (bounded)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_BUFFER
@@ -53,6 +59,8 @@ class Pipe(asyncio.BufferedProtocol):
                 peer.transport.write(bytes(_READ_BUFFER[:nbytes]))
             else:  # read before the listener attached its socket: it gets this first
                 peer.early += _READ_BUFFER[:nbytes]
+                if len(peer.early) >= len(_READ_BUFFER) and self.transport is not None:
+                    self.transport.pause_reading()  # bounded: resumed by the peer's attach
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -75,12 +83,22 @@ class Pipe(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.registry is not None:
+            self.registry.discard(self)
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
             if exc is not None:
                 peer.transport.abort()
             else:
                 peer.transport.close()
+
+
+def abort_all(pipes: set[Pipe]) -> None:
+    """Abort every pipe of ``pipes`` (their peers follow): an engine that stops ends them."""
+    for pipe in list(pipes):
+        if pipe.transport is not None and not pipe.closed:
+            pipe.transport.abort()
+    pipes.clear()
 
 
 def link(a: Pipe, b: Pipe) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import (
     Certs,
     echo_handler,
     engine,
+    engine_config,
     free_port,
     run,
     socks_open,
@@ -324,5 +325,39 @@ def test_taken_port_is_a_clear_bind_error() -> None:
             message = str(info.value)
             assert f"127.0.0.1:{port}" in message and "another program" in message
             assert "\n" not in message
+
+    run(main())
+
+
+def test_pipelined_greeting_and_bad_auth_get_both_replies(certs: Certs) -> None:
+    async def main() -> None:
+        async with engine(certs, users=(("alice", "s3cret"),)) as eng:
+            reader, writer = await asyncio.open_connection("127.0.0.1", socks_port(eng))
+            writer.write(b"\x05\x01\x02" + b"\x01\x05alice\x05wrong")
+            async with asyncio.timeout(10):
+                answer = await reader.read()
+            assert answer == b"\x05\x02\x01\x01"  # method selection, then the RFC 1929 failure
+            writer.close()
+
+    run(main())
+
+
+def test_engine_close_ends_direct_relays(certs: Certs) -> None:
+    async def main() -> None:
+        async with tcp_server(echo_handler) as echo:
+            eng = Engine(engine_config(certs, mode=Mode.DIRECT))
+            await eng.start()
+            try:
+                reader, writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+                writer.write(b"x")
+                assert await reader.readexactly(1) == b"x"
+            finally:
+                await eng.close()
+            async with asyncio.timeout(5):
+                try:
+                    assert await reader.read() == b""
+                except ConnectionError:
+                    pass
+            writer.close()
 
     run(main())
