@@ -39,7 +39,7 @@ from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.server import ServerSettings, TunnelServer
-from autovpn.tunnel.tls import client_context, make_self_signed, server_context, write_private
+from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
 from autovpn.tunnel.wstunnel_client import WstunnelClient
 from autovpn.tunnel.wstunnel_forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.tunnel.wstunnel_server import WstunnelService
@@ -400,19 +400,16 @@ def _make_listener(spec: ListenSpec, dialer: Dialer, allow_open: bool) -> ProxyL
 
 
 def embedded_config(state: Path, *, socks_port: int = 1080, http_port: int = 8080) -> Config:
-    """The out-of-the-box set-up: a loopback tunnel server and a client pinned to its
-    self-signed certificate, with SOCKS5 on 1080 and HTTP on 8080.
+    """The out-of-the-box set-up: a loopback tunnel server and a client that trusts only the
+    private CA made for it on first run, with SOCKS5 on 1080 and HTTP on 8080.
 
     The embedded server runs on the user's own machine, so its destination policy allows
     everything the user could reach anyway (loopback included); a real server keeps the default.
     """
-    cert, key, secret_path = (
-        state / "embedded-cert.pem",
-        state / "embedded-key.pem",
-        state / "embedded-secret",
-    )
-    if not (cert.is_file() and key.is_file()):
-        make_self_signed(cert, key, ["localhost", "127.0.0.1", "::1"])
+    tls_dir, secret_path = state / "embedded-tls", state / "embedded-secret"
+    ca, cert, key = tls_dir / "ca.pem", tls_dir / "server.pem", tls_dir / "server.key"
+    if not (ca.is_file() and cert.is_file() and key.is_file()):
+        make_private_ca(tls_dir, ["localhost", "127.0.0.1", "::1"], days=3650)
     if not secret_path.is_file():
         write_private(secret_path, secrets.token_urlsafe(32).encode())
     secret = secret_path.read_bytes().strip()
@@ -426,7 +423,7 @@ def embedded_config(state: Path, *, socks_port: int = 1080, http_port: int = 808
     client = ClientConfig(
         server=ServerURL(True, "127.0.0.1", 0),
         secret=secret,
-        tls_ca=cert,
+        tls_ca=ca,
         listen=[
             ListenSpec("socks5", "127.0.0.1", socks_port),
             ListenSpec("http", "127.0.0.1", http_port),

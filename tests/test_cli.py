@@ -149,7 +149,7 @@ def test_no_arguments_runs_the_embedded_default(tmp_path: Path) -> None:
             assert code in (0, 130), rest
             assert "Traceback" not in rest
         state = Path(env["XDG_STATE_HOME"]) / "autovpn"
-        assert (state / "embedded-cert.pem").is_file()
+        assert (state / "embedded-tls" / "ca.pem").is_file()
 
     run(main())
 

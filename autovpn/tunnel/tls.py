@@ -1,4 +1,4 @@
-"""TLS contexts for the tunnel, and the self-signed certificate of the embedded default.
+"""TLS contexts for the tunnel, and the private CA of ``autovpn cert`` and the embedded default.
 
 Verification is on by default.  ``insecure=True`` turns off both the chain and the host name
 check and says so in the log: it protects against nothing but a passive eavesdropper.
@@ -64,63 +64,6 @@ def client_context(
             raise ConfigError("tls-certificate", f"cannot load {certificate}: {exc}") from exc
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
-
-
-def make_self_signed(cert_path: Path, key_path: Path, names: list[str]) -> None:
-    """Write a self-signed EC P-256 certificate for ``names`` (DNS names or IP addresses).
-
-    The certificate is its own CA (basicConstraints CA:TRUE), so a client can pin it by
-    loading it as its only trust anchor.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_private(key_path, key_bytes)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from autovpn.engine import embedded_config
 from autovpn.errors import ConfigError
-from autovpn.tunnel.tls import client_context, make_self_signed, server_context
+from autovpn.tunnel.tls import client_context, make_private_ca, server_context
 from tests.conftest import run
 
 
@@ -64,15 +65,20 @@ def test_cli_cert_makes_a_ca_that_verifies_its_server(tmp_path: Path) -> None:
         run(_handshake(server, client_context(), "vpn.test.example"))
 
 
-def test_self_signed_certificate_pins_itself(tmp_path: Path) -> None:
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    make_self_signed(cert, key, ["localhost", "127.0.0.1"])
-    run(_handshake(server_context(cert, key), client_context(cert), "127.0.0.1"))
+def test_embedded_default_trusts_only_its_own_ca(tmp_path: Path) -> None:
+    cfg = embedded_config(tmp_path)
+    assert cfg.client is not None and cfg.server is not None
+    assert cfg.client.tls_ca is not None and not cfg.client.insecure
+    assert cfg.server.tls_certificate is not None and cfg.server.tls_private_key is not None
+    server = server_context(cfg.server.tls_certificate, cfg.server.tls_private_key)
+    run(_handshake(server, client_context(cfg.client.tls_ca), "127.0.0.1"))
+    again = embedded_config(tmp_path)  # made once, then reused
+    assert again.client is not None and again.client.tls_ca == cfg.client.tls_ca
+    assert cfg.client.tls_ca.read_bytes() == again.client.tls_ca.read_bytes()
 
 
 def test_insecure_skips_verification(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    make_self_signed(cert, key, ["localhost"])
+    _, cert, key = make_private_ca(tmp_path, ["localhost"])
     run(_handshake(server_context(cert, key), client_context(insecure=True), "anything"))
     assert "NOT verified" in caplog.text
 
