@@ -141,6 +141,8 @@ def _routing_parsers(sub: Any) -> None:
     r.add_argument("--json", action="store_true")
     pac = sub.add_parser("pac", parents=[control], help="print a PAC file")
     pac.add_argument("--mode", choices=[m.value for m in Mode])
+    st = sub.add_parser("status", parents=[control], help="the running engine's state and counters")
+    st.add_argument("--json", action="store_true")
     v = sub.add_parser("resolve", parents=[control], help="batch-resolve the routing lists")
     v.add_argument("--list", choices=["proxy", "direct", "all"], default="proxy")
     v.add_argument("--concurrency", type=int, default=None, help="names in flight (50)")
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                 for error in errors:
                     print(f"{args.config}: {error.key}: {error.reason}", file=sys.stderr)
                 return 2
+        if args.command == "status":
+            return run(_status_command(args, cfg))
         if args.command in ("mode", "route", "pac", "resolve"):
             return run(_routing_command(args, cfg))
         if args.command == "client":
@@ -413,6 +417,55 @@ async def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
         _print_route(explained, args.json)
         return 0
     return await _resolve_command(args, cfg, urls)
+
+
+async def _status_command(args: argparse.Namespace, cfg: Config) -> int:
+    urls = _control_urls(args, cfg)
+    reply = await _ask(urls, "GET", "/status")
+    if reply is None or reply.status != 200:
+        print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
+        return 1
+    data = reply.json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(
+        f"autovpn {data.get('version')}  mode {data.get('mode')}  (default {data.get('default')})"
+    )
+    for lst in data.get("listeners", []):
+        print(f"  {lst['kind']:<6} proxy  {lst['host']}:{lst['port']}")
+    tunnel = data.get("tunnel")
+    if tunnel:
+        state = "up" if tunnel["up"] else f"DOWN ({tunnel.get('last_error') or 'connecting'})"
+        print(
+            f"  tunnel -> {tunnel['server']}: {state}, {tunnel['connects']} connects, "
+            f"{tunnel['datagrams_dropped']} datagrams dropped"
+        )
+        for i, conn in enumerate(tunnel.get("connections", [])):
+            rtt = "?" if conn["rtt_ms"] is None else f"{conn['rtt_ms']} ms"
+            print(
+                f"    connection {i}: {conn['streams']} streams, rtt {rtt}, "
+                f"{conn['bytes_in']:,} B in, {conn['bytes_out']:,} B out"
+            )
+    server = data.get("server")
+    if server:
+        print(
+            f"  server: {server['connections']} tunnel connections, "
+            f"{server['streams_open']} streams open, {server['streams_opened']} opened, "
+            f"{server['streams_failed']} failed, {server['upgrades_refused']} upgrades refused"
+        )
+    conns = data.get("connections") or {}
+    routed = conns.get("routed", {})
+    print(
+        f"  connections: {conns.get('accepted', 0)} accepted, {conns.get('failed', 0)} failed; "
+        + ", ".join(f"{k} {v}" for k, v in routed.items())
+    )
+    for relay in data.get("udp_relays", []):
+        print(
+            f"  udp relay {relay['listen']} -> {relay['target']}: {relay['received']} in, "
+            f"{relay['replies']} back, {relay['dropped']} dropped"
+        )
+    return 0
 
 
 def _local_pac(cfg: Config, mode: Mode) -> int:

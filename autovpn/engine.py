@@ -173,9 +173,24 @@ class Engine:
                 {"kind": lst.kind.value, "host": lst.host, "port": lst.bound_port}
                 for lst in self.listeners
             ],
-            "tunnel": None
-            if self.tunnel is None
-            else {"server": str(self.tunnel.settings.server), "up": self.tunnel.up},
+            "tunnel": None if self.tunnel is None else self._tunnel_stats(),
+            "server": None if self.server is None else self._server_stats(),
+            "connections": {
+                "accepted": sum(lst.accepted for lst in self.listeners),
+                "failed": sum(lst.failed for lst in self.listeners),
+                "routed": {
+                    action.value: sum(d.counts[action] for d in self._dialers) for action in Action
+                },
+                "direct_open": sum(len(d.pipes) for d in self._dialers),
+            },
+            "udp_relays": [
+                {
+                    "listen": f"{u.host}:{u.bound_port}",
+                    "target": f"{u.target[0]}:{u.target[1]}",
+                    **dataclasses.asdict(u.stats),
+                }
+                for u in self.udp_relays
+            ],
             "control": self.api.url if self.api is not None else None,
             "rules": {
                 "user": len(r.user_rules),
@@ -190,6 +205,38 @@ class Engine:
                 "queries": dict(self.resolver.queries),
             },
             "scored_addresses": len(self.scores.stats),
+        }
+
+    def _tunnel_stats(self) -> dict[str, object]:
+        assert self.tunnel is not None
+        t = self.tunnel
+        return {
+            "server": str(t.settings.server),
+            "up": t.up,
+            "connects": t.connects,
+            "last_error": t.last_error or None,
+            "datagrams_dropped": t.datagrams_dropped,
+            "connections": [
+                {
+                    "streams": len(c.streams),
+                    "rtt_ms": None if c.rtt is None else round(c.rtt * 1000, 2),
+                    "bytes_in": c.bytes_in,
+                    "bytes_out": c.bytes_out,
+                }
+                for c in t.connections
+            ],
+        }
+
+    def _server_stats(self) -> dict[str, object]:
+        assert self.server is not None
+        srv = self.server
+        return {
+            "connections": len(srv.connections),
+            "streams_open": sum(len(c.streams) for c in srv.connections),
+            "streams_opened": srv.streams_opened,
+            "streams_failed": srv.streams_failed,
+            "upgrades_refused": srv.refused,
+            "udp": None if srv.udp is None else dataclasses.asdict(srv.udp.stats),
         }
 
     async def start(self) -> None:

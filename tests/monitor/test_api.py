@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -212,5 +213,40 @@ def test_a_client_leaving_a_streamed_resolve_does_not_break_the_engine(certs: Ce
             await writer.wait_closed()
             r = await request(url(eng), "GET", "/status")
             assert r.status == 200 and r.json()["mode"] == "smart"
+
+    run(main())
+
+
+def test_status_counts_traffic_and_the_cli_prints_it(certs: Certs) -> None:
+    from tests.conftest import echo_handler, socks_open, tcp_server
+
+    async def main() -> None:
+        async with api_engine(certs) as eng, tcp_server(echo_handler) as echo:
+            eng.set_mode(Mode.GLOBAL)
+            reader, writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+            writer.write(b"x" * 1000)
+            await reader.readexactly(1000)
+            st = (await request(url(eng), "GET", "/status")).json()
+            assert st["tunnel"]["up"] and st["tunnel"]["connects"] == 1
+            (conn,) = st["tunnel"]["connections"]
+            assert conn["streams"] == 1 and conn["bytes_out"] > 1000 and conn["bytes_in"] > 1000
+            assert st["server"]["streams_opened"] == 1 and st["server"]["streams_open"] == 1
+            assert st["connections"]["routed"]["proxy"] == 1
+            writer.close()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "autovpn",
+                "status",
+                "--control",
+                url(eng),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err
+            text = out.decode()
+            assert "mode global" in text and "tunnel -> wss://127.0.0.1" in text
+            assert "1 opened" in text and "proxy 1" in text
 
     run(main())
