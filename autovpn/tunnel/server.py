@@ -86,6 +86,13 @@ class _ServerHandshake(asyncio.Protocol):
             if parsed is None:
                 return
             head, rest = parsed
+            if head.start_line == "PRI * HTTP/2.0":
+                # An HTTP/2 preface (h2c prior knowledge, or ALPN h2): only an alternative
+                # protocol (wstunnel's HTTP/2 transport) can serve it.
+                for alternative in self._server.alternatives:
+                    if alternative(head, self.transport, rest, self._peer):
+                        self._cancel_timer()
+                        return
             _, path = handshake.request_target(head)
             if path != handshake.tunnel_path(self._server.settings.path_prefix):
                 for alternative in self._server.alternatives:

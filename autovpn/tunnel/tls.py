@@ -34,7 +34,8 @@ def server_context(
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls-client-ca-certs", f"cannot load {client_ca}: {exc}") from exc
         ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["http/1.1"])
+    # h2 for wstunnel's HTTP/2 transport (https:// clients); our own clients ask for http/1.1.
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     return ctx
 
 

@@ -21,10 +21,10 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.tunnel import wstunnel
@@ -32,7 +32,8 @@ from autovpn.tunnel.handshake import HttpHead
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.restrictions import Restrictions
 from autovpn.tunnel.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
-from autovpn.tunnel.wstunnel_relay import LocalSide, UdpWsSide, WsSide
+from autovpn.tunnel.wstunnel_h2 import PREFACE_LINE, H2Tunnels
+from autovpn.tunnel.wstunnel_relay import UdpWsSide, WsSide
 
 if TYPE_CHECKING:
     from autovpn.tunnel.server import TunnelServer
@@ -84,6 +85,7 @@ class WstunnelService:
         self.server = server
         self.options = options or WstunnelServerOptions()
         self.tunnels: set[WsSide] = set()
+        self.h2_connections: set[H2Tunnels] = set()
         self.accepted = 0
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,6 +103,11 @@ class WstunnelService:
 
         self.reverse = ReverseListeners(self.options.reverse_idle_timeout)
 
+    def spawn_h2(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="wstunnel-h2-stream")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def install(self) -> WstunnelService:
         self.server.alternatives.append(self.offer)
         return self
@@ -114,6 +121,8 @@ class WstunnelService:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for ws in list(self.tunnels):
             ws.abort()
+        for conn in list(self.h2_connections):
+            conn.abort()
         await self.reverse.close()
 
     # -- restrictions ------------------------------------------------------------------------
@@ -151,6 +160,11 @@ class WstunnelService:
 
     def offer(self, head: HttpHead, transport: asyncio.Transport, rest: bytes, peer: str) -> bool:
         """``TunnelServer.alternatives`` hook: take wstunnel-looking requests over."""
+        if head.start_line == PREFACE_LINE:  # HTTP/2: h2c prior knowledge or ALPN h2
+            conn = H2Tunnels(self, peer, _client_cn(transport))
+            self.h2_connections.add(conn)
+            conn.start(transport, PREFACE_LINE.encode() + b"\r\n\r\n" + rest)
+            return True
         target = head.start_line.split(" ")
         path = target[1].split("?", 1)[0] if len(target) > 1 else ""
         # A wstunnel client always asks for /<prefix>/events and sends its JWT; other
@@ -268,7 +282,9 @@ class WstunnelService:
             raise WstunnelRejected(f"cannot open UDP to {host}:{port}: {exc}") from None
         return transport
 
-    async def _dial(self, req: TunnelRequest, local: LocalSide, peer: str) -> asyncio.Transport:
+    async def _dial(
+        self, req: TunnelRequest, local: asyncio.BaseProtocol, peer: str
+    ) -> asyncio.Transport:
         """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port

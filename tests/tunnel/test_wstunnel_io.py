@@ -612,3 +612,35 @@ def test_server_udp_tunnel_one_datagram_per_frame_both_ways() -> None:
             echo.close()
 
     run(main())
+
+
+def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
+    async def main() -> None:
+        for tls in (False, True):
+            async with (
+                autovpn_server(certs if tls else None) as (server, svc),
+                tcp_server(echo_handler) as echo,
+            ):
+                ctx = None
+                if tls:
+                    ctx = peer_tls(certs)
+                    ctx.set_alpn_protocols(["h2"])
+                jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", echo))
+                t = await peer.H2Tunnel.open(server.port, jwt, ssl_context=ctx)
+                assert t.status == 200
+                assert t.headers.get("content-type") == "application/json"
+                payload = os.urandom(200_000)  # past the 64 KiB initial window
+                async with asyncio.timeout(10):
+                    await t.send(payload)
+                    assert await t.receive(len(payload)) == payload
+                await t.end()
+                t.close()
+                bad = peer.make_jwt(peer.tcp_claims("127.0.0.1", 1))
+                t = await peer.H2Tunnel.open(server.port, bad, ssl_context=ctx)
+                assert t.status == 400
+                async with asyncio.timeout(5):
+                    assert await t.receive(15) == b"Invalid request"
+                t.close()
+                assert svc.accepted == 1 and svc.refused == 1
+
+    run(main())

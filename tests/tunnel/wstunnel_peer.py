@@ -390,3 +390,102 @@ class PeerServer:
             writer.close()
             self._writers.discard(writer)
             self._tasks.discard(task)
+
+
+# -- the HTTP/2 transport (section 4), client side, with the h2 package ------------------------
+
+
+class H2Tunnel:
+    """A wstunnel HTTP/2 client stream: POST /<prefix>/events, cookie: <JWT>."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h2.config
+        import h2.connection
+
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        )
+        self.stream_id = 1
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+        self.ended = False
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        jwt: str,
+        *,
+        prefix: str = "v1",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> H2Tunnel:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ssl_context, server_hostname="localhost" if ssl_context else None
+        )
+        t = cls(reader, writer)
+        t.conn.initiate_connection()
+        t.conn.send_headers(
+            t.stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "https" if ssl_context else "http"),
+                (":authority", f"127.0.0.1:{port}"),
+                (":path", f"/{prefix}/events"),
+                ("cookie", jwt),
+                ("content-type", "application/json"),
+            ],
+        )
+        writer.write(t.conn.data_to_send())
+        while not t.status:
+            await t._read()
+        return t
+
+    async def _read(self) -> None:
+        import h2.events
+
+        data = await self.reader.read(1 << 16)
+        if not data:
+            self.ended = True
+            return
+        for event in self.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.headers = {str(k): str(v) for k, v in event.headers}
+                self.status = int(self.headers[":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                self.body += event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                self.ended = True
+        self.writer.write(self.conn.data_to_send())
+
+    async def send(self, data: bytes) -> None:
+        """Send within the server's flow-control window, reading its updates as needed."""
+        view = memoryview(data)
+        while view:
+            window = min(
+                self.conn.local_flow_control_window(self.stream_id),
+                self.conn.max_outbound_frame_size,
+            )
+            if window <= 0:
+                await self._read()
+                continue
+            self.conn.send_data(self.stream_id, bytes(view[:window]))
+            self.writer.write(self.conn.data_to_send())
+            view = view[window:]
+
+    async def receive(self, n: int) -> bytes:
+        while len(self.body) < n and not self.ended:
+            await self._read()
+        out = bytes(self.body[:n])
+        del self.body[:n]
+        return out
+
+    async def end(self) -> None:
+        self.conn.end_stream(self.stream_id)
+        self.writer.write(self.conn.data_to_send())
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
