@@ -26,6 +26,8 @@ PURE = [
     "autovpn/routing/router.py",
     "autovpn/routing/dns_cache.py",
     "autovpn/routing/scoring.py",
+    "autovpn/tunnel/wstunnel.py",
+    "autovpn/tunnel/restrictions.py",
 ]
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]
 
