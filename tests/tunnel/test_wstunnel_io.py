@@ -644,3 +644,32 @@ def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
                 assert svc.accepted == 1 and svc.refused == 1
 
     run(main())
+
+
+def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> None:
+    import time
+
+    from autovpn.errors import StreamError
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        port = free_port()  # nothing listens yet
+        settings = WstunnelClientSettings(ServerURL(False, "127.0.0.1", port), max_backoff=1.0)
+        async with WstunnelClient(settings) as client:
+            started = time.monotonic()
+            try:
+                await client.open_upstream("127.0.0.1", 9)
+            except StreamError:
+                pass
+            else:
+                raise AssertionError("opened a tunnel to nowhere")
+            assert 0.5 < time.monotonic() - started < 3.0
+            assert client.failures >= 3  # retried, not given up at once
+            # once a server is up, the same client opens tunnels again
+            async with tcp_server(echo_handler) as echo, autovpn_server() as (server, _):
+                client.settings.server = ServerURL(False, "127.0.0.1", server.port)
+                upstream = await client.open_upstream("127.0.0.1", echo)
+                assert client.opened == 1
+                upstream.ws.abort()
+
+    run(main())
