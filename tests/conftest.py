@@ -29,9 +29,19 @@ T = TypeVar("T")
 SECRET = b"test-secret-0123456789"
 
 
+#: A test coroutine that runs longer is cancelled.  pytest-timeout's signal cannot interrupt
+#: uvloop's C run loop, so a hung await would otherwise stall the whole suite.
+TEST_TIMEOUT = 90.0
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a test coroutine on the engine's event loop (uvloop when installed)."""
-    return run_on_loop(coro)
+
+    async def bounded() -> T:
+        async with asyncio.timeout(TEST_TIMEOUT):
+            return await coro
+
+    return run_on_loop(bounded())
 
 
 @dataclass(frozen=True)
