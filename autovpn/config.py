@@ -38,6 +38,7 @@ from autovpn.errors import ConfigError
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.router import Action, ListSpec, Mode, Router
 from autovpn.tunnel.client import ServerURL
+from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseSpec
 from autovpn.tunnel.wstunnel import WstunnelClientOptions
 from autovpn.tunnel.wstunnel_server import WstunnelServerOptions
 
@@ -70,6 +71,18 @@ def _split_endpoints(text: str, key: str, original: str) -> list[str]:
         raise ConfigError(key, f"{original!r}: unbalanced '['")
     parts.append(current)
     return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+
+
+def parse_reverse(text: str, key: str = "-R") -> ReverseSpec:
+    """A native ``-R tcp://[BIND:]PORT:HOST:PORT`` (BIND is on the server, IP literal)."""
+    spec = ListenSpec.parse(text, key)
+    if spec.scheme != "tcp" or spec.target_host is None or spec.target_port is None:
+        raise ConfigError(
+            key,
+            f"{text!r}: the native protocol reverses tcp://[BIND:]PORT:HOST:PORT"
+            " (socks5/unix reverse tunnels need --protocol wstunnel)",
+        )
+    return ReverseSpec(spec.host, spec.port, spec.target_host, spec.target_port)
 
 
 def _port(text: str, key: str, original: str) -> int:
@@ -194,6 +207,8 @@ class ClientConfig:
     #: "autovpn" (our mux) or "wstunnel" (a stock wstunnel v10 server; no secret needed)
     protocol: str = "autovpn"
     wstunnel: WstunnelClientOptions = field(default_factory=WstunnelClientOptions)
+    #: Native reverse tunnels (-R tcp://[BIND:]PORT:HOST:PORT): listen on the server.
+    reverse: list[ReverseSpec] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -207,6 +222,8 @@ class ServerConfig:
     allow_all: bool = False  # the embedded server: the user's own machine, no SSRF boundary
     tls_client_ca_certs: Path | None = None  # mTLS: clients must present a certificate
     wstunnel: WstunnelServerOptions = field(default_factory=WstunnelServerOptions)
+    #: Addresses native reverse tunnels may bind on this server (default: loopback only).
+    reverse_binds: list[str] = field(default_factory=lambda: list(DEFAULT_REVERSE_BINDS))
 
 
 @dataclass(slots=True)

@@ -252,7 +252,18 @@ class Engine:
         if cfg.server is not None:
             self.server = TunnelServer(_server_settings(cfg.server))
             await self.server.start()
-            self.wstunnel_service = WstunnelService(self.server, cfg.server.wstunnel).install()
+            options = cfg.server.wstunnel
+            if options.enabled:
+                self.wstunnel_service = WstunnelService(self.server, options).install()
+                if not (
+                    options.restrict_to or options.restrict_path_prefixes or options.restrict_config
+                ):
+                    log.warning(
+                        "serving stock wstunnel clients too: their protocol authenticates "
+                        "nobody, so anyone who reaches this port may open tunnels (under the "
+                        "destination policy; reverse ones on loopback only). Narrow it with "
+                        "--restrict-to/--restrict-config, or turn it off with --no-wstunnel"
+                    )
         client = cfg.client
         if client is not None and client.protocol == "wstunnel":
             await self._start_wstunnel_client(client)
@@ -415,6 +426,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         ssl_context=ctx,
         path_prefix=sc.path_prefix,
         policy=DestinationPolicy(sc.allow, block_private=not sc.allow_all),
+        reverse_binds=tuple(sc.reverse_binds),
     )
 
 
@@ -430,6 +442,7 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         pool_size=cc.pool_size,
         keepalive_interval=cc.keepalive_interval,
         keepalive_timeout=cc.keepalive_timeout,
+        reverse=tuple(cc.reverse),
     )
 
 

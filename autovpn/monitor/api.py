@@ -328,6 +328,9 @@ class ControlAPI:
                 return
             self._send(writer, HTTPStatus.OK, pac.text, PAC_TYPE, cache, head_only=method == "HEAD")
             return
+        # Everything but the PAC files is for local programs (the CLI), never for web pages:
+        # a page may send simple cross-site POSTs here (CSRF) or reach us by DNS rebinding.
+        _refuse_browsers(headers)
         if path == "/status":
             self._require(method, "GET")
             self._send_json(writer, HTTPStatus.OK, self.engine.status())
@@ -502,3 +505,16 @@ async def stream_lines(url: str, method: str, path: str, on_line: Callable[[Any]
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+def _refuse_browsers(headers: dict[str, str]) -> None:
+    """403 unless the request names a loopback host and carries no browser origin."""
+    host = headers.get("host", "").strip().lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+    if name not in ("localhost", "127.0.0.1", "::1") and not name.startswith("127."):
+        raise _HttpError(HTTPStatus.FORBIDDEN, "the control API answers loopback names only")
+    if headers.get("origin") not in (None, "null") or headers.get("sec-fetch-site") in (
+        "cross-site",
+        "same-site",
+    ):
+        raise _HttpError(HTTPStatus.FORBIDDEN, "the control API is not for web pages")

@@ -45,6 +45,51 @@ class _DirectUpstream:
         transport.resume_reading()
 
 
+class _ClosedTransport(asyncio.Transport):
+    """Stands for a client socket that went away before its upstream could be attached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def is_closing(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def discard(upstream: Upstream) -> None:
+    """End an upstream that was connected for a client that is gone (no leak on either side:
+    a tunnel stream is reset, a direct connection closed)."""
+    closed = _ClosedTransport()
+    upstream.attach(closed)
+    if closed.protocol is not None:
+        closed.protocol.connection_lost(None)
+
+
 class TunnelOpener(Protocol):
     """What the dialer needs of a tunnel: our mux client, or the wstunnel-protocol client."""
 

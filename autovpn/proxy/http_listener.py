@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from autovpn.errors import RemoteProtocolError, StreamError
+from autovpn.errors import RemoteProtocolError
 from autovpn.proxy import http_proxy
 from autovpn.proxy.http_forward import HttpForwarder, authorization_problem, error_response
 from autovpn.proxy.listener import HandshakeBase, ProxyListener
@@ -57,19 +57,12 @@ class HttpHandshake(HandshakeBase):
 
     async def _connect(self, head: http_proxy.HttpRequestHead) -> None:
         assert self.transport is not None
-        try:
-            upstream, _ = await self.listener.dialer.connect(
-                head.host,
-                head.port,
-                self._parser.trailing_data,
-                client=self.peer,
-                via="http",
-            )
-        except StreamError as exc:
-            self.fail(error_response(exc.reason.http_status), f"{head.host}:{head.port}: {exc}")
-            return
-        self.stop_timer()
-        if self.transport.is_closing():
-            return
-        self.transport.write(http_proxy.CONNECTION_ESTABLISHED)
-        upstream.attach(self.transport)
+        upstream = await self.dial(
+            head.host,
+            head.port,
+            self._parser.trailing_data,
+            lambda reason: error_response(reason.http_status),
+        )
+        if upstream is not None:
+            self.transport.write(http_proxy.CONNECTION_ESTABLISHED)
+            upstream.attach(self.transport)

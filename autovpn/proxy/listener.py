@@ -15,10 +15,10 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from autovpn.errors import BindError, ConfigError, StreamError
+from autovpn.errors import BindError, ConfigError, ResetReason, StreamError
 from autovpn.proxy import socks5
 from autovpn.proxy.auth import Credentials
-from autovpn.proxy.dialer import Dialer
+from autovpn.proxy.dialer import Dialer, Upstream, discard
 from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation, UdpRelayStats
 
 log = logging.getLogger("autovpn.proxy")
@@ -162,6 +162,35 @@ class HandshakeBase(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_timer()
 
+    async def dial(
+        self, host: str, port: int, early: bytes, failure: Callable[[ResetReason], bytes]
+    ) -> Upstream | None:
+        """Route and connect for this client; on failure answer ``failure(reason)`` and return
+        None.  An upstream whose client left meanwhile is discarded, never leaked."""
+        assert self.transport is not None
+        try:
+            upstream, _ = await self.listener.dialer.connect(
+                host, port, early, client=self.peer, via=self.listener.kind.value
+            )
+        except StreamError as exc:
+            self.fail(failure(exc.reason), f"{host}:{port}: {exc}")
+            return None
+        except Exception:  # a bug must not leave the client waiting for the timeout
+            log.exception(
+                "%s client %s: dialling %s:%d failed",
+                self.listener.kind.value,
+                self.peer,
+                host,
+                port,
+            )
+            self.fail(failure(ResetReason.GENERAL_FAILURE), f"{host}:{port}: internal error")
+            return None
+        self.stop_timer()
+        if self.transport.is_closing():
+            discard(upstream)
+            return None
+        return upstream
+
 
 class _Socks5Handshake(HandshakeBase):
     def __init__(self, listener: ProxyListener) -> None:
@@ -200,25 +229,15 @@ class _Socks5Handshake(HandshakeBase):
                 f"command {request.command.name} not supported",
             )
             return
-        try:
-            upstream, _ = await self.listener.dialer.connect(
-                request.host,
-                request.port,
-                self._parser.trailing_data,
-                client=self.peer,
-                via="socks5",
-            )
-        except StreamError as exc:
-            self.fail(
-                socks5.encode_reply(exc.reason.socks5_reply),
-                f"{request.host}:{request.port}: {exc}",
-            )
-            return
-        self.stop_timer()
-        if self.transport.is_closing():
-            return
-        self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED))
-        upstream.attach(self.transport)
+        upstream = await self.dial(
+            request.host,
+            request.port,
+            self._parser.trailing_data,
+            lambda reason: socks5.encode_reply(reason.socks5_reply),
+        )
+        if upstream is not None:
+            self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED))
+            upstream.attach(self.transport)
 
     async def _associate(self, request: socks5.Socks5Request) -> None:
         """UDP ASSOCIATE (RFC 1928 section 7): a relay socket for this client, alive as long

@@ -22,12 +22,14 @@ from urllib.parse import urlsplit
 from autovpn.errors import (
     ConfigError,
     RemoteProtocolError,
+    ResetReason,
     StreamError,
     TunnelUnavailable,
 )
 from autovpn.tunnel import frames, handshake
 from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.frames import StreamKind
+from autovpn.tunnel.reverse import ReverseClient, ReverseSpec
 
 log = logging.getLogger("autovpn.tunnel.client")
 
@@ -76,6 +78,7 @@ class ClientSettings:
     keepalive_timeout: float = 45.0
     max_backoff: float = 5.0
     extra_headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    reverse: tuple[ReverseSpec, ...] = ()  # -R: listeners to ask the server for
 
 
 class _ClientHandshake(asyncio.Protocol):
@@ -170,6 +173,9 @@ class TunnelClient:
         self._flow_conn: dict[int, MuxConnection] = {}
         self._next_flow = 1
         self.datagrams_dropped = 0
+        self.reverse = (
+            ReverseClient(settings.reverse, settings.connect_timeout) if settings.reverse else None
+        )
 
     async def __aenter__(self) -> TunnelClient:
         self.start()
@@ -240,6 +246,7 @@ class TunnelClient:
             keepalive_timeout=s.keepalive_timeout,
             on_lost=self._lost,
             on_datagram=self._on_datagram,
+            on_open=self.reverse.on_open if self.reverse is not None else None,
             peer=str(s.server),
         )
         transport.set_protocol(mux)
@@ -277,6 +284,8 @@ class TunnelClient:
             self.failures = 0
             log.info("tunnel connection to %s is up", self.settings.server)
             self.connections.append(mux)
+            if self.reverse is not None:
+                self.reverse.register_on(mux)
             self._changed.set()
             try:
                 await asyncio.shield(mux.lost)  # cancelling us must not cancel it
@@ -376,19 +385,20 @@ class TunnelClient:
         conn = await self._pick()
         ep = StreamEndpoint(conn)
         ep.opened = asyncio.get_running_loop().create_future()
-        conn.open_stream(ep, host, port, early, kind)
+        # Early data beyond what OPEN may carry waits for OPEN_OK like any read past credit.
+        early, ep.unsent = early[: frames.MAX_EARLY_DATA], early[frames.MAX_EARLY_DATA :]
+        try:
+            conn.open_stream(ep, host, port, early, kind)
+        except ValueError as exc:  # a name that cannot be encoded (over 255 bytes as IDNA)
+            raise StreamError(ResetReason.HOST_UNREACHABLE, str(exc)) from None
         try:
             async with asyncio.timeout(self.settings.open_timeout):
                 await ep.opened
         except TimeoutError:
-            from autovpn.errors import ResetReason
-
             ep.on_reset(ResetReason.TIMED_OUT, "no answer from the tunnel server", False)
             conn.reset_stream(ep.sid, ResetReason.CANCELLED, "open timed out")
             raise StreamError(ResetReason.TIMED_OUT, "tunnel server did not answer") from None
         except asyncio.CancelledError:
-            from autovpn.errors import ResetReason
-
             if not ep.done:
                 ep.done = True
                 conn.reset_stream(ep.sid, ResetReason.CANCELLED, "cancelled")

@@ -106,6 +106,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._ping_sent_at: float | None = None
         self.transport: asyncio.Transport | None = None
         self.lost = self._loop.create_future()
+        self._tasks: set[asyncio.Task[None]] = set()  # work for this connection's streams
 
     # -- asyncio protocol -------------------------------------------------------------------
 
@@ -132,7 +133,19 @@ class MuxConnection(asyncio.BufferedProtocol):
             for opcode, payload in self._ws.feed(data):
                 if opcode == Opcode.BINARY:
                     for frame in self._mux.feed(payload):
-                        self._dispatch(*frame)
+                        try:
+                            self._dispatch(*frame)
+                        except RemoteProtocolError:
+                            raise
+                        except Exception:
+                            # A bug around one stream (a hook, a socket in a bad state) must
+                            # not take the connection and every other stream down with it.
+                            log.exception(
+                                "tunnel %s: error handling a frame for stream %d",
+                                self.peer,
+                                frame[2],
+                            )
+                            self._drop_stream(frame[2])
                 elif opcode == Opcode.PING:
                     self._write_raw(Opcode.PONG, bytes(payload))
                 elif opcode == Opcode.CLOSE:
@@ -150,6 +163,8 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for task in self._tasks:
+            task.cancel()
         if self._keepalive_handle is not None:
             self._keepalive_handle.cancel()
         if self._flush_handle is not None:
@@ -349,18 +364,30 @@ class MuxConnection(asyncio.BufferedProtocol):
         early: bytes = b"",
         kind: frames.StreamKind = frames.StreamKind.TCP,
     ) -> None:
+        """Open a stream to host:port for ``ep``.  Raises ValueError for a target or early data
+        that cannot be encoded (nothing is registered then)."""
         sid = self._next_id
+        payload = frames.encode_open(self.window, kind, host, port, early)  # may raise
         self._next_id += 2
         if self._next_id >= 1 << 32:
             self.draining = True  # ids exhausted: new streams go to a new connection
         ep.sid = sid
         ep.send_credit = -len(early)  # OPEN_OK grants the window minus what early data used
         self.streams[sid] = ep
-        self.send_frame(
-            frames.frame(
-                FrameType.OPEN, sid, frames.encode_open(self.window, kind, host, port, early)
-            )
-        )
+        self.send_frame(frames.frame(FrameType.OPEN, sid, payload))
+
+    def _drop_stream(self, sid: int) -> None:
+        ep = self.streams.pop(sid, None)
+        if sid:
+            self.reset_stream(sid, ResetReason.GENERAL_FAILURE, "internal error")
+        if ep is not None and ep.transport is not None:
+            ep.done = True
+            ep.transport.abort()
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Own ``task`` (say, dialling for a stream): it is cancelled if the connection dies."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def block(self, ep: StreamEndpoint) -> None:
         self._blocked.add(ep)
@@ -480,6 +507,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         if self.held:
             transport.writelines(self.held)
             self.held = None
+            self._grant()  # those bytes have left us: the peer may need the credit back
         if self.done:
             transport.abort()
             return
@@ -551,9 +579,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def on_data(self, piece: bytes | memoryview) -> None:
         n = len(piece)
         self.recv_budget -= n
-        if self.recv_budget < 0:
-            self.on_reset(ResetReason.PROTOCOL_ERROR, "peer overran the stream window", False)
-            self.conn.reset_stream(self.sid, ResetReason.PROTOCOL_ERROR, "window overrun")
+        if self.recv_budget < 0 or self.fin_in:
+            why = "DATA after FIN" if self.fin_in else "peer overran the stream window"
+            self.on_reset(ResetReason.PROTOCOL_ERROR, why, False)
+            self.conn.reset_stream(self.sid, ResetReason.PROTOCOL_ERROR, why)
             return
         self.recv_unacked += n
         if self.transport is not None:
@@ -585,10 +614,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.update_reading()
 
     def on_open_ok(self, window: int) -> None:
-        self.send_credit += window
+        # The window works like a first WINDOW: bytes read before it (``unsent``) go now.
+        self.on_window(window)
         if self.opened is not None and not self.opened.done():
             self.opened.set_result(None)
-        self.update_reading()
 
     def on_fin(self) -> None:
         self.fin_in = True

@@ -59,6 +59,7 @@ class FrameType(enum.IntEnum):
 class StreamKind(enum.IntEnum):
     TCP = 1
     UDP = 2
+    REVERSE_TCP = 3  # a reverse tunnel's control stream, or a stream on its listener
 
 
 FLAG_ACK: Final = 0x01

@@ -100,6 +100,16 @@ def _is_number(text: str) -> bool:
     return 0 < len(text) <= 20 and text.isascii() and text.isdecimal()
 
 
+def _valid_ws_key(key: str) -> bool:
+    """RFC 6455 section 4.1: the base64 of 16 bytes (24 ASCII characters)."""
+    if len(key) != 24 or not key.isascii():
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
 def accept_key(key: str) -> str:
     digest = hashlib.sha1((key + WS_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
@@ -257,7 +267,7 @@ def accept_request(
         or head.get("upgrade").lower() != "websocket"
         or "upgrade" not in head.get("connection").lower()
         or head.get("sec-websocket-version") != "13"
-        or not head.get("sec-websocket-key")
+        or not _valid_ws_key(head.get("sec-websocket-key"))
     ):
         raise HandshakeError(
             "not a WebSocket upgrade", 400, reply=plain_response(400, "Bad Request")

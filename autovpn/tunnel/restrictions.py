@@ -174,9 +174,13 @@ class Restrictions:
 
     @classmethod
     def allow_all(cls) -> Restrictions:
-        return cls(
-            (Restriction("Allow All", (Matcher("Any"),), (AllowTunnel(), AllowReverseTunnel())),)
-        )
+        """No restriction configured.  wstunnel then allows everything; we keep forward
+        tunnels (still under our destination policy) but let reverse tunnels bind only on the
+        server's loopback and never create unix sockets: the wstunnel protocol authenticates
+        nobody, and an open reverse tunnel would let anyone listen on the server."""
+        loopback = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+        reverse = AllowReverseTunnel(cidrs=loopback, unix_path=_MATCH_NOTHING)
+        return cls((Restriction("Allow All", (Matcher("Any"),), (AllowTunnel(), reverse)),))
 
     @classmethod
     def from_flags(

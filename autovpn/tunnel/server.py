@@ -32,6 +32,7 @@ from autovpn.tunnel import handshake
 from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.frames import StreamKind
 from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners, open_ok
 from autovpn.tunnel.udp_server import UdpFlows
 
 log = logging.getLogger("autovpn.tunnel.server")
@@ -52,6 +53,8 @@ class ServerSettings:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     udp_idle_timeout: float = 180.0
+    #: Addresses native reverse tunnels (-R) may bind on the server: loopback unless opened.
+    reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -155,6 +158,7 @@ class TunnelServer:
         self._dials: set[asyncio.Task[None]] = set()
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
         self.udp: UdpFlows | None = None
+        self.reverse = ReverseListeners(settings.reverse_binds)
         #: Other protocols served on the same port (wstunnel): each is offered every request
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
@@ -248,6 +252,9 @@ class TunnelServer:
         port: int,
         early: bytes,
     ) -> None:
+        if kind == StreamKind.REVERSE_TCP:
+            self.reverse.open_control(conn, sid, host, port)
+            return
         if kind != StreamKind.TCP:
             conn.reset_stream(sid, ResetReason.PROTOCOL_ERROR, "stream kind not supported")
             return
@@ -255,7 +262,7 @@ class TunnelServer:
         ep.early = early
         ep.recv_unacked = len(early)  # early data counts against our window like DATA
         ep.recv_budget -= len(early)
-        ep.on_connect = _send_open_ok
+        ep.on_connect = open_ok
         conn.streams[sid] = ep
         task = asyncio.get_running_loop().create_task(
             self._dial(ep, host, port), name=f"dial-{host}:{port}"
@@ -332,17 +339,3 @@ class _Refused(Exception):
     def __init__(self, reason: ResetReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-def _send_open_ok(ep: StreamEndpoint) -> None:
-    """The target socket is connected: tell the client, before any target byte is relayed."""
-    from autovpn.tunnel import frames
-
-    if ep.done:  # the client gave up while we were dialling
-        if ep.transport is not None:
-            ep.transport.close()
-        return
-    ep.conn.send_frame(
-        frames.frame(frames.FrameType.OPEN_OK, ep.sid, frames.U32.pack(ep.conn.window))
-    )
-    ep.on_connect = None

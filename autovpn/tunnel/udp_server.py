@@ -31,6 +31,9 @@ MAX_TARGETS_PER_FLOW = 64
 MAX_FLOWS_PER_CONNECTION = 4096
 #: Datagrams kept per target while its socket opens (bounded: at most ~16 MiB of 64 KiB ones).
 PENDING_WHILE_RESOLVING = 256
+#: Bytes held for all targets still opening, server-wide: a client sending to many slow names
+#: gets its datagrams dropped past this, not buffered.
+MAX_PENDING_BYTES = 8 << 20
 #: Seconds a target that could not be opened (policy, DNS) stays failed before a retry.
 RETRY_FAILED_TARGET = 2.0
 
@@ -107,6 +110,7 @@ class UdpFlows:
         self._sessions: dict[tuple[MuxConnection, int], _Session] = {}
         self._per_conn: dict[MuxConnection, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_bytes = 0  # datagrams held while their targets open, all sessions
         self._sweeper: asyncio.TimerHandle | None = None
 
     def on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:
@@ -145,8 +149,13 @@ class UdpFlows:
             task.add_done_callback(self._tasks.discard)
         if target.transport is not None:
             target.transport.sendto(data)
-        elif target.pending is not None and len(target.pending) < PENDING_WHILE_RESOLVING:
+        elif (
+            target.pending is not None
+            and len(target.pending) < PENDING_WHILE_RESOLVING
+            and self._pending_bytes + len(data) <= MAX_PENDING_BYTES
+        ):
             target.pending.append(data)
+            self._pending_bytes += len(data)
         else:
             self.stats.dropped += 1
 
@@ -167,15 +176,17 @@ class UdpFlows:
             await self.loop.create_datagram_endpoint(
                 lambda: target, remote_addr=(addresses[0], port)
             )
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a name getaddrinfo cannot encode
             log.info("UDP target %s:%d unavailable: %s", host, port, exc)
             self.stats.dropped += len(target.pending or ())
+            self._pending_bytes -= sum(len(d) for d in target.pending or ())
             target.pending = None
             # Forget the target after a pause, so a later datagram tries again (a DNS failure
             # may pass); until then its datagrams are dropped rather than each retrying.
             self.loop.call_later(RETRY_FAILED_TARGET, self._forget_target, target)
             return
         pending, target.pending = target.pending or [], None
+        self._pending_bytes -= sum(len(d) for d in pending)
         if target.session.targets.get((host, port)) is not target:  # session closed meanwhile
             if target.transport is not None:
                 target.transport.close()
@@ -228,4 +239,5 @@ class UdpFlows:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+        self._pending_bytes = 0
         self._per_conn.clear()

@@ -178,6 +178,11 @@ def add_server_arguments(s: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
     )
     g.add_argument("--restrict-config", type=Path, metavar="restrictions.yaml")
+    g.add_argument(
+        "--no-wstunnel",
+        action="store_true",
+        help="do not serve stock wstunnel clients (their protocol authenticates nobody)",
+    )
     g.add_argument("--tls-client-ca-certs", type=Path)
     g.add_argument("--websocket-ping-frequency", "--websocket-ping-frequency-sec", type=_duration)
     g.add_argument("--websocket-mask-frame", action="store_true", help="accepted; see docs")
@@ -190,6 +195,8 @@ def add_server_arguments(s: argparse.ArgumentParser) -> None:
 
 def apply_server_arguments(args: argparse.Namespace, sc: ServerConfig) -> None:
     w = sc.wstunnel
+    if args.no_wstunnel:
+        w.enabled = False
     prefixes = list(args.restrict_path_prefix)
     env = os.environ.get("WSTUNNEL_RESTRICT_HTTP_UPGRADE_PATH_PREFIX")
     if not prefixes and env:

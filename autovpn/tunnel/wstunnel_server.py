@@ -45,6 +45,8 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 class WstunnelServerOptions:
     """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
 
+    #: Serve stock wstunnel clients on the tunnel port (``--no-wstunnel`` turns it off).
+    enabled: bool = True
     restrict_to: tuple[str, ...] = ()
     restrict_path_prefixes: tuple[str, ...] = ()
     restrict_config: Path | None = None

@@ -206,7 +206,9 @@ def test_a_client_leaving_a_streamed_resolve_does_not_break_the_engine(certs: Ce
         ):
             assert eng.api is not None
             reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
-            writer.write(b"POST /resolve?list=proxy&concurrency=5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(
+                b"POST /resolve?list=proxy&concurrency=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
             await reader.readuntil(b"\r\n\r\n")
             assert json.loads(await reader.readline())["total"] >= 290
             writer.close()  # leave early
@@ -248,5 +250,27 @@ def test_status_counts_traffic_and_the_cli_prints_it(certs: Certs) -> None:
             text = out.decode()
             assert "mode global" in text and "tunnel -> wss://127.0.0.1" in text
             assert "1 opened" in text and "proxy 1" in text
+
+    run(main())
+
+
+def test_web_pages_cannot_drive_the_control_api(certs: Certs) -> None:
+    """CSRF and DNS rebinding: a browser's cross-site POST, or a request naming a foreign host,
+    is refused; the PAC files stay available to browsers."""
+
+    async def main() -> None:
+        async with api_engine(certs) as eng:
+            csrf = await request(
+                url(eng), "POST", "/mode?mode=direct", headers={"Origin": "https://evil.example"}
+            )
+            assert csrf.status == 403 and eng.mode is Mode.SMART
+            rebound = await request(url(eng), "GET", "/status", headers={"Host": "evil.example"})
+            assert rebound.status == 403
+            fetch = await request(
+                url(eng), "POST", "/mode?mode=direct", headers={"Sec-Fetch-Site": "cross-site"}
+            )
+            assert fetch.status == 403 and eng.mode is Mode.SMART
+            pac = await request(url(eng), "GET", "/proxy.pac", headers={"Origin": "null"})
+            assert pac.status == 200
 
     run(main())

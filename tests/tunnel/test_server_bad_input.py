@@ -167,3 +167,22 @@ def test_hostile_frames_close_only_that_connection(certs: Certs) -> None:
             await _still_serves(eng, echo)
 
     run(main())
+
+
+def test_no_wstunnel_leaves_only_authenticated_clients(certs: Certs) -> None:
+    async def main() -> None:
+        cfg = engine_config(certs)
+        assert cfg.server is not None
+        cfg.server.wstunnel.enabled = False
+        async with Engine(cfg) as eng:
+            reader, writer = await _raw(eng, certs)
+            writer.write(
+                b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Protocol: v1, authorization.bearer.x.y.z\r\n\r\n"
+            )
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 404")
+            writer.close()
+
+    run(main())

@@ -346,3 +346,53 @@ def test_silent_dead_tunnel_is_detected_by_keepalive(certs: Certs) -> None:
                 writer.close()
 
     run(main())
+
+
+def test_pipelined_early_data_beyond_the_open_frame_arrives_whole(certs: Certs) -> None:
+    """A client that sends its greeting, CONNECT and 100,000 bytes at once: the first 64 KiB
+    ride in OPEN, the rest follows once the stream is open."""
+
+    async def main() -> None:
+        async with engine(certs) as eng, tcp_server(echo_handler) as echo:
+            reader, writer = await asyncio.open_connection("127.0.0.1", socks_port(eng))
+            hs = socks5.Socks5ClientHandshake("127.0.0.1", echo, pipeline=True)
+            payload = os.urandom(100_000)
+            writer.write(hs.initial_bytes() + payload)
+            while hs.receive_data(await reader.readexactly(1)) is None:
+                pass
+            assert await reader.readexactly(len(payload)) == payload
+            writer.close()
+
+    run(main())
+
+
+def test_data_after_fin_resets_only_that_stream(certs: Certs) -> None:
+    from autovpn.tunnel import frames
+
+    async def main() -> None:
+        async with engine(certs) as eng, tcp_server(echo_handler) as echo:
+            a_reader, a_writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+            b_reader, b_writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+            assert eng.tunnel is not None
+            (conn,) = eng.tunnel.connections
+            sid_a = min(conn.streams)
+            # a misbehaving peer: FIN, then DATA on the same stream
+            conn.receive(_ws(frames.frame(frames.FrameType.FIN, sid_a)))
+            conn.receive(_ws(frames.data_header(sid_a, 3) + b"bad"))
+            async with asyncio.timeout(10):
+                try:
+                    await a_reader.read()
+                except ConnectionError:
+                    pass
+            b_writer.write(b"still fine")
+            assert await b_reader.readexactly(10) == b"still fine"
+            a_writer.close()
+            b_writer.close()
+
+    run(main())
+
+
+def _ws(payload: bytes) -> bytes:
+    from autovpn.tunnel.websocket import Opcode, encode_frame
+
+    return encode_frame(Opcode.BINARY, payload)

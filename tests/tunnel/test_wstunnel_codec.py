@@ -456,8 +456,12 @@ def test_5_1_flags_restrict_to_and_path_prefix() -> None:
     assert rules.check("s3cret", None, claims(Kind.TCP, "[::1]", 22), "::1")
     # --restrict-to forbids reverse tunnels
     assert not rules.check("s3cret", None, claims(Kind.REVERSE_TCP, "[::1]", 22), "::1")
+    # no restriction configured: forward tunnels anywhere (the destination policy still
+    # applies), reverse tunnels only on the server's loopback, never unix sockets
     everything = Restrictions.from_flags()
-    assert everything.check("any", None, claims(Kind.REVERSE_TCP, "0.0.0.0", 9), "0.0.0.0")
+    assert everything.check("any", None, tcp, "localhost")
+    assert everything.check("any", None, claims(Kind.REVERSE_TCP, "127.0.0.1", 9), "127.0.0.1")
+    assert not everything.check("any", None, claims(Kind.REVERSE_TCP, "0.0.0.0", 9), "0.0.0.0")
 
 
 # -- fuzzing -------------------------------------------------------------------------------------
