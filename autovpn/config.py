@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 import tomllib
@@ -71,6 +72,13 @@ def _split_endpoints(text: str, key: str, original: str) -> list[str]:
         raise ConfigError(key, f"{original!r}: unbalanced '['")
     parts.append(current)
     return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+
+
+def _cidr(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a CIDR string, got {value!r}")
+    ipaddress.ip_network(value, strict=False)  # ValueError names the problem
+    return value
 
 
 def parse_reverse(text: str, key: str = "-R") -> ReverseSpec:
@@ -369,6 +377,7 @@ _CLIENT_KEYS = {
     "allow_open",
 }
 _SERVER_KEYS = {
+    "reverse_binds",
     "listen",
     "tls_certificate",
     "tls_private_key",
@@ -545,6 +554,19 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                     for i, entry in enumerate(allow):
                         if c.take(f"server.allow[{i}]", AllowEntry.parse, str(entry)) is not None:
                             sc.allow.append(str(entry))
+            if "reverse_binds" in server:
+                binds = c.take(
+                    "server.reverse_binds",
+                    _expect,
+                    server["reverse_binds"],
+                    list,
+                    "server.reverse_binds",
+                )
+                if binds is not None:
+                    sc.reverse_binds = []
+                    for i, entry in enumerate(binds):
+                        if c.take(f"server.reverse_binds[{i}]", _cidr, entry) is not None:
+                            sc.reverse_binds.append(str(entry))
             cfg.server = sc
     if "routing" in data:
         cfg.routing = parse_routing(data["routing"], base, c.errors)

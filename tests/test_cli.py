@@ -162,7 +162,7 @@ def test_no_arguments_runs_the_embedded_default(tmp_path: Path) -> None:
 def test_server_and_client_processes(tmp_path: Path, certs: Certs) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_bytes(SECRET + b"\n")
-    server_port, socks, http = free_port(), free_port(), free_port()
+    server_port, socks, http, reverse = free_port(), free_port(), free_port(), free_port()
 
     async def main() -> None:
         with http_origin() as origin:
@@ -189,6 +189,8 @@ def test_server_and_client_processes(tmp_path: Path, certs: Certs) -> None:
                 str(secret_file),
                 "--mode",
                 "global",
+                "-R",
+                f"tcp://127.0.0.1:{reverse}:127.0.0.1:{origin.port}",
                 f"wss://127.0.0.1:{server_port}",
             ]
             async with (
@@ -199,6 +201,13 @@ def test_server_and_client_processes(tmp_path: Path, certs: Certs) -> None:
                 rc, out, err = await curl("-x", f"socks5h://127.0.0.1:{socks}", url)
                 assert (rc, out) == (0, "hello /hello"), err
                 rc, out, err = await curl("-x", f"http://alice:s3cret@127.0.0.1:{http}", url)
+                assert (rc, out) == (0, "hello /hello"), err
+                # -R: the server listens on `reverse`; connections come back to the origin
+                for _ in range(50):
+                    rc, out, err = await curl(f"http://127.0.0.1:{reverse}/hello")
+                    if rc == 0:
+                        break
+                    await asyncio.sleep(0.1)
                 assert (rc, out) == (0, "hello /hello"), err
                 for proc in (client, server):
                     code, rest = await stop(proc)

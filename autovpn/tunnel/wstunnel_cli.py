@@ -134,9 +134,11 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
         w.tls_certificate = str(args.tls_certificate)
         w.tls_private_key = str(args.tls_private_key or args.tls_certificate)
     w.sni_disable = w.sni_disable or args.tls_sni_disable
-    if args.remote_to_local:
-        if cc.protocol != "wstunnel":
-            raise ConfigError("-R", "reverse tunnels need --protocol wstunnel for now")
+    if args.remote_to_local and cc.protocol != "wstunnel":
+        from autovpn.config import parse_reverse
+
+        cc.reverse = [*cc.reverse, *(parse_reverse(spec) for spec in args.remote_to_local)]
+    elif args.remote_to_local:
         from autovpn.tunnel.wstunnel_reverse import ReverseSpec
 
         for spec in args.remote_to_local:
