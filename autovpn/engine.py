@@ -43,6 +43,7 @@ from autovpn.tunnel.tls import client_context, make_private_ca, server_context, 
 from autovpn.tunnel.wstunnel_client import WstunnelClient
 from autovpn.tunnel.wstunnel_forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.tunnel.wstunnel_server import WstunnelService
+from autovpn.tunnel.wstunnel_udp import WstunnelUdpRelay
 
 log = logging.getLogger("autovpn")
 
@@ -91,7 +92,7 @@ class Engine:
         #: Fixed forwards (-L tcp://, unix://, stdio://): always through the tunnel.
         self.forwards: list[ForwardListener | StdioForward] = []
         self.listeners: list[ProxyListener] = []
-        self.udp_relays: list[UdpRelay] = []
+        self.udp_relays: list[UdpRelay | WstunnelUdpRelay] = []
         self._dialers: list[Dialer] = []
         self._stopped = asyncio.Event()
 
@@ -266,6 +267,10 @@ class Engine:
                     )
         client = cfg.client
         if client is not None and client.protocol == "wstunnel":
+            if client.server.port == 0 and self.server is not None:  # in-process server
+                client = dataclasses.replace(
+                    client, server=dataclasses.replace(client.server, port=self.server.port)
+                )
             await self._start_wstunnel_client(client)
         elif client is not None:
             server_url = client.server
@@ -316,7 +321,17 @@ class Engine:
                 await self._start_forward(spec, self.wstunnel)
                 continue
             if spec.scheme == "udp":
-                log.warning("%s: UDP over the wstunnel protocol is not supported yet", spec)
+                assert spec.target_host is not None and spec.target_port is not None
+                wrelay = WstunnelUdpRelay(
+                    spec.host,
+                    spec.port,
+                    spec.target_host,
+                    spec.target_port,
+                    self.wstunnel,
+                    float(spec.option("timeout_sec") or 30),
+                )
+                await wrelay.start()
+                self.udp_relays.append(wrelay)
                 continue
             listener = _make_listener(spec, dialer, client.allow_open)
             await listener.start()

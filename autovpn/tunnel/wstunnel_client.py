@@ -267,6 +267,7 @@ class WstunnelClient:
         port: int,
         *,
         answer_timeout: float | None = 20.0,
+        side: type[WsSide] = WsSide,
     ) -> tuple[WsSide, wstunnel.UpgradeAnswer]:
         """One upgraded WebSocket for ``protocol`` to host:port (not yet relaying).
 
@@ -288,7 +289,7 @@ class WstunnelClient:
         except BaseException:
             transport.abort()
             raise
-        ws = WsSide(
+        ws = side(
             Session(client=True),
             ping_interval=self.settings.ping_interval,
             peer=str(self.settings.server),

@@ -299,3 +299,34 @@ def test_socks5_udp_association_ends_with_its_control_connection(certs: Certs) -
                             await asyncio.sleep(0.05)
 
     run(main())
+
+
+def test_udp_relay_in_the_wstunnel_protocol(certs: Certs) -> None:
+    """-L udp:// with --protocol wstunnel: one WebSocket per peer, one datagram per frame,
+    against autovpn's own wstunnel service (the stock wstunnel server's behaviour)."""
+
+    async def main() -> None:
+        async with udp_echo() as echo:
+            cfg = engine_config(certs)
+            assert cfg.client is not None
+            cfg.client.protocol = "wstunnel"
+            cfg.client.listen = [
+                ListenSpec.parse(f"udp://127.0.0.1:0:127.0.0.1:{echo}?timeout_sec=0")
+            ]
+            async with Engine(cfg) as eng, udp_socket() as peer, udp_socket() as other:
+                assert peer.transport is not None and other.transport is not None
+                relay = eng.udp_relays[0]
+                sent = [os.urandom(1000 + i) for i in range(30)]
+                for data in sent:
+                    peer.transport.sendto(data, ("127.0.0.1", relay.bound_port))
+                got = []
+                for _ in sent:
+                    async with asyncio.timeout(10):
+                        got.append((await peer.queue.get())[0])
+                assert sorted(got) == sorted(sent)  # whole datagrams, none merged or split
+                other.transport.sendto(b"second peer", ("127.0.0.1", relay.bound_port))
+                async with asyncio.timeout(10):
+                    assert (await other.queue.get())[0] == b"second peer"
+                assert eng.wstunnel is not None and len(eng.wstunnel.tunnels) == 2
+
+    run(main())
