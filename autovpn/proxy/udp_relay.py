@@ -43,30 +43,18 @@ class UdpRelayStats:
     foreign: int = 0  # datagrams from an address that does not own the association
 
 
-class UdpRelay(asyncio.DatagramProtocol):
-    """``udp://BIND:PORT:HOST:PORT``: each local peer address becomes one tunnel flow to
-    HOST:PORT; replies go back to that peer.  ``idle_timeout`` 0 means sessions never expire."""
+class BoundRelaySocket(asyncio.DatagramProtocol):
+    """What every fixed UDP relay shares: a local socket bound to host:port, forwarding to one
+    target, with big buffers, and its counters."""
 
-    _loop: asyncio.AbstractEventLoop  # set in connection_made, before any datagram
+    via = "through the tunnel"
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        target_host: str,
-        target_port: int,
-        tunnel: DatagramTunnel,
-        idle_timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, host: str, port: int, target_host: str, target_port: int) -> None:
         self.host = host
         self.port = port
         self.target = (target_host, target_port)
-        self.tunnel = tunnel
-        self.idle_timeout = idle_timeout
         self.stats = UdpRelayStats()
         self.transport: asyncio.DatagramTransport | None = None
-        self._sessions: dict[Address, tuple[int, float]] = {}  # peer -> (flow, last active)
-        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def bound_port(self) -> int:
@@ -84,11 +72,33 @@ class UdpRelay(asyncio.DatagramProtocol):
             ) from exc
         _enlarge_buffers(self.transport)
         log.info(
-            "udp relay on %s:%d -> %s:%d through the tunnel",
-            self.host,
-            self.bound_port,
-            *self.target,
+            "udp relay on %s:%d -> %s:%d %s", self.host, self.bound_port, *self.target, self.via
         )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+
+class UdpRelay(BoundRelaySocket):
+    """``udp://BIND:PORT:HOST:PORT``: each local peer address becomes one tunnel flow to
+    HOST:PORT; replies go back to that peer.  ``idle_timeout`` 0 means sessions never expire."""
+
+    _loop: asyncio.AbstractEventLoop  # set in connection_made, before any datagram
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        target_host: str,
+        target_port: int,
+        tunnel: DatagramTunnel,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(host, port, target_host, target_port)
+        self.tunnel = tunnel
+        self.idle_timeout = idle_timeout
+        self._sessions: dict[Address, tuple[int, float]] = {}  # peer -> (flow, last active)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -102,7 +112,7 @@ class UdpRelay(asyncio.DatagramProtocol):
             self.transport = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+        super().connection_made(transport)
         self._loop = asyncio.get_running_loop()
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
-from autovpn.errors import BindError, RemoteProtocolError, StreamError
-from autovpn.proxy.udp_relay import UdpRelayStats
+from autovpn.errors import RemoteProtocolError, StreamError
+from autovpn.proxy.udp_relay import BoundRelaySocket
 from autovpn.tunnel import wstunnel
 from autovpn.tunnel.wstunnel import Kind, LocalProtocol
 from autovpn.tunnel.wstunnel_client import WstunnelClient
@@ -50,7 +50,9 @@ class _PeerPort(asyncio.DatagramTransport):
         self.relay.forget(self.peer)
 
 
-class WstunnelUdpRelay(asyncio.DatagramProtocol):
+class WstunnelUdpRelay(BoundRelaySocket):
+    via = "(wstunnel protocol)"
+
     def __init__(
         self,
         host: str,
@@ -60,40 +62,15 @@ class WstunnelUdpRelay(asyncio.DatagramProtocol):
         client: WstunnelClient,
         idle_timeout: float = 30.0,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.target = (target_host, target_port)
+        super().__init__(host, port, target_host, target_port)
         self.client = client
         # wstunnel's timeout claim: the server closes an idle tunnel (0: never).
         self.protocol = LocalProtocol(
             Kind.UDP, timeout=wstunnel.Duration(int(idle_timeout)) if idle_timeout else None
         )
-        self.stats = UdpRelayStats()
-        self.transport: asyncio.DatagramTransport | None = None
         self._tunnels: dict[Address, UdpWsSide] = {}
         self._pending: dict[Address, list[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def bound_port(self) -> int:
-        assert self.transport is not None
-        port: int = self.transport.get_extra_info("sockname")[1]
-        return port
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.port))
-        except OSError as exc:
-            raise BindError(
-                f"udp relay cannot bind {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from exc
-        log.info(
-            "udp relay on %s:%d -> %s:%d (wstunnel protocol)",
-            self.host,
-            self.bound_port,
-            *self.target,
-        )
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -106,9 +83,6 @@ class WstunnelUdpRelay(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.close()
             self.transport = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.stats.received += 1
