@@ -495,6 +495,7 @@ def embedded_config(state: Path, *, socks_port: int = 1080, http_port: int = 808
         tls_private_key=key,
         allow_all=True,
     )
+    server.wstunnel.enabled = False  # only our own client talks to it
     client = ClientConfig(
         server=ServerURL(True, "127.0.0.1", 0),
         secret=secret,
