@@ -30,9 +30,10 @@ import ipaddress
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from autovpn.errors import ConfigError
@@ -42,6 +43,8 @@ from autovpn.tunnel.client import ServerURL
 from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseSpec
 from autovpn.tunnel.wstunnel import WstunnelClientOptions
 from autovpn.tunnel.wstunnel_server import WstunnelServerOptions
+
+T = TypeVar("T")
 
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
@@ -72,6 +75,18 @@ def _split_endpoints(text: str, key: str, original: str) -> list[str]:
         raise ConfigError(key, f"{original!r}: unbalanced '['")
     parts.append(current)
     return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
+
+
+def _rekeyed(parse: Callable[[str], T], key: str) -> Callable[[str], T]:
+    """``parse`` with its ConfigError reported under ``key`` (the config file's own key)."""
+
+    def wrapped(text: str) -> T:
+        try:
+            return parse(text)
+        except ConfigError as exc:
+            raise ConfigError(key, exc.reason) from None
+
+    return wrapped
 
 
 def _cidr(value: object) -> str:
@@ -128,6 +143,9 @@ class ListenSpec:
         if (login is None) != (password is None):
             raise ConfigError(key, f"{text!r}: give both login= and password=")
         if login is not None and password is not None:
+            if not login or not password:
+                # RFC 1929: both are 1-255 bytes; an empty pair would be no protection at all.
+                raise ConfigError(key, f"{text!r}: login= and password= must not be empty")
             users = ((login, password),)
         if scheme in ("stdio", "unix"):
             return _local_forward(scheme, address, users, query, key, text)
@@ -552,7 +570,8 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                     from autovpn.tunnel.policy import AllowEntry
 
                     for i, entry in enumerate(allow):
-                        if c.take(f"server.allow[{i}]", AllowEntry.parse, str(entry)) is not None:
+                        key = f"server.allow[{i}]"
+                        if c.take(key, _rekeyed(AllowEntry.parse, key), str(entry)) is not None:
                             sc.allow.append(str(entry))
             if "reverse_binds" in server:
                 binds = c.take(

@@ -1,0 +1,79 @@
+"""Configuration values: wstunnel-style listener specs, the TOML file, every error with its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autovpn.config import ListenSpec, load_file
+from autovpn.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("socks5://127.0.0.1:1080", ("socks5", "127.0.0.1", 1080, None, None)),
+        ("socks5://[::1]:1212", ("socks5", "::1", 1212, None, None)),
+        ("http://8080", ("http", "127.0.0.1", 8080, None, None)),
+        ("udp://127.0.0.1:51820:10.0.0.1:51820", ("udp", "127.0.0.1", 51820, "10.0.0.1", 51820)),
+        ("udp://51820:[::1]:51820", ("udp", "127.0.0.1", 51820, "::1", 51820)),
+        ("tcp://[::1]:2222:localhost:22", ("tcp", "::1", 2222, "localhost", 22)),
+    ],
+)
+def test_listen_spec_forms(text: str, expected: tuple[object, ...]) -> None:
+    spec = ListenSpec.parse(text)
+    assert (spec.scheme, spec.host, spec.port, spec.target_host, spec.target_port) == expected
+
+
+def test_listen_spec_credentials_and_options() -> None:
+    spec = ListenSpec.parse("http://127.0.0.1:8080?login=u&password=p%3Aq&timeout_sec=5")
+    assert spec.users == (("u", "p:q"),)
+    assert spec.option("timeout_sec") == "5"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("ftp://127.0.0.1:21", "scheme"),
+        ("socks5://127.0.0.1", "port"),
+        ("socks5://127.0.0.1:99999", "port"),
+        ("udp://127.0.0.1:51820", "HOST:PORT"),
+        ("udp://127.0.0.1:5:10.0.0.1:x", "port"),
+        ("socks5://127.0.0.1:1080?login=u", "both"),
+        ("socks5://127.0.0.1:1080?login=&password=", "empty"),
+        ("udp://51820:[::1:51820", "unbalanced"),
+        ("udp://1:2:3:4?timeout_sec=soon", "timeout_sec"),
+    ],
+)
+def test_listen_spec_errors_name_the_problem(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        ListenSpec.parse(text)
+
+
+def test_config_file_reports_every_error_with_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "autovpn.toml"
+    path.write_text(
+        'mode = "sideways"\n'
+        "bogus = 1\n"
+        "[client]\n"
+        'server = "https://example.invalid"\n'
+        'listen = ["socks5://127.0.0.1:1080", "nope://1"]\n'
+        "pool_size = 0\n"
+        "[server]\n"
+        'listen = "wss://127.0.0.1:8443"\n'
+        'allow = ["10.0.0.0/8", "[::1"]\n'
+    )
+    _, errors = load_file(path)
+    keys = {e.key for e in errors}
+    expected = {
+        "mode",
+        "bogus",
+        "client.server",
+        "client.listen[1]",
+        "client.pool_size",
+        "server.listen",
+        "server.allow[1]",
+    }
+    assert expected <= keys, keys
+    assert all(e.reason for e in errors)
