@@ -65,6 +65,10 @@ MAX_EARLY_HEAD = 16 * 1024
 _FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
+#: Requests that may be sent again when a reused connection dies first (RFC 9110 section 9.2.2).
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
 def _connection_options(values: list[str]) -> set[str]:
     return {t.strip(" \t").lower() for v in values for t in v.split(",") if t.strip(" \t")}
 
@@ -264,6 +268,8 @@ class HttpForwarder(asyncio.Protocol):
         self._resp_body: BodyTracker | None = None
         self._resp_started = False  # bytes of the final response went to the client
         self._origin_keeps = False
+        self._reused = False  # the current exchange runs on a reused origin connection
+        self._answered = False  # the origin has sent something for the current exchange
         self._close_after = False
         self._client_eof = False
         self._port: UpstreamPort | None = None
@@ -398,6 +404,7 @@ class HttpForwarder(asyncio.Protocol):
             port.reusable = False
             log.debug("http %s %s:%d reuses its origin connection", self.peer, *port.key)
             self._begin_exchange(framer, head_sent=False)
+            self._reused = self._port is port
             return
         self._drop_port()
         self.phase = Phase.DIALING
@@ -435,6 +442,8 @@ class HttpForwarder(asyncio.Protocol):
 
     def _prepare_exchange(self) -> None:
         self.phase = Phase.EXCHANGE
+        self._reused = False
+        self._answered = False
         self._resp_parser = http_proxy.HttpResponseHeadParser()
         self._resp_body = None
         self._resp_started = False
@@ -514,6 +523,7 @@ class HttpForwarder(asyncio.Protocol):
             else:
                 port.shutdown()
             return
+        self._answered = True
         while data:
             if self._resp_body is None:
                 data = self._response_head(data)
@@ -588,6 +598,18 @@ class HttpForwarder(asyncio.Protocol):
             return
         if self._resp_body is None:
             if self._resp_parser is not None:
+                if self._may_retry():
+                    # RFC 9112 section 9.3.1: a persistent connection the origin closed just
+                    # as we reused it; an idempotent request without a body is sent again on
+                    # a new connection instead of failing the client.
+                    assert self._request is not None
+                    log.debug("http %s: reused origin connection closed; retrying", self.peer)
+                    self._drop_port()
+                    self.phase = Phase.DIALING
+                    self.update_reading()
+                    framer = BodyFramer.for_request(self._request)
+                    self.listener.spawn(self._dial(self._request, framer), f"http-{self.peer}")
+                    return
                 self._origin_failed(error_response(502), "origin closed before its response")
             return  # else the response was complete; _send_request ends the exchange
         if error:
@@ -625,6 +647,16 @@ class HttpForwarder(asyncio.Protocol):
         self._start_timer()
         self._read_head()
         self.update_reading()
+
+    def _may_retry(self) -> bool:
+        request = self._request
+        return (
+            self._reused
+            and not self._answered
+            and request is not None
+            and request.method in IDEMPOTENT_METHODS
+            and BodyFramer.for_request(request).kind is BodyKind.NONE
+        )
 
     # -- endings -------------------------------------------------------------------------------
 

@@ -527,3 +527,40 @@ def test_upload_backpressure_stalls_the_client(certs: Certs, mode: Mode) -> None
             await finish(writer)
 
     run(main())
+
+
+def test_idempotent_request_is_retried_when_a_reused_origin_connection_dies(
+    certs: Certs,
+) -> None:
+    """RFC 9112 section 9.3.1: the origin closes a kept-alive connection just as the proxy
+    reuses it; the GET goes out again on a new connection instead of becoming a 502."""
+    connections = 0
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        served = 0
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if served == 1 and connections == 1:
+                return  # the race: the second request on the first connection dies unanswered
+            served += 1
+            path = head.split(b" ")[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+            await writer.drain()
+
+    async def main() -> None:
+        async with tcp_server(origin) as port, engine(certs) as eng:
+            reader, writer = await asyncio.open_connection("127.0.0.1", http_port(eng))
+            for path in (b"/one", b"/two"):
+                writer.write(
+                    b"GET http://127.0.0.1:%d%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
+                    % (port, path, port)
+                )
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), head
+                assert await reader.readexactly(len(path)) == path
+            writer.close()
+            assert connections == 2
+
+    run(main())
