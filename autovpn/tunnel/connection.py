@@ -657,3 +657,13 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             # An error after the stream was open: abort, so the application sees a reset
             # rather than a clean end of data it could mistake for a complete response.
             self.transport.abort()
+
+
+def open_ok(ep: StreamEndpoint) -> None:
+    """The socket for ``ep`` is connected: tell the peer, before any byte is relayed."""
+    if ep.done:  # the peer gave up while we were connecting
+        if ep.transport is not None:
+            ep.transport.close()
+        return
+    ep.conn.send_frame(frames.frame(FrameType.OPEN_OK, ep.sid, frames.U32.pack(ep.conn.window)))
+    ep.on_connect = None

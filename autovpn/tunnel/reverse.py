@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from autovpn.errors import ResetReason
 from autovpn.net import reset_reason_for
 from autovpn.tunnel import frames
-from autovpn.tunnel.connection import MuxConnection, StreamEndpoint
+from autovpn.tunnel.connection import MuxConnection, StreamEndpoint, open_ok
 
 log = logging.getLogger("autovpn.tunnel.reverse")
 
@@ -43,18 +43,6 @@ class ReverseSpec:
 
     def __str__(self) -> str:
         return f"server {self.bind_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
-
-
-def open_ok(ep: StreamEndpoint) -> None:
-    """The socket for ``ep`` is connected: tell the peer, before any byte is relayed."""
-    if ep.done:  # the peer gave up while we were connecting
-        if ep.transport is not None:
-            ep.transport.close()
-        return
-    ep.conn.send_frame(
-        frames.frame(frames.FrameType.OPEN_OK, ep.sid, frames.U32.pack(ep.conn.window))
-    )
-    ep.on_connect = None
 
 
 async def dial_into(ep: StreamEndpoint, host: str, port: int, within: float) -> None:

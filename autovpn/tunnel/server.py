@@ -29,10 +29,10 @@ from autovpn.errors import (
 )
 from autovpn.net import reset_reason_for
 from autovpn.tunnel import handshake
-from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
+from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.frames import StreamKind
 from autovpn.tunnel.policy import DestinationPolicy
-from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners, open_ok
+from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners
 from autovpn.tunnel.udp_server import UdpFlows
 
 log = logging.getLogger("autovpn.tunnel.server")
