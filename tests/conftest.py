@@ -212,3 +212,21 @@ async def eventually(condition: Callable[[], bool], within: float = 10.0) -> Non
     async with asyncio.timeout(within):
         while not condition():  # noqa: ASYNC110 - polling a plain counter
             await asyncio.sleep(0.02)
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of one curl run, with no proxy from the environment."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        "--max-time",
+        "20",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env_without_proxies(),
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")

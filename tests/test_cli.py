@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SECRET, Certs, env_without_proxies, free_port, run
+from tests.conftest import SECRET, Certs, curl, env_without_proxies, free_port, run
 from tests.http_origin import http_origin
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -83,23 +83,6 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[int, str]:
         out, _ = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env_without_proxies(),
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:

@@ -9,7 +9,6 @@ failure receiving network data (here: the CONNECT answered 407).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from autovpn.routing.router import Mode
-from tests.conftest import Certs, engine, env_without_proxies, http_port, run, socks_port
+from tests.conftest import Certs, curl, engine, http_port, run, socks_port
 from tests.http_origin import http_origin
 
 pytestmark = [
@@ -26,24 +25,6 @@ pytestmark = [
 ]
 
 USERS = (("alice", "s3cret"),)
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of one curl run, with no proxy from the environment."""
-    proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "--silent",
-        "--show-error",
-        "--max-time",
-        "20",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env_without_proxies(),
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 # --- SOCKS5 --------------------------------------------------------------------------------
