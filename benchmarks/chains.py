@@ -250,45 +250,47 @@ def start_direct(work: Workdir) -> Running:
     return Running("direct", None)
 
 
-def start_autovpn(work: Workdir) -> Running:
-    server_port, socks = free_port(), free_port()
-    src = autovpn_source()
-    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(src))
+def _start_autovpn_pair(
+    work: Workdir, run: Running, listen: str, log_name: str
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """``autovpn server wss://… --allow 127.0.0.0/8`` and ``autovpn client -L LISTEN wss://…``
+    as two processes (the secret in AUTOVPN_SECRET); returns (server, client) once the server
+    listens.  The caller waits for the client's own port."""
+    server_port = free_port()
+    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(autovpn_source()))
     env.pop("AUTOVPN_STATE_DIR", None)
     py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
+    server = _popen(
+        [
+            *py,
+            "server",
+            f"wss://127.0.0.1:{server_port}",
+            "--tls-certificate",
+            str(work.cert),
+            "--tls-private-key",
+            str(work.key),
+            "--allow",
+            "127.0.0.0/8",
+        ],
+        work.path / f"{log_name}-server.log",
+        env,
+    )
+    run.procs.append(server)
+    wait_port(server_port, server)
+    client = _popen(
+        [*py, "client", "-L", listen, "--tls-ca", str(work.ca), f"wss://127.0.0.1:{server_port}"],
+        work.path / f"{log_name}-client.log",
+        env,
+    )
+    run.procs.append(client)
+    return server, client
+
+
+def start_autovpn(work: Workdir) -> Running:
+    socks = free_port()
     run = Running("autovpn", socks)
     try:
-        server = _popen(
-            py
-            + [
-                "server",
-                f"wss://127.0.0.1:{server_port}",
-                "--tls-certificate",
-                str(work.cert),
-                "--tls-private-key",
-                str(work.key),
-                "--allow",
-                "127.0.0.0/8",
-            ],
-            work.path / "autovpn-server.log",
-            env,
-        )
-        run.procs.append(server)
-        wait_port(server_port, server)
-        client = _popen(
-            py
-            + [
-                "client",
-                "-L",
-                f"socks5://127.0.0.1:{socks}",
-                "--tls-ca",
-                str(work.ca),
-                f"wss://127.0.0.1:{server_port}",
-            ],
-            work.path / "autovpn-client.log",
-            env,
-        )
-        run.procs.append(client)
+        _, client = _start_autovpn_pair(work, run, f"socks5://127.0.0.1:{socks}", "autovpn")
         wait_port(socks, client)
     except BaseException:
         run.stop()
@@ -511,44 +513,11 @@ def start_socat_udp(work: Workdir, target_port: int, binary: str = "socat") -> R
 def start_autovpn_udp(work: Workdir, target_port: int) -> Running:
     """``autovpn client -L 'udp://127.0.0.1:P:127.0.0.1:T?timeout_sec=0' wss://…`` →
     ``autovpn server wss://… --allow 127.0.0.0/8`` (two processes, as for the TCP chain)."""
-    server_port, port = free_port(), free_udp_port()
-    src = autovpn_source()
-    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(src))
-    env.pop("AUTOVPN_STATE_DIR", None)
-    py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
+    port = free_udp_port()
     run = Running("autovpn", None, udp_port=port)
     try:
-        server = _popen(
-            py
-            + [
-                "server",
-                f"wss://127.0.0.1:{server_port}",
-                "--tls-certificate",
-                str(work.cert),
-                "--tls-private-key",
-                str(work.key),
-                "--allow",
-                "127.0.0.0/8",
-            ],
-            work.path / "autovpn-udp-server.log",
-            env,
-        )
-        run.procs.append(server)
-        wait_port(server_port, server)
-        client = _popen(
-            py
-            + [
-                "client",
-                "-L",
-                f"udp://127.0.0.1:{port}:127.0.0.1:{target_port}?timeout_sec=0",
-                "--tls-ca",
-                str(work.ca),
-                f"wss://127.0.0.1:{server_port}",
-            ],
-            work.path / "autovpn-udp-client.log",
-            env,
-        )
-        run.procs.append(client)
+        listen = f"udp://127.0.0.1:{port}:127.0.0.1:{target_port}?timeout_sec=0"
+        _, client = _start_autovpn_pair(work, run, listen, "autovpn-udp")
         wait_udp(port, client)
     except BaseException:
         run.stop()
