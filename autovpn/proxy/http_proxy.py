@@ -36,6 +36,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from autovpn.errors import LimitExceeded, LocalError, RemoteProtocolError
 
@@ -338,7 +339,10 @@ def _parse_field_line(line: bytes, status: int) -> tuple[str, str]:
     return name.decode("ascii"), value.decode("latin-1")
 
 
-class _HeadParser:
+HeadT = TypeVar("HeadT", "HttpRequestHead", "HttpResponseHead")
+
+
+class _HeadParser(Generic[HeadT]):
     """Line splitting and limits shared by the request and the response parser."""
 
     __slots__ = ("_buffer", "_pos", "_searched", "_start", "_fields", "_state", "_trailing")
@@ -346,6 +350,25 @@ class _HeadParser:
     # For a peer's bad request we answer 400 (or 414/431); for a bad response, 502.
     _error_status = 400
     _start_line_too_long_status = 414
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> HeadT | None:
+        """Feed received bytes; return the head once complete, else None.
+
+        Raises ``HttpProxyError`` (``.status``, ``.reply``) on bad input and ``LocalError``
+        if called again after returning the head or raising.
+        """
+        if not self._receive(data):
+            return None
+        try:
+            head = self._build()
+        except HttpProxyError:
+            self._state = ParserState.FAILED
+            raise
+        self._finish()
+        return head
+
+    def _build(self) -> HeadT:
+        raise NotImplementedError
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -426,27 +449,11 @@ class _HeadParser:
         self._fields = []
 
 
-class HttpHeadParser(_HeadParser):
+class HttpHeadParser(_HeadParser[HttpRequestHead]):
     """Incremental request-head parser.  One instance per request: for the next request on
     a persistent connection, make a new parser and feed it the previous ``trailing_data``."""
 
     __slots__ = ()
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> HttpRequestHead | None:
-        """Feed received bytes; return the head once complete, else None.
-
-        Raises ``HttpProxyError`` (``.status``, ``.reply``) on bad input and ``LocalError``
-        if called again after returning the head or raising.
-        """
-        if not self._receive(data):
-            return None
-        try:
-            head = self._build()
-        except HttpProxyError:
-            self._state = ParserState.FAILED
-            raise
-        self._finish()
-        return head
 
     def _build(self) -> HttpRequestHead:
         # RFC 9112 §3: method SP request-target SP HTTP-version, single spaces.
@@ -468,7 +475,7 @@ class HttpHeadParser(_HeadParser):
         )
 
 
-class HttpResponseHeadParser(_HeadParser):
+class HttpResponseHeadParser(_HeadParser[HttpResponseHead]):
     """Incremental response-head parser (origin → us).  Errors carry status 502.
 
     A 1xx other than 101 is an interim response: make a new parser for the final one and
@@ -479,18 +486,6 @@ class HttpResponseHeadParser(_HeadParser):
 
     _error_status = 502
     _start_line_too_long_status = 502
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> HttpResponseHead | None:
-        """Feed received bytes; return the head once complete, else None."""
-        if not self._receive(data):
-            return None
-        try:
-            head = self._build()
-        except HttpProxyError:
-            self._state = ParserState.FAILED
-            raise
-        self._finish()
-        return head
 
     def _build(self) -> HttpResponseHead:
         # RFC 9112 §4: HTTP-version SP status-code SP [ reason-phrase ]; a missing final SP
