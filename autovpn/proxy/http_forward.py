@@ -41,6 +41,7 @@ from typing import Any, cast
 from autovpn.errors import StreamError
 from autovpn.proxy import http_proxy
 from autovpn.proxy.auth import parse_basic_proxy_authorization
+from autovpn.proxy.dialer import Upstream
 from autovpn.proxy.http_proxy import (
     BodyFramer,
     BodyKind,
@@ -411,19 +412,26 @@ class HttpForwarder(asyncio.Protocol):
         self.update_reading()
         self.listener.spawn(self._dial(head, framer), f"http-{self.peer}")
 
-    async def _dial(self, head: HttpRequestHead, framer: BodyFramer) -> None:
-        rewritten = http_proxy.rewrite_for_origin(head)
-        early = rewritten if len(rewritten) <= MAX_EARLY_HEAD else b""
+    async def _upstream(self, head: HttpRequestHead, early: bytes) -> Upstream | None:
+        """Route and connect for ``head``; on failure answer the client and return None."""
         try:
             upstream, _ = await self.listener.dialer.connect(
                 head.host, head.port, early, client=self.peer, via="http"
             )
         except StreamError as exc:
             self._fail(error_response(exc.reason.http_status), f"{head.host}:{head.port}: {exc}")
-            return
+            return None
         except Exception:  # a bug: answer, log it, and keep serving everyone else
             log.exception("http client %s: dialling %s:%d failed", self.peer, head.host, head.port)
             self._fail(error_response(502), "internal error")
+            return None
+        return upstream
+
+    async def _dial(self, head: HttpRequestHead, framer: BodyFramer) -> None:
+        rewritten = http_proxy.rewrite_for_origin(head)
+        early = rewritten if len(rewritten) <= MAX_EARLY_HEAD else b""
+        upstream = await self._upstream(head, early)
+        if upstream is None:
             return
         self.dials += 1
         port = UpstreamPort(self, (head.host, head.port))
@@ -490,16 +498,8 @@ class HttpForwarder(asyncio.Protocol):
     async def _connect(self, head: HttpRequestHead) -> None:
         """CONNECT on a connection that forwarded requests before: from here, the relay."""
         early, self._pending = bytes(self._pending), bytearray()
-        try:
-            upstream, _ = await self.listener.dialer.connect(
-                head.host, head.port, early, client=self.peer, via="http"
-            )
-        except StreamError as exc:
-            self._fail(error_response(exc.reason.http_status), f"{head.host}:{head.port}: {exc}")
-            return
-        except Exception:  # a bug: answer, log it, and keep serving everyone else
-            log.exception("http client %s: dialling %s:%d failed", self.peer, head.host, head.port)
-            self._fail(error_response(502), "internal error")
+        upstream = await self._upstream(head, early)
+        if upstream is None:
             return
         if self.phase is not Phase.DIALING or self.transport.is_closing():
             port = UpstreamPort(self, (head.host, head.port))
