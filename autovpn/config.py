@@ -363,6 +363,11 @@ class _Collector:
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
 
+    def unknown_keys(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                self.errors.append(ConfigError(f"{prefix}{key}", "unknown key"))
+
     def take(self, key: str, fn: Any, *args: Any) -> Any:
         try:
             return fn(*args)
@@ -410,9 +415,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
     """Build a Config from parsed TOML; relative paths are relative to ``base``."""
     c = _Collector()
     cfg = Config()
-    for key in data:
-        if key not in _TOP_KEYS:
-            c.errors.append(ConfigError(key, "unknown key"))
+    c.unknown_keys(data, _TOP_KEYS, "")
 
     def path(value: Any, key: str) -> Path:
         p = Path(_expect(value, str, key)).expanduser()
@@ -432,9 +435,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
         if not isinstance(client, dict):
             c.errors.append(ConfigError("client", "must be a table"))
         else:
-            for key in client:
-                if key not in _CLIENT_KEYS:
-                    c.errors.append(ConfigError(f"client.{key}", "unknown key"))
+            c.unknown_keys(client, _CLIENT_KEYS, "client.")
             server = c.take(
                 "client.server",
                 lambda: ServerURL.parse(
@@ -495,9 +496,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
         if not isinstance(server, dict):
             c.errors.append(ConfigError("server", "must be a table"))
         else:
-            for key in server:
-                if key not in _SERVER_KEYS:
-                    c.errors.append(ConfigError(f"server.{key}", "unknown key"))
+            c.unknown_keys(server, _SERVER_KEYS, "server.")
             listen_url = c.take(
                 "server.listen",
                 lambda: ServerURL.parse(
@@ -505,7 +504,8 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                 ),
             )
             users: dict[str, bytes] = {}
-            for name, entry in _expect(server.get("users", {}), dict, "server.users").items():
+            table = c.take("server.users", _expect, server.get("users", {}), dict, "server.users")
+            for name, entry in (table or {}).items():
                 key = f"server.users.{name}"
                 if isinstance(entry, dict) and "secret_file" in entry:
                     got = c.take(
