@@ -43,6 +43,16 @@ class UdpRelayStats:
     foreign: int = 0  # datagrams from an address that does not own the association
 
 
+class _PeerFlow:
+    """A local peer's tunnel flow, updated in place for every datagram."""
+
+    __slots__ = ("flow", "last_active")
+
+    def __init__(self, flow: int) -> None:
+        self.flow = flow
+        self.last_active = 0.0
+
+
 class BoundRelaySocket(asyncio.DatagramProtocol):
     """What every fixed UDP relay shares: a local socket bound to host:port, forwarding to one
     target, with big buffers, and its counters."""
@@ -97,15 +107,15 @@ class UdpRelay(BoundRelaySocket):
         super().__init__(host, port, target_host, target_port)
         self.tunnel = tunnel
         self.idle_timeout = idle_timeout
-        self._sessions: dict[Address, tuple[int, float]] = {}  # peer -> (flow, last active)
+        self._sessions: dict[tuple[str | int, ...], _PeerFlow] = {}  # by the loop's peer address
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        for flow, _ in self._sessions.values():
-            self.tunnel.close_flow(flow)
+        for session in self._sessions.values():
+            self.tunnel.close_flow(session.flow)
         self._sessions.clear()
         if self.transport is not None:
             self.transport.close()
@@ -116,22 +126,24 @@ class UdpRelay(BoundRelaySocket):
         self._loop = asyncio.get_running_loop()
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.stats.received += 1
-        peer = (str(addr[0]), int(addr[1]))
+        stats = self.stats
+        stats.received += 1
+        # The event loop's address tuple is the key as it is: (host, port) for IPv4, and for
+        # IPv6 the same 4-tuple (flowinfo, scope) for every datagram of one peer.  Normalising
+        # it, like allocating a new session tuple per datagram, was measurable per datagram.
+        session = self._sessions.get(addr)
+        if session is None:
+            peer = (str(addr[0]), int(addr[1]))
+            flow = self.tunnel.open_flow(lambda host, port, reply: self._reply(peer, reply))
+            session = self._sessions[addr] = _PeerFlow(flow)
+            self._arm_sweeper()
         # self._loop, not asyncio.get_running_loop(): on 3.11 that costs a getpid() syscall,
         # 5.6% of the relay's CPU per datagram (py-spy).
-        loop_time = self._loop.time()
-        session = self._sessions.get(peer)
-        if session is None:
-            flow = self.tunnel.open_flow(lambda host, port, reply: self._reply(peer, reply))
-            self._arm_sweeper()
+        session.last_active = self._loop.time()
+        if self.tunnel.send_datagram(session.flow, self.target[0], self.target[1], data):
+            stats.sent += 1
         else:
-            flow = session[0]
-        self._sessions[peer] = (flow, loop_time)
-        if self.tunnel.send_datagram(flow, self.target[0], self.target[1], data):
-            self.stats.sent += 1
-        else:
-            self.stats.dropped += 1
+            stats.dropped += 1
 
     def _reply(self, peer: Address, data: bytes) -> None:
         if self.transport is not None:
@@ -150,10 +162,10 @@ class UdpRelay(BoundRelaySocket):
     def _sweep(self) -> None:
         self._sweeper = None
         deadline = asyncio.get_running_loop().time() - self.idle_timeout
-        for peer, (flow, last) in list(self._sessions.items()):
-            if last < deadline:
+        for peer, session in list(self._sessions.items()):
+            if session.last_active < deadline:
                 del self._sessions[peer]
-                self.tunnel.close_flow(flow)
+                self.tunnel.close_flow(session.flow)
         if self._sessions:
             self._arm_sweeper()
 

@@ -330,12 +330,7 @@ class TunnelClient:
         if conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
             self.datagrams_dropped += 1
             return False
-        address = frames.encode_address(host, port)
-        conn.send_pieces(
-            frames.HEADER.pack(frames.FrameType.DATAGRAM, 0, flow, len(address) + len(data)),
-            address,
-            data,
-        )
+        conn.send_datagram(flow, frames.encode_address(host, port), data)
         return True
 
     def _on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:

@@ -56,6 +56,21 @@ class FrameType(enum.IntEnum):
     GOAWAY = 9  # stream 0: open no new streams on this connection
 
 
+# The frame types as plain ints, for the per-frame paths.  Reading an IntEnum member
+# (``FrameType.DATA``) costs about 80 ns on CPython 3.11 against 12 ns for a global int, and the
+# decoder and dispatcher compare several per frame: with one DATAGRAM frame per UDP datagram that
+# was about 0.7 µs of the tunnel server's CPU per datagram (timeit; py-spy on the UDP relay).
+TYPE_OPEN: Final = int(FrameType.OPEN)
+TYPE_OPEN_OK: Final = int(FrameType.OPEN_OK)
+TYPE_DATA: Final = int(FrameType.DATA)
+TYPE_WINDOW: Final = int(FrameType.WINDOW)
+TYPE_FIN: Final = int(FrameType.FIN)
+TYPE_RESET: Final = int(FrameType.RESET)
+TYPE_PING: Final = int(FrameType.PING)
+TYPE_DATAGRAM: Final = int(FrameType.DATAGRAM)
+TYPE_GOAWAY: Final = int(FrameType.GOAWAY)
+
+
 class StreamKind(enum.IntEnum):
     TCP = 1
     UDP = 2
@@ -94,13 +109,25 @@ class MuxDecoder:
         view = data if isinstance(data, memoryview) else memoryview(data)
         pos = 0
         end = len(view)
+        unpack_from = HEADER.unpack_from
         while pos < end:
             if self._type < 0:
-                need = HEADER_SIZE - len(self._header)
                 if not self._header and end - pos >= HEADER_SIZE:
-                    ftype, flags, stream, length = HEADER.unpack_from(view, pos)
+                    ftype, flags, stream, length = unpack_from(view, pos)
                     pos += HEADER_SIZE
+                    if ftype != TYPE_DATA and length <= end - pos and 0 < length:
+                        # A whole small frame in this buffer (the common case for everything
+                        # but DATA): one copy, no accumulator, no decoder state.  Matters for
+                        # DATAGRAM frames, which come one per UDP datagram.
+                        if ftype not in _CONTROL_TYPES:
+                            raise RemoteProtocolError(f"unknown mux frame type {ftype}")
+                        if length > MAX_CONTROL_PAYLOAD:
+                            self._check_length(ftype, length)
+                        frames.append((ftype, flags, stream, bytes(view[pos : pos + length])))
+                        pos += length
+                        continue
                 else:
+                    need = HEADER_SIZE - len(self._header)
                     self._header += view[pos : pos + need]
                     pos += min(need, end - pos)
                     if len(self._header) < HEADER_SIZE:
@@ -110,15 +137,14 @@ class MuxDecoder:
                 self._start_frame(ftype, flags, stream, length, frames)
                 continue
             take = min(self._remaining, end - pos)
-            if self._type == FrameType.DATA:
-                frames.append((FrameType.DATA, self._flags, self._stream, view[pos : pos + take]))
+            if self._type == TYPE_DATA:
+                frames.append((TYPE_DATA, self._flags, self._stream, view[pos : pos + take]))
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:
                     self._type = -1
             elif take == self._remaining and not self._control:
-                # The whole payload is in this buffer (the common case): one copy, no
-                # accumulator.  Matters for DATAGRAM frames, which come one per UDP datagram.
+                # The whole payload is in this buffer: one copy, no accumulator.
                 frames.append(
                     (self._type, self._flags, self._stream, bytes(view[pos : pos + take]))
                 )
@@ -135,10 +161,9 @@ class MuxDecoder:
                     self._type = -1
         return frames
 
-    def _start_frame(
-        self, ftype: int, flags: int, stream: int, length: int, frames: list[Frame]
-    ) -> None:
-        if ftype == FrameType.DATA:
+    @staticmethod
+    def _check_length(ftype: int, length: int) -> None:
+        if ftype == TYPE_DATA:
             if length > MAX_DATA_PAYLOAD:
                 raise LimitExceeded(
                     f"DATA frame of {length} bytes exceeds MAX_DATA_PAYLOAD ({MAX_DATA_PAYLOAD})"
@@ -151,6 +176,11 @@ class MuxDecoder:
                 )
         else:
             raise RemoteProtocolError(f"unknown mux frame type {ftype}")
+
+    def _start_frame(
+        self, ftype: int, flags: int, stream: int, length: int, frames: list[Frame]
+    ) -> None:
+        self._check_length(ftype, length)
         if length == 0:
             frames.append((ftype, flags, stream, b""))
             return

@@ -48,12 +48,13 @@ class UdpStats:
 
 
 class _TargetSocket(asyncio.DatagramProtocol):
-    __slots__ = ("session", "host", "port", "transport", "pending")
+    __slots__ = ("session", "host", "port", "address", "transport", "pending")
 
-    def __init__(self, session: _Session, host: str, port: int) -> None:
+    def __init__(self, session: _Session, host: str, port: int, address: bytes) -> None:
         self.session = session
         self.host = host
         self.port = port
+        self.address = address  # host and port as DATAGRAM frames encode them
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: list[bytes] | None = []  # datagrams waiting for resolution/connect
 
@@ -61,7 +62,7 @@ class _TargetSocket(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.session.reply(self.host, self.port, data)
+        self.session.reply(self.address, data)
 
     def error_received(self, exc: Exception) -> None:
         self.session.flows.stats.icmp_errors += 1
@@ -77,20 +78,20 @@ class _Session:
     flow: int
     targets: dict[tuple[str, int], _TargetSocket] = field(default_factory=dict)
     last_active: float = 0.0
+    #: The target of the flow's latest datagram and its encoded address: the next datagram
+    #: usually goes to the same one (always, for WireGuard), and is then sent without parsing
+    #: its address or looking the target up.
+    last_target: _TargetSocket | None = None
+    last_address: bytes = b""
 
-    def reply(self, host: str, port: int, data: bytes) -> None:
+    def reply(self, address: bytes, data: bytes) -> None:
         conn = self.conn
         self.last_active = self.flows.loop.time()
         if conn.closed or conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
             self.flows.stats.dropped += 1
             return
         self.flows.stats.datagrams_out += 1
-        address = frames.encode_address(host, port)
-        conn.send_pieces(
-            frames.HEADER.pack(frames.FrameType.DATAGRAM, 0, self.flow, len(address) + len(data)),
-            address,
-            data,
-        )
+        conn.send_datagram(self.flow, address, data)
 
     def close(self) -> None:
         for target in self.targets.values():
@@ -115,6 +116,20 @@ class UdpFlows:
 
     def on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:
         key = (conn, flow)
+        session = self._sessions.get(key)
+        if session is not None:
+            target = session.last_target
+            # The encoded address is prefix-free (its type fixes its length), so startswith
+            # is an exact match.
+            if (
+                target is not None
+                and target.transport is not None
+                and payload.startswith(session.last_address)
+            ):
+                self.stats.datagrams_in += 1
+                session.last_active = self.loop.time()
+                target.transport.sendto(payload[len(session.last_address) :])
+                return
         if not payload:  # the client closed the flow
             session = self._sessions.pop(key, None)
             if session is not None:
@@ -127,7 +142,6 @@ class UdpFlows:
             self.stats.dropped += 1
             return
         data = payload[end:]
-        session = self._sessions.get(key)
         if session is None:
             if self._per_conn.get(conn, 0) >= MAX_FLOWS_PER_CONNECTION:
                 self.stats.dropped += 1
@@ -142,12 +156,14 @@ class UdpFlows:
             if len(session.targets) >= MAX_TARGETS_PER_FLOW or not 0 < port < 65536:
                 self.stats.dropped += 1
                 return
-            target = _TargetSocket(session, host, port)
+            target = _TargetSocket(session, host, port, payload[:end])
             session.targets[(host, port)] = target
             task = self.loop.create_task(self._open(target), name=f"udp-{host}:{port}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if target.transport is not None:
+            session.last_target = target
+            session.last_address = target.address
             target.transport.sendto(data)
         elif (
             target.pending is not None

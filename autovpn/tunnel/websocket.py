@@ -28,6 +28,11 @@ class Opcode(enum.IntEnum):
     PONG = 0xA
 
 
+# Plain ints for the per-frame checks: an IntEnum member lookup costs ~80 ns on CPython 3.11.
+_BINARY: Final = int(Opcode.BINARY)
+_CONTROL_OPCODES: Final = frozenset((int(Opcode.CLOSE), int(Opcode.PING), int(Opcode.PONG)))
+
+
 #: Largest frame accepted (wstunnel sends up to 32 MiB; payloads are streamed, never buffered).
 MAX_FRAME_SIZE: Final = 64 << 20
 MAX_CONTROL_PAYLOAD: Final = 125  # RFC 6455 section 5.5
@@ -131,13 +136,13 @@ class WsDecoder:
                 off = self._mask_offset & 3
                 piece = apply_mask(piece, mask[off:] + mask[:off] if off else mask)
                 self._mask_offset += take
-            if self._opcode == Opcode.BINARY:
+            if self._opcode == _BINARY:
                 if take:
-                    events.append((Opcode.BINARY, piece))
+                    events.append((_BINARY, piece))
             else:
                 self._control += piece
             if self._remaining == 0:
-                if self._opcode != Opcode.BINARY:
+                if self._opcode != _BINARY:
                     events.append((self._opcode, bytes(self._control)))
                     self._control.clear()
                 self._opcode = -1
@@ -193,18 +198,18 @@ class WsDecoder:
             if self.require_mask:
                 raise RemoteProtocolError("unmasked frame from a client (RFC 6455 section 5.1)")
             self._mask = None
-        if opcode in (Opcode.CLOSE, Opcode.PING, Opcode.PONG):
-            if not fin or n > MAX_CONTROL_PAYLOAD:
-                raise RemoteProtocolError("fragmented or oversized control frame (section 5.5)")
-        elif opcode == Opcode.BINARY:
+        if opcode == _BINARY:
             if self._in_message:
                 raise RemoteProtocolError("new data frame inside a fragmented message")
             self._in_message = not fin
+        elif opcode in _CONTROL_OPCODES:
+            if not fin or n > MAX_CONTROL_PAYLOAD:
+                raise RemoteProtocolError("fragmented or oversized control frame (section 5.5)")
         elif opcode == Opcode.CONTINUATION:
             if not self._in_message:
                 raise RemoteProtocolError("continuation frame outside a message")
             self._in_message = not fin
-            opcode = Opcode.BINARY
+            opcode = _BINARY
         elif opcode == Opcode.TEXT:
             raise RemoteProtocolError("text frame on a binary tunnel")
         else:

@@ -248,6 +248,44 @@ def test_socks5_udp_associate_carries_a_dns_query_through_the_tunnel(certs: Cert
     run(main())
 
 
+async def _alternate(
+    client: _Collector, relay: tuple[str, int], eng: Engine, order: list[int]
+) -> None:
+    assert client.transport is not None
+    for i, port in enumerate(order):
+        payload = f"{i}:{port}".encode()
+        client.transport.sendto(socks5.encode_udp_datagram("127.0.0.1", port, payload), relay)
+        async with asyncio.timeout(10):
+            data, _ = await client.queue.get()
+        reply = socks5.parse_udp_datagram(data)
+        assert (reply.port, reply.payload) == (port, payload)
+    stats = _udp_stats(eng).stats
+    assert stats.datagrams_in == stats.datagrams_out == len(order)
+    assert stats.dropped == 0
+
+
+def test_one_association_alternating_between_targets_reaches_each(certs: Certs) -> None:
+    # The server sends a flow's datagrams without re-parsing the address while the target
+    # stays the same; a datagram to another target must still go there, and its reply back.
+    async def main() -> None:
+        async with (
+            udp_echo() as echo_a,
+            udp_echo() as echo_b,
+            Engine(engine_config(certs)) as eng,
+            udp_socket() as client,
+        ):
+            assert client.transport is not None
+            control, relay = await _associate(socks_port(eng))
+            try:
+                await _alternate(
+                    client, relay, eng, [echo_a, echo_a, echo_b, echo_a, echo_b, echo_b, echo_a] * 5
+                )
+            finally:
+                control.close()
+
+    run(main())
+
+
 def test_socks5_udp_bad_datagrams_are_dropped_and_counted(certs: Certs) -> None:
     async def main() -> None:
         async with (
