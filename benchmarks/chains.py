@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -480,10 +481,24 @@ def socat_version(binary: str) -> str:
     return "?"
 
 
-#: socat's sockets get the same 4 MiB buffers autovpn's relay sets (``rcvbuf``/``sndbuf``):
-#: with the default 208 KiB a 1 ms burst at the higher rates overflows it, which would measure
-#: the buffer, not the relay.
-SOCAT_BUFFERS: Final = "rcvbuf=4194304,sndbuf=4194304"
+#: The socket buffers autovpn's UDP relay asks for (``autovpn/udp_io.py``: UDP_BUFFER).
+UDP_BUFFER: Final = 8 << 20
+
+
+def socat_buffer_options(size: int = UDP_BUFFER) -> tuple[str, str]:
+    """socat's options for the buffers autovpn's relay gives itself (``udp_io.enlarge_buffers``):
+    ``size`` bytes, forced past ``net.core.rmem_max`` when we are root, else capped by it.
+
+    With the default 208 KiB a 1 ms burst at the higher rates overflows the buffer, which would
+    measure the buffer, not the relay.  Returns the options of the listening side and of the
+    side that sends to the target.  socat's ``rcvbuf`` cannot force; ``setsockopt-listen``
+    sets the listening socket (which its per-peer child keeps) with SO_RCVBUFFORCE/SNDBUFFORCE.
+    """
+    plain = f"rcvbuf={size},sndbuf={size}"
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return plain, plain
+    value = struct.pack("=i", size).hex()  # socat's binary form: native-endian int
+    return f"setsockopt-listen=1:33:x{value},setsockopt-listen=1:32:x{value}", plain
 
 
 def start_socat_udp(work: Workdir, target_port: int, binary: str = "socat") -> Running:
@@ -491,11 +506,12 @@ def start_socat_udp(work: Workdir, target_port: int, binary: str = "socat") -> R
     session, stopped by process group (its per-peer fork child goes with it)."""
     port = free_udp_port()
     run = Running("socat", None, udp_port=port)
+    listen_buffers, target_buffers = socat_buffer_options()
     proc = _popen(
         [
             binary,
-            f"UDP4-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,{SOCAT_BUFFERS}",
-            f"UDP4:127.0.0.1:{target_port},{SOCAT_BUFFERS}",
+            f"UDP4-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,{listen_buffers}",
+            f"UDP4:127.0.0.1:{target_port},{target_buffers}",
         ],
         work.path / "socat.log",
         session=True,

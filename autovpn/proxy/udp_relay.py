@@ -20,6 +20,7 @@ from typing import Protocol, cast
 from autovpn.errors import BindError
 from autovpn.proxy import socks5
 from autovpn.routing.router import Action, Router
+from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
 
 log = logging.getLogger("autovpn.udp")
 
@@ -46,11 +47,13 @@ class UdpRelayStats:
 class _PeerFlow:
     """A local peer's tunnel flow, updated in place for every datagram."""
 
-    __slots__ = ("flow", "last_active")
+    __slots__ = ("addr", "flow", "last_active", "replies")
 
-    def __init__(self, flow: int) -> None:
-        self.flow = flow
+    def __init__(self, addr: tuple[str | int, ...]) -> None:
+        self.addr = addr  # as the event loop gave it, so IPv6 keeps its scope
+        self.flow = 0
         self.last_active = 0.0
+        self.replies: DatagramBatch | None = None  # made with the first reply
 
 
 class BoundRelaySocket(asyncio.DatagramProtocol):
@@ -80,7 +83,7 @@ class BoundRelaySocket(asyncio.DatagramProtocol):
             raise BindError(
                 f"udp relay cannot bind {self.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
-        _enlarge_buffers(self.transport)
+        enlarge_buffers(self.transport)
         log.info(
             "udp relay on %s:%d -> %s:%d %s", self.host, self.bound_port, *self.target, self.via
         )
@@ -109,6 +112,8 @@ class UdpRelay(BoundRelaySocket):
         self.idle_timeout = idle_timeout
         self._sessions: dict[tuple[str | int, ...], _PeerFlow] = {}  # by the loop's peer address
         self._sweeper: asyncio.TimerHandle | None = None
+        self._flusher: BatchFlusher | None = None
+        self._gso: socket.socket | None = None  # replies go out in GSO runs (udp_io)
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -117,6 +122,11 @@ class UdpRelay(BoundRelaySocket):
         for session in self._sessions.values():
             self.tunnel.close_flow(session.flow)
         self._sessions.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._gso is not None:
+            self._gso.close()
+            self._gso = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -124,6 +134,8 @@ class UdpRelay(BoundRelaySocket):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._loop = asyncio.get_running_loop()
+        self._flusher = BatchFlusher(self._loop)
+        self._gso = gso_socket(transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         stats = self.stats
@@ -133,10 +145,7 @@ class UdpRelay(BoundRelaySocket):
         # it, like allocating a new session tuple per datagram, was measurable per datagram.
         session = self._sessions.get(addr)
         if session is None:
-            peer = (str(addr[0]), int(addr[1]))
-            flow = self.tunnel.open_flow(lambda host, port, reply: self._reply(peer, reply))
-            session = self._sessions[addr] = _PeerFlow(flow)
-            self._arm_sweeper()
+            session = self._sessions[addr] = self._new_session(addr)
         # self._loop, not asyncio.get_running_loop(): on 3.11 that costs a getpid() syscall,
         # 5.6% of the relay's CPU per datagram (py-spy).
         session.last_active = self._loop.time()
@@ -145,10 +154,22 @@ class UdpRelay(BoundRelaySocket):
         else:
             stats.dropped += 1
 
-    def _reply(self, peer: Address, data: bytes) -> None:
-        if self.transport is not None:
-            self.stats.replies += 1
-            self.transport.sendto(data, peer)
+    def _new_session(self, addr: tuple[str | int, ...]) -> _PeerFlow:
+        session = _PeerFlow(addr)
+        session.flow = self.tunnel.open_flow(lambda host, port, data: self._reply(session, data))
+        self._arm_sweeper()
+        return session
+
+    def _reply(self, session: _PeerFlow, data: bytes) -> None:
+        if self.transport is None or self._flusher is None:
+            return
+        self.stats.replies += 1
+        batch = session.replies
+        if batch is None:
+            batch = session.replies = DatagramBatch(
+                self.transport, self._gso, self._flusher, session.addr
+            )
+        batch.send(data)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("udp relay: %s", exc)
@@ -201,7 +222,7 @@ class Socks5UdpAssociation(asyncio.DatagramProtocol):
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: self, local_addr=(self.bind_host, 0))
         assert self.transport is not None
-        _enlarge_buffers(self.transport)
+        enlarge_buffers(self.transport)
         sockname = self.transport.get_extra_info("sockname")
         return str(sockname[0]), int(sockname[1])
 
@@ -316,18 +337,3 @@ def _same_ip(a: str, b: str) -> bool:
         return ipaddress.ip_address(a.split("%")[0]) == ipaddress.ip_address(b.split("%")[0])
     except ValueError:
         return a == b
-
-
-def _enlarge_buffers(transport: asyncio.DatagramTransport | None) -> None:
-    """Bigger socket buffers: a 1,000-datagram burst overflows the default receive buffer
-    (testing-recipes.md 2.4: 254 of 1,000 arrived with the default, all with 4 MiB)."""
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-        except OSError:  # pragma: no cover - capped by the system; the default still works
-            pass

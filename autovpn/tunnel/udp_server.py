@@ -24,6 +24,7 @@ from autovpn.errors import RemoteProtocolError
 from autovpn.tunnel import frames
 from autovpn.tunnel.connection import MuxConnection
 from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
 
 log = logging.getLogger("autovpn.tunnel.udp")
 
@@ -48,7 +49,7 @@ class UdpStats:
 
 
 class _TargetSocket(asyncio.DatagramProtocol):
-    __slots__ = ("session", "host", "port", "address", "transport", "pending")
+    __slots__ = ("session", "host", "port", "address", "transport", "pending", "batch")
 
     def __init__(self, session: _Session, host: str, port: int, address: bytes) -> None:
         self.session = session
@@ -57,9 +58,14 @@ class _TargetSocket(asyncio.DatagramProtocol):
         self.address = address  # host and port as DATAGRAM frames encode them
         self.transport: asyncio.DatagramTransport | None = None
         self.pending: list[bytes] | None = []  # datagrams waiting for resolution/connect
+        self.batch: DatagramBatch | None = None  # sends, once the socket is connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
+        enlarge_buffers(transport)  # replies come in bursts too (a WireGuard server's window)
+        self.batch = DatagramBatch(
+            self.transport, gso_socket(transport), self.session.flows.flusher
+        )
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.session.reply(self.address, data)
@@ -69,6 +75,13 @@ class _TargetSocket(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.close_batch()
+
+    def close_batch(self) -> None:
+        if self.batch is not None:
+            if self.batch.sock is not None:
+                self.batch.sock.close()
+            self.batch = None
 
 
 @dataclass(slots=True)
@@ -97,6 +110,7 @@ class _Session:
         for target in self.targets.values():
             if target.transport is not None:
                 target.transport.close()
+            target.close_batch()
         self.targets.clear()
 
 
@@ -113,6 +127,8 @@ class UdpFlows:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_bytes = 0  # datagrams held while their targets open, all sessions
         self._sweeper: asyncio.TimerHandle | None = None
+        #: Sends each target's datagrams of one tunnel read together (udp_io: UDP GSO).
+        self.flusher = BatchFlusher(self.loop)
 
     def on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:
         key = (conn, flow)
@@ -123,12 +139,12 @@ class UdpFlows:
             # is an exact match.
             if (
                 target is not None
-                and target.transport is not None
+                and target.batch is not None
                 and payload.startswith(session.last_address)
             ):
                 self.stats.datagrams_in += 1
                 session.last_active = self.loop.time()
-                target.transport.sendto(payload[len(session.last_address) :])
+                target.batch.send(payload[len(session.last_address) :])
                 return
         if not payload:  # the client closed the flow
             session = self._sessions.pop(key, None)
@@ -161,10 +177,10 @@ class UdpFlows:
             task = self.loop.create_task(self._open(target), name=f"udp-{host}:{port}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if target.transport is not None:
+        if target.batch is not None and target.pending is None:  # open, its queue sent
             session.last_target = target
             session.last_address = target.address
-            target.transport.sendto(data)
+            target.batch.send(data)
         elif (
             target.pending is not None
             and len(target.pending) < PENDING_WHILE_RESOLVING
@@ -255,5 +271,6 @@ class UdpFlows:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
+        self.flusher.cancel()
         self._pending_bytes = 0
         self._per_conn.clear()
