@@ -70,6 +70,7 @@ class ProxyListener:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.handshaking: set[HandshakeBase] = set()
+        self.loop: asyncio.AbstractEventLoop  # set by start(), before any connection
 
     @property
     def bound_port(self) -> int:
@@ -78,7 +79,7 @@ class ProxyListener:
         return port
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         factory: Callable[[], asyncio.Protocol]
         if self.kind is ListenerKind.SOCKS5:
             factory = lambda: _Socks5Handshake(self)  # noqa: E731
@@ -116,7 +117,7 @@ class ProxyListener:
             self._server = None
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task = self.loop.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -136,7 +137,7 @@ class HandshakeBase(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.accepted += 1
         self.listener.handshaking.add(self)
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timeout)
+        self._timer = self.listener.loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
 
     def _timeout(self) -> None:
         log.info("%s client %s: handshake timed out", self.listener.kind.value, self.peer)

@@ -112,14 +112,14 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._on_open = on_open
         self._on_datagram = on_datagram
         self._on_lost = on_lost
-        self._loop = asyncio.get_running_loop()
-        self._last_recv = self._loop.time()
+        self.loop = asyncio.get_running_loop()
+        self._last_recv = self.loop.time()
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
         self._keepalive_handle: asyncio.TimerHandle | None = None
         self._ping_sent_at: float | None = None
         self.transport: asyncio.Transport | None = None
-        self.lost = self._loop.create_future()
+        self.lost = self.loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()  # work for this connection's streams
 
     # -- asyncio protocol -------------------------------------------------------------------
@@ -129,9 +129,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
         if self._keepalive_interval > 0:
-            self._keepalive_handle = self._loop.call_later(
-                self._keepalive_interval, self._keepalive
-            )
+            self._keepalive_handle = self.loop.call_later(self._keepalive_interval, self._keepalive)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
@@ -141,7 +139,7 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def receive(self, data: bytes | memoryview) -> None:
         """Feed bytes read from the tunnel (also used for bytes that followed the 101)."""
-        self._last_recv = self._loop.time()
+        self._last_recv = self.loop.time()
         self.bytes_in += len(data)
         try:
             for opcode, payload in self._ws.feed(data):
@@ -237,7 +235,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         elif ftype == TYPE_PING:
             if flags & FLAG_ACK:
                 if self._ping_sent_at is not None:
-                    self.rtt = self._loop.time() - self._ping_sent_at
+                    self.rtt = self.loop.time() - self._ping_sent_at
                     self._ping_sent_at = None
             else:
                 self.send_frame(frames.frame(FrameType.PING, 0, bytes(payload), FLAG_ACK))
@@ -287,7 +285,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         if self._pending_size >= FLUSH_THRESHOLD:
             self.flush()
         elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self.flush)
+            self._flush_handle = self.loop.call_soon(self.flush)
 
     def send_datagram(self, flow: int, address: bytes, data: bytes) -> None:
         """Queue one DATAGRAM frame: ``address`` is ``frames.encode_address``'s encoding."""
@@ -301,7 +299,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         if self._pending_size >= FLUSH_THRESHOLD:
             self.flush()
         elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self.flush)
+            self._flush_handle = self.loop.call_soon(self.flush)
 
     def send_data(self, sid: int, data: bytes) -> None:
         if self.closed:
@@ -315,7 +313,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         if self._pending_size >= FLUSH_THRESHOLD:
             self.flush()
         elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self.flush)
+            self._flush_handle = self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         if self._flush_handle is not None:
@@ -417,7 +415,7 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def ping(self) -> None:
         if self._ping_sent_at is None:
-            self._ping_sent_at = self._loop.time()
+            self._ping_sent_at = self.loop.time()
         self.send_frame(frames.frame(FrameType.PING, 0, os.urandom(8)))
 
     def goaway(self) -> None:
@@ -451,14 +449,14 @@ class MuxConnection(asyncio.BufferedProtocol):
                 await asyncio.sleep(0)  # let the abort deliver connection_lost
 
     def _keepalive(self) -> None:
-        idle = self._loop.time() - self._last_recv
+        idle = self.loop.time() - self._last_recv
         if idle >= self._keepalive_timeout:
             log.warning("tunnel %s: nothing received for %.0f s; closing", self.peer, idle)
             self.abort()
             return
         if idle >= self._keepalive_interval or self._ping_sent_at is None:
             self.ping()
-        self._keepalive_handle = self._loop.call_later(self._keepalive_interval, self._keepalive)
+        self._keepalive_handle = self.loop.call_later(self._keepalive_interval, self._keepalive)
 
 
 class StreamEndpoint(asyncio.BufferedProtocol):

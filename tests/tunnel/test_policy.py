@@ -281,3 +281,20 @@ def test_parse_raises_only_config_errors(text: str) -> None:
     if entry.host is not None:
         assert entry.host == entry.host.lower()  # emptiness: see the xfail above
         assert not any(c.isspace() or c in "/[]" for c in entry.host)
+
+
+def test_verdicts_are_remembered_per_address_and_port_and_stay_right() -> None:
+    policy = DestinationPolicy(["127.0.0.1:8080"])
+    for _ in range(3):  # asked again and again, as a server does for every stream
+        assert policy.address_allowed("127.0.0.1", 8080)
+        assert not policy.address_allowed("127.0.0.1", 8081)
+        assert policy.address_allowed("192.0.2.1", 80)
+        assert not policy.address_allowed("10.1.2.3", 80)
+
+
+def test_the_verdict_memory_stays_bounded() -> None:
+    policy = DestinationPolicy()
+    for i in range(6000):
+        address = f"10.{i >> 8 & 255}.{i & 255}.1" if i % 2 else f"8.8.{i >> 8 & 255}.{i & 255}"
+        assert policy.address_allowed(address, 443) == (i % 2 == 0)
+    assert len(policy._verdicts) <= 4096

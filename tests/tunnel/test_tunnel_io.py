@@ -396,3 +396,30 @@ def _ws(payload: bytes) -> bytes:
     from autovpn.tunnel.websocket import Opcode, encode_frame
 
     return encode_frame(Opcode.BINARY, payload)
+
+
+def test_an_open_the_server_never_answers_times_out_and_is_cancelled(certs: Certs) -> None:
+    async def main() -> None:
+        async with engine(certs) as eng:
+            assert eng.server is not None and eng.tunnel is not None
+            stuck = asyncio.Event()
+
+            async def never(host: str, port: int) -> list[str]:
+                stuck.set()
+                await asyncio.Event().wait()  # a resolver that never answers
+                return []
+
+            eng.server.settings.resolve = never
+            eng.tunnel.settings.open_timeout = 0.5
+            started = time.monotonic()
+            try:
+                await socks_open(socks_port(eng), "never.test.example", 80)
+            except socks5.Socks5Error as exc:
+                assert exc.reply_code == socks5.Reply.TTL_EXPIRED  # SOCKS5's "timed out"
+            else:
+                raise AssertionError("an unanswered open succeeded")
+            assert stuck.is_set() and time.monotonic() - started < 5
+            conn = next(iter(eng.tunnel.connections))
+            assert not conn.streams  # forgotten on our side; the server got a RESET
+
+    run(main())
