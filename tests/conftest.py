@@ -7,8 +7,10 @@ targets are IP literals (or ``localhost``, answered by the hosts file).
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,8 +40,18 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a test coroutine on the engine's event loop (uvloop when installed)."""
 
     async def bounded() -> T:
-        async with asyncio.timeout(TEST_TIMEOUT):
-            return await coro
+        try:
+            async with asyncio.timeout(TEST_TIMEOUT):
+                return await coro
+        except BaseException as exc:
+            # A failed test may leave streams open, held by the locals of its frames.  Let
+            # them go while the loop still runs: a StreamWriter collected later, inside
+            # uvloop's loop.close(), closes its transport there, and close() never returns
+            # (seen: the whole suite hung on one failing test).
+            traceback.clear_frames(exc.__traceback__)
+            gc.collect()
+            await asyncio.sleep(0.05)
+            raise
 
     return run_on_loop(bounded())
 
