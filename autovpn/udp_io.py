@@ -89,6 +89,9 @@ def gso_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
         sock = socket.socket(fileno=os.dup(raw.fileno()))
     except OSError:
         return None
+    # The descriptor is already non-blocking (the flag belongs to the shared open file); this
+    # only tells the socket object, so a full buffer raises BlockingIOError at once.
+    sock.setblocking(False)
     try:
         # Probe: a kernel without UDP GSO refuses the option (ENOPROTOOPT).
         sock.setsockopt(_SOL_UDP, _UDP_SEGMENT, 0)
