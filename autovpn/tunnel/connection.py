@@ -245,32 +245,16 @@ class MuxConnection(asyncio.BufferedProtocol):
     def _handle_open(self, sid: int, payload: bytes | memoryview) -> None:
         # Streams the peer opens carry the peer's parity: odd from clients, even from servers.
         if self._on_open is None or (sid & 1) != (0 if self.client else 1) or sid in self.streams:
-            self.send_frame(
-                frames.frame(
-                    FrameType.RESET,
-                    sid,
-                    frames.encode_reset(ResetReason.PROTOCOL_ERROR, "unexpected OPEN"),
-                )
-            )
+            self._send_reset(sid, ResetReason.PROTOCOL_ERROR, "unexpected OPEN")
             return
         try:
             window, kind, host, port, early = frames.decode_open(payload)
         except RemoteProtocolError as exc:
             log.warning("tunnel %s: bad OPEN for stream %d: %s", self.peer, sid, exc)
-            self.send_frame(
-                frames.frame(
-                    FrameType.RESET, sid, frames.encode_reset(ResetReason.PROTOCOL_ERROR, str(exc))
-                )
-            )
+            self._send_reset(sid, ResetReason.PROTOCOL_ERROR, str(exc))
             return
         if self.draining:
-            self.send_frame(
-                frames.frame(
-                    FrameType.RESET,
-                    sid,
-                    frames.encode_reset(ResetReason.REFUSED_STREAM, "shutting down"),
-                )
-            )
+            self._send_reset(sid, ResetReason.REFUSED_STREAM, "shutting down")
             return
         self._on_open(self, sid, window, kind, host, port, early)
 
@@ -411,6 +395,9 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def reset_stream(self, sid: int, reason: ResetReason, message: str = "") -> None:
         self.streams.pop(sid, None)
+        self._send_reset(sid, reason, message)
+
+    def _send_reset(self, sid: int, reason: ResetReason, message: str) -> None:
         self.send_frame(frames.frame(FrameType.RESET, sid, frames.encode_reset(reason, message)))
 
     def ping(self) -> None:

@@ -119,10 +119,8 @@ class MuxDecoder:
                         # A whole small frame in this buffer (the common case for everything
                         # but DATA): one copy, no accumulator, no decoder state.  Matters for
                         # DATAGRAM frames, which come one per UDP datagram.
-                        if ftype not in _CONTROL_TYPES:
-                            raise RemoteProtocolError(f"unknown mux frame type {ftype}")
-                        if length > MAX_CONTROL_PAYLOAD:
-                            self._check_length(ftype, length)
+                        if ftype not in _CONTROL_TYPES or length > MAX_CONTROL_PAYLOAD:
+                            self._check_length(ftype, length)  # raises
                         frames.append((ftype, flags, stream, bytes(view[pos : pos + length])))
                         pos += length
                         continue

@@ -12,10 +12,7 @@ by address (so a name cannot smuggle a loopback target past it) and tried in ord
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +25,7 @@ from autovpn.errors import (
     RemoteProtocolError,
     ResetReason,
 )
-from autovpn.net import reset_reason_for
+from autovpn.net import is_ip_literal, reset_reason_for, resolve_target
 from autovpn.tunnel import handshake
 from autovpn.tunnel.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.frames import StreamKind
@@ -316,30 +313,9 @@ class TunnelServer:
             conn.reset_stream(ep.sid, reason, message)
 
     async def _resolve(self, host: str, port: int) -> list[str]:
-        if _is_ip_literal(host):
-            return [host]
-        if self.settings.resolve is not None:
+        if self.settings.resolve is not None and not is_ip_literal(host):
             return await self.settings.resolve(host, port)
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-        seen: list[str] = []
-        for info in infos:
-            address = str(info[4][0])
-            if address not in seen:
-                seen.append(address)
-        return seen
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_ip_literal(host: str) -> bool:
-    # Cached: parsing with ipaddress was ~5% of the server's CPU per new stream (py-spy), and
-    # a server sees the same few addresses again and again.
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        return await resolve_target(host, port)
 
 
 class _Refused(Exception):

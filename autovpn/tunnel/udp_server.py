@@ -14,13 +14,12 @@ resolved wait in a short queue, and the rest are dropped and counted.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
 from dataclasses import dataclass, field
 from typing import cast
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.net import resolve_target
 from autovpn.tunnel import frames
 from autovpn.tunnel.connection import MuxConnection
 from autovpn.tunnel.policy import DestinationPolicy
@@ -194,11 +193,7 @@ class UdpFlows:
     async def _open(self, target: _TargetSocket) -> None:
         host, port = target.host, target.port
         try:
-            try:
-                addresses = [str(ipaddress.ip_address(host))]
-            except ValueError:
-                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-                addresses = list(dict.fromkeys(str(i[4][0]) for i in infos))
+            addresses = await resolve_target(host, port, udp=True)
             if not self.policy.host_allowed(host, port):
                 addresses = [a for a in addresses if self.policy.address_allowed(a, port)]
             if not addresses:

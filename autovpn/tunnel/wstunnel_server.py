@@ -20,13 +20,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autovpn.errors import ConfigError, RemoteProtocolError
+from autovpn.net import resolve_target
 from autovpn.tunnel import wstunnel
 from autovpn.tunnel.handshake import HttpHead
 from autovpn.tunnel.policy import DestinationPolicy
@@ -312,7 +312,7 @@ async def _allowed_addresses(
     policy: DestinationPolicy, host: str, port: int, peer: str, udp: bool = False
 ) -> list[str]:
     try:
-        addresses = await _resolve(host, port, udp)
+        addresses = await resolve_target(host, port, udp=udp)
     except OSError as exc:
         raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
     if not policy.host_allowed(host, port):
@@ -332,23 +332,3 @@ def _peer_address(peer: str, forwarded: str | None) -> tuple[str, int] | None:
     except ValueError:
         return None
     return host, int(port) if port.isdecimal() else 0
-
-
-async def _resolve(host: str, port: int, udp: bool = False) -> list[str]:
-    try:
-        ipaddress.ip_address(host)
-        return [host]
-    except ValueError:
-        pass
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host,
-        port,
-        type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-        proto=socket.IPPROTO_UDP if udp else socket.IPPROTO_TCP,
-    )
-    seen: list[str] = []
-    for info in infos:
-        address = str(info[4][0])
-        if address not in seen:
-            seen.append(address)
-    return seen
