@@ -33,8 +33,8 @@ from autovpn.engine import Engine, embedded_config
 from autovpn.errors import AutovpnError, ConfigError
 from autovpn.eventloop import loop_factory, run
 from autovpn.routing.router import Mode
-from autovpn.tunnel import wstunnel_cli
-from autovpn.tunnel.client import ServerURL
+from autovpn.tunnel.mux.client import ServerURL
+from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
 if TYPE_CHECKING:
     from autovpn.monitor.api import Reply

@@ -39,10 +39,10 @@ from urllib.parse import parse_qs
 from autovpn.errors import ConfigError
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.router import Action, ListSpec, Mode, Router
-from autovpn.tunnel.client import ServerURL
-from autovpn.tunnel.reverse import DEFAULT_REVERSE_BINDS, ReverseSpec
-from autovpn.tunnel.wstunnel import WstunnelClientOptions
-from autovpn.tunnel.wstunnel_server import WstunnelServerOptions
+from autovpn.tunnel.mux.client import ServerURL
+from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseSpec
+from autovpn.tunnel.wstunnel.server import WstunnelServerOptions
+from autovpn.wire.wstunnel import WstunnelClientOptions
 
 T = TypeVar("T")
 

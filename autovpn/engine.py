@@ -28,22 +28,22 @@ from autovpn.config import (
     state_dir,
 )
 from autovpn.monitor.api import ControlAPI
-from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer, TunnelOpener
+from autovpn.proxy.forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
 from autovpn.routing.dns import SplitResolver, Upstream, tunnel_opener
 from autovpn.routing.hosts import parse_hosts
 from autovpn.routing.router import Action, Mode, Router
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
-from autovpn.tunnel.client import ClientSettings, ServerURL, TunnelClient
+from autovpn.tunnel.mux.client import ClientSettings, ServerURL, TunnelClient
+from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
 from autovpn.tunnel.policy import DestinationPolicy
-from autovpn.tunnel.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
-from autovpn.tunnel.wstunnel_client import WstunnelClient
-from autovpn.tunnel.wstunnel_forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
-from autovpn.tunnel.wstunnel_server import WstunnelService
-from autovpn.tunnel.wstunnel_udp import WstunnelUdpRelay
+from autovpn.tunnel.wstunnel.client import WstunnelClient
+from autovpn.tunnel.wstunnel.server import WstunnelService
+from autovpn.tunnel.wstunnel.udp import WstunnelUdpRelay
+from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn")
 
@@ -310,7 +310,7 @@ class Engine:
             )
 
     async def _start_wstunnel_client(self, client: ClientConfig) -> None:
-        from autovpn.tunnel.wstunnel_client import client_settings
+        from autovpn.tunnel.wstunnel.client import client_settings
 
         self.wstunnel = WstunnelClient(client_settings(client))
         self.wstunnel.start()

@@ -22,10 +22,10 @@ import pytest
 from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig
 from autovpn.engine import Engine
 from autovpn.eventloop import run as run_on_loop
-from autovpn.proxy import socks5
 from autovpn.routing.router import Mode
-from autovpn.tunnel.client import ServerURL
+from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.tls import make_private_ca
+from autovpn.wire import socks5
 
 T = TypeVar("T")
 SECRET = b"test-secret-0123456789"

@@ -15,19 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = frozenset({"asyncio", "socket", "ssl", "selectors"})
 
 PURE = [
-    "autovpn/tunnel/frames.py",
-    "autovpn/tunnel/websocket.py",
-    "autovpn/tunnel/handshake.py",
+    "autovpn/wire/frames.py",
+    "autovpn/wire/websocket.py",
+    "autovpn/wire/handshake.py",
     "autovpn/tunnel/policy.py",
-    "autovpn/proxy/socks5.py",
-    "autovpn/proxy/http_proxy.py",
-    "autovpn/proxy/auth.py",
+    "autovpn/wire/socks5.py",
+    "autovpn/wire/http_proxy.py",
+    "autovpn/wire/auth.py",
     "autovpn/routing/rules.py",
     "autovpn/routing/router.py",
     "autovpn/routing/dns_cache.py",
     "autovpn/routing/scoring.py",
-    "autovpn/tunnel/wstunnel.py",
-    "autovpn/tunnel/restrictions.py",
+    "autovpn/wire/wstunnel.py",
+    "autovpn/tunnel/wstunnel/restrictions.py",
 ]
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]
 

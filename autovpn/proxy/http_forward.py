@@ -39,10 +39,10 @@ import logging
 from typing import Any, cast
 
 from autovpn.errors import StreamError
-from autovpn.proxy import http_proxy
-from autovpn.proxy.auth import parse_basic_proxy_authorization
 from autovpn.proxy.dialer import Upstream
-from autovpn.proxy.http_proxy import (
+from autovpn.wire import http_proxy
+from autovpn.wire.auth import parse_basic_proxy_authorization
+from autovpn.wire.http_proxy import (
     BodyFramer,
     BodyKind,
     BodyTracker,

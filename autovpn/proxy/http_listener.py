@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 from autovpn.errors import RemoteProtocolError
-from autovpn.proxy import http_proxy
 from autovpn.proxy.http_forward import HttpForwarder, authorization_problem, error_response
 from autovpn.proxy.listener import HandshakeBase, ProxyListener
+from autovpn.wire import http_proxy
 
 log = logging.getLogger("autovpn.proxy")
 

@@ -16,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from autovpn.errors import BindError, ConfigError, ResetReason, StreamError
-from autovpn.proxy import socks5
-from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer, Upstream, discard
 from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation, UdpRelayStats
+from autovpn.wire import socks5
+from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn.proxy")
 

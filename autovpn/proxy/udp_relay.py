@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from autovpn.errors import BindError
-from autovpn.proxy import socks5
 from autovpn.routing.router import Action, Router
 from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
+from autovpn.wire import socks5
 
 log = logging.getLogger("autovpn.udp")
 

@@ -141,7 +141,7 @@ class Resolution:
 def tunnel_opener(client: object) -> StreamOpener:
     """A ``StreamOpener`` over a ``TunnelClient``: the tunnel stream is attached to one end of
     a socket pair and the caller gets asyncio streams on the other (real sockets, no mocks)."""
-    from autovpn.tunnel.client import TunnelClient
+    from autovpn.tunnel.mux.client import TunnelClient
 
     assert isinstance(client, TunnelClient)
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from autovpn.config import ClientConfig, Config, ListenSpec
 from autovpn.engine import Engine
 from autovpn.eventloop import loop_factory
-from autovpn.tunnel.client import ServerURL
+from autovpn.tunnel.mux.client import ServerURL
 from tests.conftest import SECRET, Certs, free_port
 
 pytestmark = [

@@ -17,10 +17,10 @@ import pytest
 from autovpn.engine import Engine
 from autovpn.errors import BindError, ConfigError
 from autovpn.proxy import listener as listener_module
-from autovpn.proxy.auth import Credentials
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.router import Mode, Router
+from autovpn.wire.auth import Credentials
 from tests.conftest import (
     Certs,
     echo_handler,

@@ -1,0 +1,1 @@
+"""autovpn's own tunnel protocol: many streams over one WebSocket, client and server."""

@@ -1,0 +1,413 @@
+"""The tunnel client: a small pool of mux connections to one server, kept up by reconnects.
+
+``TunnelClient.open_stream(host, port)`` picks the live connection with the fewest streams,
+opens a stream and waits for the server's OPEN_OK (or its RESET, raised as StreamError with the
+reason the listener maps to a SOCKS5 reply or HTTP status).  Names travel to the server
+unresolved, so the client never leaks DNS for tunnelled names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import urlsplit
+
+from autovpn.errors import (
+    ConfigError,
+    RemoteProtocolError,
+    ResetReason,
+    StreamError,
+    TunnelUnavailable,
+)
+from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
+from autovpn.tunnel.mux.reverse import ReverseClient, ReverseSpec
+from autovpn.wire import frames, handshake
+from autovpn.wire.frames import StreamKind
+
+log = logging.getLogger("autovpn.tunnel.client")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerURL:
+    """``wss://host:port`` (TLS) or ``ws://host:port`` (plain, e.g. to a local nginx)."""
+
+    tls: bool
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "server") -> ServerURL:
+        parts = urlsplit(text)
+        if parts.scheme not in ("ws", "wss"):
+            raise ConfigError(key, f"{text!r}: the scheme must be wss:// or ws://")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(key, f"{text!r}: {exc}") from None
+        if not parts.hostname:
+            raise ConfigError(key, f"{text!r}: no host")
+        tls = parts.scheme == "wss"
+        return cls(tls, parts.hostname, port or (443 if tls else 80))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
+
+
+@dataclass(slots=True)
+class ClientSettings:
+    server: ServerURL
+    user: str
+    secret: bytes
+    ssl_context: ssl.SSLContext | None = None
+    sni: str | None = None  # --tls-sni-override
+    path_prefix: str = handshake.DEFAULT_PATH_PREFIX
+    host_header: str | None = None
+    pool_size: int = 1
+    window: int = DEFAULT_WINDOW
+    connect_timeout: float = 10.0
+    open_timeout: float = 15.0
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+    max_backoff: float = 5.0
+    extra_headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    reverse: tuple[ReverseSpec, ...] = ()  # -R: listeners to ask the server for
+
+
+class _ClientHandshake(asyncio.Protocol):
+    """Sends the upgrade request and reads the answer; then hands the transport to the mux."""
+
+    def __init__(
+        self, settings: ClientSettings, make_mux: type[MuxConnection] | None = None
+    ) -> None:
+        self._settings = settings
+        self._buffer = bytearray()
+        self._key = os.urandom(16)
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[tuple[handshake.ClientResult, bytes]] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        s = self._settings
+        host = s.host_header or (
+            s.server.host if s.server.port in (80, 443) else f"{s.server.host}:{s.server.port}"
+        )
+        self.transport.write(
+            handshake.build_request(
+                host=host,
+                path=handshake.tunnel_path(s.path_prefix),
+                user=s.user,
+                secret=s.secret,
+                now=int(time.time()),
+                nonce=os.urandom(16),
+                ws_key=self._key,
+                extra_headers=s.extra_headers,
+            )
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self._buffer += data
+        try:
+            parsed = handshake.parse_head(self._buffer)
+            if parsed is None:
+                return
+            head, rest = parsed
+            result = handshake.check_response(head, self._key)
+        except RemoteProtocolError as exc:
+            self.done.set_exception(exc)
+            return
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.done.set_result((result, rest))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(
+                ConnectionError(f"connection closed during the upgrade: {exc or 'EOF'}")
+            )
+
+
+class StreamUpstream:
+    """Hands a local socket to a tunnel stream (see autovpn.proxy.dialer.Upstream)."""
+
+    __slots__ = ("ep",)
+
+    def __init__(self, ep: StreamEndpoint) -> None:
+        self.ep = ep
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        transport.set_protocol(self.ep)
+        self.ep.attach(transport)
+        if not self.ep.reading_paused:
+            transport.resume_reading()
+
+
+class TunnelClient:
+    """A pool of tunnel connections.  Use as ``async with TunnelClient(settings) as client``."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+        self.connections: list[MuxConnection] = []
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.connects = 0
+        self.failures = 0
+        self.last_error = ""
+        # UDP flows (docs/protocol.md, DATAGRAM): flow id -> reply handler, and the connection
+        # each flow currently uses.  A flow outlives its connection: after a reconnect its next
+        # datagram goes out on a live one and the server starts a new session for it.
+        self._flows: dict[int, Callable[[str, int, bytes], None]] = {}
+        self._flow_conn: dict[int, MuxConnection] = {}
+        self._next_flow = 1
+        self.datagrams_dropped = 0
+        self.reverse = (
+            ReverseClient(settings.reverse, settings.connect_timeout) if settings.reverse else None
+        )
+
+    async def __aenter__(self) -> TunnelClient:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        for i in range(max(1, self.settings.pool_size)):
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._keep_up(), name=f"tunnel-pool-{i}")
+            )
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        connections = list(self.connections)
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await asyncio.gather(*(conn.shutdown() for conn in connections))
+
+    async def wait_up(self, within: float) -> bool:
+        """Wait until a tunnel connection is up; False if none came ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while not self.up:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def up(self) -> bool:
+        return any(not c.closed and not c.draining for c in self.connections)
+
+    async def connect_once(self) -> MuxConnection:
+        """Open one tunnel connection (TCP, TLS, upgrade).  Raises OSError/HandshakeError."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        ctx = s.ssl_context if s.server.tls else None
+        if s.server.tls and ctx is None:
+            from autovpn.tunnel.tls import client_context
+
+            ctx = client_context()
+        async with asyncio.timeout(s.connect_timeout):
+            transport, proto = await loop.create_connection(
+                lambda: _ClientHandshake(s),
+                s.server.host,
+                s.server.port,
+                ssl=ctx,
+                server_hostname=(s.sni or s.server.host) if ctx is not None else None,
+            )
+            try:
+                result, rest = await proto.done
+            except BaseException:
+                transport.abort()
+                raise
+        mux = MuxConnection(
+            client=True,
+            unmasked=result.unmasked,
+            window=s.window,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_timeout=s.keepalive_timeout,
+            on_lost=self._lost,
+            on_datagram=self._on_datagram,
+            on_open=self.reverse.on_open if self.reverse is not None else None,
+            peer=str(s.server),
+        )
+        transport.set_protocol(mux)
+        mux.connection_made(transport)
+        if rest:
+            mux.receive(rest)
+        transport.resume_reading()
+        return mux
+
+    async def _keep_up(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                mux = await self.connect_once()
+            except (OSError, TimeoutError, RemoteProtocolError, ssl.SSLError) as exc:
+                self.failures += 1
+                self.last_error = str(exc) or type(exc).__name__
+                level = (
+                    logging.WARNING
+                    if self.failures in (1, 10) or self.failures % 100 == 0
+                    else logging.DEBUG
+                )
+                log.log(
+                    level,
+                    "tunnel to %s failed: %s (retrying in %.1f s)",
+                    self.settings.server,
+                    self.last_error,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.settings.max_backoff)
+                continue
+            backoff = 0.1
+            self.connects += 1
+            self.failures = 0
+            log.info("tunnel connection to %s is up", self.settings.server)
+            self.connections.append(mux)
+            if self.reverse is not None:
+                self.reverse.register_on(mux)
+            self._changed.set()
+            try:
+                await asyncio.shield(mux.lost)  # cancelling us must not cancel it
+            finally:
+                if mux in self.connections:
+                    self.connections.remove(mux)
+                if not self._closing:
+                    mux.abort()
+            if not self._closing:
+                log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
+
+    # -- UDP flows ---------------------------------------------------------------------------
+
+    def open_flow(self, on_reply: Callable[[str, int, bytes], None]) -> int:
+        """A new UDP flow; ``on_reply(host, port, data)`` gets the datagrams coming back."""
+        flow = self._next_flow
+        self._next_flow = (self._next_flow + 2) & 0xFFFFFFFF or 1
+        self._flows[flow] = on_reply
+        return flow
+
+    def close_flow(self, flow: int) -> None:
+        self._flows.pop(flow, None)
+        conn = self._flow_conn.pop(flow, None)
+        if conn is not None and not conn.closed:
+            conn.send_frame(frames.frame(frames.FrameType.DATAGRAM, flow))  # empty: flow ends
+
+    def send_datagram(self, flow: int, host: str, port: int, data: bytes) -> bool:
+        """Send one datagram on ``flow``; False (and counted) when it had to be dropped.
+
+        Datagrams are never queued behind stream flow control or a stalled connection: with
+        no live connection, or one whose write buffer is above its high-water mark, they are
+        dropped, as a congested network would.
+        """
+        conn = self._flow_conn.get(flow)
+        if conn is None or conn.closed:
+            live = [c for c in self.connections if not c.closed and not c.draining]
+            if not live:
+                self.datagrams_dropped += 1
+                return False
+            conn = min(live, key=lambda c: len(c.streams))
+            self._flow_conn[flow] = conn
+        if conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
+            self.datagrams_dropped += 1
+            return False
+        conn.send_datagram(flow, frames.encode_address(host, port), data)
+        return True
+
+    def _on_datagram(self, conn: MuxConnection, flow: int, payload: bytes) -> None:
+        handler = self._flows.get(flow)
+        if handler is None or not payload:
+            return
+        try:
+            host, port, end = frames.decode_address(payload)
+        except RemoteProtocolError:
+            self.datagrams_dropped += 1
+            return
+        handler(host, port, payload[end:])
+
+    def _lost(self, mux: MuxConnection) -> None:
+        if mux in self.connections:
+            self.connections.remove(mux)
+
+    async def _pick(self) -> MuxConnection:
+        live = [c for c in self.connections if not c.closed and not c.draining]
+        if live:  # the common case, without touching the loop
+            return min(live, key=lambda c: len(c.streams))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        while True:
+            live = [c for c in self.connections if not c.closed and not c.draining]
+            if live:
+                return min(live, key=lambda c: len(c.streams))
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closing:
+                raise TunnelUnavailable(
+                    f"no tunnel connection to {self.settings.server}"
+                    + (f": {self.last_error}" if self.last_error else "")
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+
+    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> StreamUpstream:
+        """``open_stream`` for the dialer: the result relays a local socket once attached."""
+        return StreamUpstream(await self.open_stream(host, port, early))
+
+    async def open_stream(
+        self, host: str, port: int, early: bytes = b"", kind: StreamKind = StreamKind.TCP
+    ) -> StreamEndpoint:
+        """Open a stream to host:port through the tunnel; returns once the server connected.
+
+        Raises StreamError (with the server's reason) or TunnelUnavailable.
+        """
+        conn = await self._pick()
+        ep = StreamEndpoint(conn)
+        ep.opened = opened = conn.loop.create_future()
+        # Early data beyond what OPEN may carry waits for OPEN_OK like any read past credit.
+        early, ep.unsent = early[: frames.MAX_EARLY_DATA], early[frames.MAX_EARLY_DATA :]
+        try:
+            conn.open_stream(ep, host, port, early, kind)
+        except ValueError as exc:  # a name that cannot be encoded (over 255 bytes as IDNA)
+            raise StreamError(ResetReason.HOST_UNREACHABLE, str(exc)) from None
+        # A timer on the future, not ``asyncio.timeout``: that context manager costs ~4 µs
+        # (it looks up the current task and the running loop), once per stream.
+        timer = conn.loop.call_later(self.settings.open_timeout, _expire, opened)
+        try:
+            await opened
+        except TimeoutError:
+            ep.on_reset(ResetReason.TIMED_OUT, "no answer from the tunnel server", False)
+            conn.reset_stream(ep.sid, ResetReason.CANCELLED, "open timed out")
+            raise StreamError(ResetReason.TIMED_OUT, "tunnel server did not answer") from None
+        except asyncio.CancelledError:
+            if not ep.done:
+                ep.done = True
+                conn.reset_stream(ep.sid, ResetReason.CANCELLED, "cancelled")
+            raise
+        finally:
+            timer.cancel()
+        return ep
+
+
+def _expire(opened: asyncio.Future[None]) -> None:
+    if not opened.done():
+        opened.set_exception(TimeoutError())

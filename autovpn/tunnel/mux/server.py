@@ -1,0 +1,324 @@
+"""The tunnel server: accepts upgraded connections and dials the targets their streams name.
+
+Each accepted TCP (or TLS) connection starts in ``_ServerHandshake``, which reads one HTTP head
+and answers it: the tunnel path with good credentials gets 101 and the transport passes to a
+``MuxConnection``; anything else gets a plain, uninformative answer (404 for other paths, 401/403
+for credentials, 400 for a broken upgrade) and is closed.
+
+Targets are resolved here, on the server, then checked against the destination policy address
+by address (so a name cannot smuggle a loopback target past it) and tried in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from autovpn.errors import (
+    AuthenticationFailed,
+    BindError,
+    RemoteProtocolError,
+    ResetReason,
+)
+from autovpn.net import is_ip_literal, reset_reason_for, resolve_target
+from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
+from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners
+from autovpn.tunnel.mux.udp import UdpFlows
+from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.wire import handshake
+from autovpn.wire.frames import StreamKind
+
+log = logging.getLogger("autovpn.tunnel.server")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    users: dict[str, bytes]
+    ssl_context: ssl.SSLContext | None = None
+    path_prefix: str = handshake.DEFAULT_PATH_PREFIX
+    policy: DestinationPolicy = field(default_factory=DestinationPolicy)
+    window: int = DEFAULT_WINDOW
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 45.0
+    udp_idle_timeout: float = 180.0
+    #: Addresses native reverse tunnels (-R) may bind on the server: loopback unless opened.
+    reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
+    #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
+    #: failure); tests point it at a loopback DNS server so that no test name reaches the
+    #: system resolver.
+    resolve: Callable[[str, int], Awaitable[list[str]]] | None = None
+
+
+class _ServerHandshake(asyncio.Protocol):
+    def __init__(self, server: TunnelServer) -> None:
+        self._server = server
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._peer = "?"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        log.info("tunnel peer %s: no upgrade request within %.0f s", self._peer, HANDSHAKE_TIMEOUT)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._buffer += data
+        try:
+            parsed = handshake.parse_head(self._buffer)
+            if parsed is None:
+                return
+            head, rest = parsed
+            if head.start_line == "PRI * HTTP/2.0":
+                # An HTTP/2 preface (h2c prior knowledge, or ALPN h2): only an alternative
+                # protocol (wstunnel's HTTP/2 transport) can serve it.
+                for alternative in self._server.alternatives:
+                    if alternative(head, self.transport, rest, self._peer):
+                        self._cancel_timer()
+                        return
+            _, path = handshake.request_target(head)
+            if path != handshake.tunnel_path(self._server.settings.path_prefix):
+                for alternative in self._server.alternatives:
+                    if alternative(head, self.transport, rest, self._peer):
+                        # Another protocol (wstunnel) took the connection over.
+                        self._cancel_timer()
+                        return
+                raise handshake.HandshakeError(
+                    f"request for {path[:80]!r}",
+                    404,
+                    reply=handshake.plain_response(404, "Not Found"),
+                )
+            accepted = handshake.accept_request(
+                head,
+                path=path,
+                users=self._server.settings.users,
+                replay=self._server.replay,
+                now=time.time(),
+            )
+        except RemoteProtocolError as exc:
+            level = logging.WARNING if isinstance(exc, AuthenticationFailed) else logging.INFO
+            log.log(level, "tunnel peer %s refused: %s", self._peer, exc)
+            self._server.refused += 1
+            if exc.reply:
+                self.transport.write(exc.reply)
+            elif not isinstance(exc, handshake.HandshakeError):
+                self.transport.write(handshake.plain_response(400, "Bad Request"))
+            self.transport.close()
+            self._cancel_timer()
+            return
+        self._cancel_timer()
+        self.transport.write(accepted.response)
+        log.info("tunnel peer %s: user %s connected", self._peer, accepted.user)
+        mux = self._server.make_mux(accepted, self._peer)
+        self.transport.set_protocol(mux)
+        mux.connection_made(self.transport)
+        if rest:
+            mux.receive(rest)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+
+
+class TunnelServer:
+    """Serves the tunnel on one address.  ``async with TunnelServer(settings) as server``."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.replay = handshake.ReplayCache()
+        self.connections: set[MuxConnection] = set()
+        self.refused = 0
+        self.streams_opened = 0
+        self.streams_failed = 0
+        self._server: asyncio.Server | None = None
+        self._dials: set[asyncio.Task[None]] = set()
+        #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
+        self.udp: UdpFlows | None = None
+        self.reverse = ReverseListeners(settings.reverse_binds)
+        #: Other protocols served on the same port (wstunnel): each is offered every request
+        #: whose path is not our tunnel path, with the transport and the bytes after the head,
+        #: and returns True when it took the connection over (it then owns the transport).
+        self.alternatives: list[
+            Callable[[handshake.HttpHead, asyncio.Transport, bytes, str], bool]
+        ] = []
+
+    async def __aenter__(self) -> TunnelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def _connection_lost(self, conn: MuxConnection) -> None:
+        self.connections.discard(conn)
+        if self.udp is not None:
+            self.udp.connection_lost(conn)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        self.udp = UdpFlows(s.policy, s.udp_idle_timeout)
+        try:
+            self._server = await loop.create_server(
+                lambda: _ServerHandshake(self),
+                s.host,
+                s.port,
+                ssl=s.ssl_context,
+                backlog=1024,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if s.ssl_context else None,
+            )
+        except OSError as exc:
+            raise BindError(
+                f"tunnel server cannot listen on {s.host}:{s.port}: {exc.strerror}"
+            ) from exc
+        log.info(
+            "tunnel server listening on %s://%s:%d%s",
+            "wss" if s.ssl_context else "ws",
+            s.host,
+            self.port,
+            handshake.tunnel_path(s.path_prefix),
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        connections = list(self.connections)
+        for conn in connections:
+            conn.goaway()
+        for task in list(self._dials):
+            task.cancel()
+        if self._dials:
+            await asyncio.gather(*self._dials, return_exceptions=True)
+        if self.udp is not None:
+            await self.udp.close()
+        await asyncio.gather(*(conn.shutdown() for conn in connections))
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def make_mux(self, accepted: handshake.Accepted, peer: str) -> MuxConnection:
+        s = self.settings
+        mux = MuxConnection(
+            client=False,
+            unmasked=accepted.unmasked,
+            window=s.window,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_timeout=s.keepalive_timeout,
+            on_open=self._on_open,
+            on_datagram=self.udp.on_datagram if self.udp is not None else None,
+            on_lost=self._connection_lost,
+            peer=f"{peer} ({accepted.user})",
+        )
+        self.connections.add(mux)
+        return mux
+
+    def _on_open(
+        self,
+        conn: MuxConnection,
+        sid: int,
+        window: int,
+        kind: StreamKind,
+        host: str,
+        port: int,
+        early: bytes,
+    ) -> None:
+        if kind == StreamKind.REVERSE_TCP:
+            self.reverse.open_control(conn, sid, host, port)
+            return
+        if kind != StreamKind.TCP:
+            conn.reset_stream(sid, ResetReason.PROTOCOL_ERROR, "stream kind not supported")
+            return
+        ep = StreamEndpoint(conn, sid, send_credit=window)
+        ep.early = early
+        ep.recv_unacked = len(early)  # early data counts against our window like DATA
+        ep.recv_budget -= len(early)
+        ep.on_connect = open_ok
+        conn.streams[sid] = ep
+        task = conn.loop.create_task(self._dial(ep, host, port), name=f"dial-{host}:{port}")
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+
+    async def _dial(self, ep: StreamEndpoint, host: str, port: int) -> None:
+        conn = ep.conn
+        policy = self.settings.policy
+        loop = conn.loop
+        try:
+            if not 0 < port < 65536:
+                raise _Refused(ResetReason.NOT_ALLOWED, f"port {port} out of range")
+            addresses = await self._resolve(host, port)
+            if not policy.host_allowed(host, port):
+                allowed = [a for a in addresses if policy.address_allowed(a, port)]
+                if not allowed:
+                    log.warning(
+                        "policy refused %s:%d (%s) for %s",
+                        host,
+                        port,
+                        ", ".join(addresses),
+                        conn.peer,
+                    )
+                    raise _Refused(ResetReason.NOT_ALLOWED, "destination not allowed")
+                addresses = allowed
+            last: BaseException | None = None
+            for address in addresses:
+                if ep.done:
+                    return
+                try:
+                    async with asyncio.timeout(self.settings.connect_timeout):
+                        await loop.create_connection(lambda: ep, address, port)
+                    self.streams_opened += 1
+                    return
+                except (OSError, TimeoutError) as exc:
+                    last = exc
+            assert last is not None
+            raise last
+        except _Refused as exc:
+            reason, message = exc.reason, str(exc)
+        except (OSError, TimeoutError) as exc:
+            reason, message = reset_reason_for(exc), str(exc) or type(exc).__name__
+            log.info("dial %s:%d for %s failed: %s", host, port, conn.peer, message)
+        except Exception as exc:  # a bug (say in a resolver hook) must not leave it unanswered
+            log.exception("dial %s:%d for %s failed unexpectedly", host, port, conn.peer)
+            reason, message = ResetReason.GENERAL_FAILURE, type(exc).__name__
+        self.streams_failed += 1
+        if not ep.done:
+            ep.done = True
+            conn.reset_stream(ep.sid, reason, message)
+
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        if self.settings.resolve is not None and not is_ip_literal(host):
+            return await self.settings.resolve(host, port)
+        return await resolve_target(host, port)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: ResetReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

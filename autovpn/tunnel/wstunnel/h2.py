@@ -1,0 +1,245 @@
+"""wstunnel's HTTP/2 transport on the server (wstunnel.md section 4): ``POST /<prefix>/events``
+with the JWT in ``cookie``, over h2c with prior knowledge or TLS with ALPN ``h2``.
+
+The HTTP/2 framing is the ``h2`` package (sans-I/O).  Each request stream is one tunnel: the
+same checks as the WebSocket transport (minus the upgrade headers), the destination dialled
+before answering, then ``200`` with the request's ``content-type`` and a streaming body both
+ways.  Every DATA chunk from the target goes out as it is read, within the peer's flow-control
+window (the target is paused while the window is shut); received DATA is acknowledged once
+written.  END_STREAM (or a reset) ends the tunnel, as Close does on WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+from autovpn.errors import RemoteProtocolError
+from autovpn.wire import wstunnel
+from autovpn.wire.handshake import HttpHead
+from autovpn.wire.wstunnel import Kind, WstunnelRejected
+
+if TYPE_CHECKING:
+    from autovpn.tunnel.wstunnel.server import WstunnelService
+
+log = logging.getLogger("autovpn.tunnel.wstunnel")
+
+PREFACE_LINE: Final = "PRI * HTTP/2.0"
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class _Target(asyncio.Protocol):
+    """The destination socket of one HTTP/2 tunnel stream."""
+
+    def __init__(self, conn: H2Tunnels, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.transport: asyncio.Transport | None = None
+        self.pending = bytearray()
+        self.eof = False
+        self.ended = False
+        self.held: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # until the 200 is sent
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        self.conn.pump(self)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.conn.pump(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if exc is not None:
+            self.conn.reset(self.stream_id)
+        else:
+            self.conn.pump(self)
+
+
+class H2Tunnels(asyncio.Protocol):
+    """One HTTP/2 connection from a wstunnel client; each stream is a tunnel."""
+
+    def __init__(self, service: WstunnelService, peer: str, client_cn: str | None) -> None:
+        self.service = service
+        self.peer = peer
+        self.client_cn = client_cn
+        config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.transport: asyncio.Transport | None = None
+        self.targets: dict[int, _Target] = {}
+        self.early: dict[int, list[bytes]] = {}
+        self.closed = False
+
+    def start(self, transport: asyncio.Transport, data: bytes) -> None:
+        self.transport = transport
+        transport.set_protocol(self)
+        self.h2.initiate_connection()
+        self.data_received(data)
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("wstunnel h2 peer %s: %s", self.peer, exc)
+            self._flush()
+            self.abort()
+            return
+        for event in events:
+            self._event(event)
+        self._flush()
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            self.early[event.stream_id] = []
+            headers = [(_text(k), _text(v)) for k, v in event.headers]
+            self.service.spawn_h2(self._open(event.stream_id, headers))
+        elif isinstance(event, h2.events.DataReceived):
+            target = self.targets.get(event.stream_id)
+            if target is not None and target.transport is not None:
+                target.transport.write(event.data)
+            elif event.stream_id in self.early:
+                self.early[event.stream_id].append(event.data)
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+            target = self.targets.pop(event.stream_id, None)
+            self.early.pop(event.stream_id, None)
+            if target is not None and target.transport is not None:
+                target.ended = True
+                target.transport.close()  # no half-close: the tunnel ends (section 3.6)
+                if isinstance(event, h2.events.StreamEnded):
+                    self._end(event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated):
+            for target in list(self.targets.values()):
+                if event.stream_id in (0, target.stream_id):
+                    self.pump(target)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.abort()
+
+    async def _open(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
+        pseudo = {k: v for k, v in headers if k.startswith(":")}
+        plain = tuple((k.lower(), v) for k, v in headers if not k.startswith(":"))
+        head = HttpHead(
+            f"{pseudo.get(':method', 'POST')} {pseudo.get(':path', '')} HTTP/1.1", plain
+        )
+        target = _Target(self, stream_id)
+        try:
+            req = wstunnel.check_request(head, client_cn=self.client_cn, require_upgrade=False)
+            verdict = self.service.restrictions.check(
+                req.path_prefix, req.authorization, req.claims, req.host
+            )
+            if verdict is None:
+                raise WstunnelRejected("no restriction allows this tunnel")
+            if req.claims.protocol.kind is not Kind.TCP:
+                raise WstunnelRejected("only Tcp tunnels over HTTP/2 here")
+            await self.service._dial(req, cast(Any, target), self.peer)
+        except RemoteProtocolError as exc:
+            self.service.refused += 1
+            log.info("wstunnel h2 peer %s refused: %s", self.peer, exc)
+            self._answer_400(stream_id)
+            return
+        if self.closed or stream_id not in self.early:
+            if target.transport is not None:
+                target.transport.close()
+            return
+        self.service.accepted += 1
+        self.targets[stream_id] = target
+        response = [(":status", "200")]
+        content_type = dict(plain).get("content-type")
+        if content_type:
+            response.append(("content-type", content_type))
+        self.h2.send_headers(stream_id, response)
+        assert target.transport is not None
+        for data in self.early.pop(stream_id, []):
+            target.transport.write(data)
+        target.transport.resume_reading()
+        self._flush()
+
+    def _answer_400(self, stream_id: int) -> None:
+        if self.closed:
+            return
+        self.early.pop(stream_id, None)
+        body = b"Invalid request"
+        try:
+            self.h2.send_headers(
+                stream_id, [(":status", "400"), ("content-length", str(len(body)))]
+            )
+            self.h2.send_data(stream_id, body, end_stream=True)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def pump(self, target: _Target) -> None:
+        """Send what the target read, within the flow-control windows."""
+        if self.closed or target.ended or target.stream_id not in self.targets:
+            return
+        sid = target.stream_id
+        while target.pending:
+            window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            if window <= 0:
+                break
+            chunk = bytes(target.pending[:window])
+            del target.pending[:window]
+            self.h2.send_data(sid, chunk)
+        if target.transport is not None and not target.eof:
+            if target.pending:
+                target.transport.pause_reading()
+            else:
+                target.transport.resume_reading()
+        if target.eof and not target.pending:
+            self.targets.pop(sid, None)
+            target.ended = True
+            self._end(sid)
+        self._flush()
+
+    def _end(self, stream_id: int) -> None:
+        try:
+            self.h2.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def reset(self, stream_id: int) -> None:
+        self.targets.pop(stream_id, None)
+        try:
+            self.h2.reset_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.h2.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._drop_targets()
+
+    def _drop_targets(self) -> None:
+        targets, self.targets = self.targets, {}
+        for target in targets.values():
+            if target.transport is not None:
+                target.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._drop_targets()
+        self.service.h2_connections.discard(self)

@@ -1,0 +1,334 @@
+"""Serving stock wstunnel v10 clients on the tunnel server's own port, without configuration.
+
+``WstunnelService.install(server)`` adds ``offer`` to ``TunnelServer.alternatives``: every
+request whose path is not our native tunnel path and which looks like wstunnel (a path ending
+in ``events``, or a bearer JWT in ``Sec-WebSocket-Protocol``) is taken over here and
+answered as wstunnel answers it: the checks of wstunnel.md section 1.3 in order, each
+failure a ``400 Invalid request``, the destination dialled *before* the 101 (so an
+unreachable destination is a 400 too), then one ``WsSide`` relay per tunnel.  Anything else
+is left to the native server (404).
+
+Access control, as in wstunnel: the mTLS CN must equal the path prefix, then the restrictions
+(``--restrict-config`` file, reloaded when it changes, or ``--restrict-to``/``-r``), then our own
+``DestinationPolicy`` on the resolved addresses (private and loopback refused unless allowed).
+The JWT itself authenticates nothing (section 2.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from autovpn.errors import ConfigError, RemoteProtocolError
+from autovpn.net import resolve_target
+from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
+from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
+from autovpn.tunnel.wstunnel.restrictions import Restrictions
+from autovpn.wire import wstunnel
+from autovpn.wire.handshake import HttpHead
+from autovpn.wire.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
+
+if TYPE_CHECKING:
+    from autovpn.tunnel.mux.server import TunnelServer
+
+log = logging.getLogger("autovpn.tunnel.wstunnel")
+
+
+@dataclass(slots=True)
+class WstunnelServerOptions:
+    """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
+
+    #: Serve stock wstunnel clients on the tunnel port (``--no-wstunnel`` turns it off).
+    enabled: bool = True
+    restrict_to: tuple[str, ...] = ()
+    restrict_path_prefixes: tuple[str, ...] = ()
+    restrict_config: Path | None = None
+    ping_interval: float = wstunnel.DEFAULT_PING_INTERVAL
+    connect_timeout: float = 10.0
+    #: ``--remote-to-local-server-idle-timeout``: a reverse listener nobody waits on closes.
+    reverse_idle_timeout: float = 180.0
+
+
+def _client_cn(transport: asyncio.BaseTransport) -> str | None:
+    cert = transport.get_extra_info("peercert")
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+class _Pending(asyncio.Protocol):
+    """The connection's protocol while its request is being served (reading is paused)."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+class WstunnelService:
+    """wstunnel v10 tunnels on a ``TunnelServer``'s port."""
+
+    def __init__(self, server: TunnelServer, options: WstunnelServerOptions | None = None) -> None:
+        self.server = server
+        self.options = options or WstunnelServerOptions()
+        self.tunnels: set[WsSide] = set()
+        self.h2_connections: set[H2Tunnels] = set()
+        self.accepted = 0
+        self.refused = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._restrictions = Restrictions.from_flags(
+            self.options.restrict_to, self.options.restrict_path_prefixes
+        )
+        self._restrict_mtime: float | None = None
+        if self.options.restrict_config is not None:
+            if self.options.restrict_to or self.options.restrict_path_prefixes:
+                raise ConfigError(
+                    "--restrict-config", "conflicts with --restrict-to and -r (as in wstunnel)"
+                )
+            self._load_restrictions()
+        from autovpn.tunnel.wstunnel.reverse import ReverseListeners
+
+        self.reverse = ReverseListeners(self.options.reverse_idle_timeout)
+
+    def spawn_h2(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="wstunnel-h2-stream")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def install(self) -> WstunnelService:
+        self.server.alternatives.append(self.offer)
+        return self
+
+    async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.server.alternatives.remove(self.offer)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ws in list(self.tunnels):
+            ws.abort()
+        for conn in list(self.h2_connections):
+            conn.abort()
+        await self.reverse.close()
+
+    # -- restrictions ------------------------------------------------------------------------
+
+    def _load_restrictions(self) -> None:
+        path = self.options.restrict_config
+        assert path is not None
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self._restrict_mtime:
+                return
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            if self._restrict_mtime is None:
+                raise ConfigError("--restrict-config", f"cannot read {path}: {exc}") from None
+            return  # removed or unreadable: keep the last good rules (wstunnel re-watches)
+        try:
+            self._restrictions = Restrictions.from_yaml(text, str(path))
+        except ConfigError as exc:
+            if self._restrict_mtime is None:
+                raise
+            log.warning("restrictions %s not reloaded: %s", path, exc)
+            return
+        if self._restrict_mtime is not None:
+            log.info("restrictions reloaded from %s", path)
+        self._restrict_mtime = mtime
+
+    @property
+    def restrictions(self) -> Restrictions:
+        if self.options.restrict_config is not None:
+            self._load_restrictions()
+        return self._restrictions
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def offer(self, head: HttpHead, transport: asyncio.Transport, rest: bytes, peer: str) -> bool:
+        """``TunnelServer.alternatives`` hook: take wstunnel-looking requests over."""
+        if head.start_line == PREFACE_LINE:  # HTTP/2: h2c prior knowledge or ALPN h2
+            conn = H2Tunnels(self, peer, _client_cn(transport))
+            self.h2_connections.add(conn)
+            conn.start(transport, PREFACE_LINE.encode() + b"\r\n\r\n" + rest)
+            return True
+        target = head.start_line.split(" ")
+        path = target[1].split("?", 1)[0] if len(target) > 1 else ""
+        # A wstunnel client always asks for /<prefix>/events and sends its JWT; other
+        # requests stay with the native server (its 404), so probes learn nothing new.
+        if not (
+            path.endswith("events") or wstunnel.BEARER_PREFIX in head.get("sec-websocket-protocol")
+        ):
+            return False
+        transport.pause_reading()
+        pending = _Pending()
+        transport.set_protocol(pending)
+        task = asyncio.get_running_loop().create_task(
+            self._serve(head, transport, rest, peer, pending), name=f"wstunnel-{peer}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def lost() -> None:
+            task.cancel()
+
+        pending.on_lost = lost
+        return True
+
+    async def _serve(
+        self,
+        head: HttpHead,
+        transport: asyncio.Transport,
+        rest: bytes,
+        peer: str,
+        pending: _Pending,
+    ) -> None:
+        target: asyncio.Transport | None = None
+        udp: asyncio.DatagramTransport | None = None
+        try:
+            req = wstunnel.check_request(head, client_cn=_client_cn(transport))
+            verdict = self.restrictions.check(
+                req.path_prefix, req.authorization, req.claims, req.host
+            )
+            if verdict is None:
+                raise WstunnelRejected(
+                    f"no restriction allows {req.claims.protocol.kind.value} "
+                    f"{req.claims.host}:{req.claims.port} for prefix {req.path_prefix!r}"
+                )
+            kind = req.claims.protocol.kind
+            ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
+                Session(client=False),
+                ping_interval=self.options.ping_interval,
+                peer=peer,
+                on_closed=self.tunnels.discard,
+            )
+            cookie: str | None = None
+            early = b""
+            if kind is Kind.TCP:
+                target = await self._dial(req, ws.local, peer)
+            elif kind is Kind.UDP:
+                assert isinstance(ws, UdpWsSide)
+                udp = await self._dial_udp(req, ws, peer)
+            elif kind.reverse:
+                target, cookie, early = await self.reverse.wait(req, verdict, ws.local, self.server)
+            else:
+                raise WstunnelRejected(f"{kind.value} tunnels are not served here")
+            response = wstunnel.accept_upgrade(head, cookie)
+        except RemoteProtocolError as exc:
+            self.refused += 1
+            log.info("wstunnel peer %s refused: %s", peer, exc)
+            if target is not None:
+                target.close()
+            if udp is not None:
+                udp.close()
+            if not transport.is_closing():
+                transport.write(exc.reply or wstunnel.INVALID_REQUEST)
+                transport.close()
+            return
+        except asyncio.CancelledError:
+            if target is not None:
+                target.abort()
+            if udp is not None:
+                udp.close()
+            transport.abort()
+            raise
+        if pending.lost or transport.is_closing():
+            if target is not None:
+                target.close()
+            if udp is not None:
+                udp.close()
+            return
+        self.accepted += 1
+        log.info(
+            "wstunnel peer %s: %s %s:%d",
+            peer,
+            req.claims.protocol.kind.value,
+            req.claims.host,
+            req.claims.port,
+        )
+        transport.write(response)
+        self.tunnels.add(ws)
+        ws.start(transport, rest)
+        if isinstance(ws, UdpWsSide) and udp is not None:
+            ws.attach_datagram(udp)
+        elif target is not None:
+            ws.attach_local(target, early)
+
+    async def _dial_udp(
+        self, req: TunnelRequest, ws: UdpWsSide, peer: str
+    ) -> asyncio.DatagramTransport:
+        """A connected UDP socket to ``r:rp`` (no idle timeout on this side, as wstunnel)."""
+        loop = asyncio.get_running_loop()
+        host, port = req.host, req.claims.port
+        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer, True)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: ws.datagram_protocol, remote_addr=(addresses[0], port)
+            )
+        except OSError as exc:
+            raise WstunnelRejected(f"cannot open UDP to {host}:{port}: {exc}") from None
+        return transport
+
+    async def _dial(
+        self, req: TunnelRequest, local: asyncio.BaseProtocol, peer: str
+    ) -> asyncio.Transport:
+        """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""
+        loop = asyncio.get_running_loop()
+        host, port = req.host, req.claims.port
+        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer)
+        last: BaseException | None = None
+        for address in addresses:
+            try:
+                async with asyncio.timeout(self.options.connect_timeout):
+                    transport, _ = await loop.create_connection(lambda: local, address, port)
+            except (OSError, TimeoutError) as exc:
+                last = exc
+                continue
+            if req.claims.protocol.proxy_protocol:
+                source = _peer_address(peer, req.forwarded_for)
+                sockname = transport.get_extra_info("sockname")
+                if source is not None and sockname:
+                    transport.write(wstunnel.proxy_v2_header(source, (sockname[0], sockname[1])))
+            return transport
+        raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
+
+
+async def _allowed_addresses(
+    policy: DestinationPolicy, host: str, port: int, peer: str, udp: bool = False
+) -> list[str]:
+    try:
+        addresses = await resolve_target(host, port, udp=udp)
+    except OSError as exc:
+        raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
+    if not policy.host_allowed(host, port):
+        addresses = [a for a in addresses if policy.address_allowed(a, port)]
+        if not addresses:
+            log.warning("policy refused %s:%d for wstunnel peer %s", host, port, peer)
+            raise WstunnelRejected(f"destination {host}:{port} not allowed by policy")
+    return addresses
+
+
+def _peer_address(peer: str, forwarded: str | None) -> tuple[str, int] | None:
+    host, _, port = peer.rpartition(":")
+    if forwarded is not None:
+        return forwarded, int(port) if port.isdecimal() else 0
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host, int(port) if port.isdecimal() else 0

@@ -1,0 +1,189 @@
+"""Hostile and broken peers against a running tunnel server: each gets the protocol's answer
+(or is closed), the server logs it, and a well-behaved client keeps being served throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import ssl
+import time
+
+import pytest
+
+from autovpn.engine import Engine
+from autovpn.tunnel.mux import server
+from autovpn.wire import frames, handshake
+from autovpn.wire.websocket import Opcode, encode_frame
+from tests.conftest import (
+    SECRET,
+    Certs,
+    echo_handler,
+    engine_config,
+    run,
+    socks_open,
+    socks_port,
+    tcp_server,
+)
+
+
+async def _still_serves(eng: Engine, echo: int) -> None:
+    reader, writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+    payload = os.urandom(1000)
+    writer.write(payload)
+    assert await reader.readexactly(len(payload)) == payload
+    writer.close()
+
+
+async def _raw(eng: Engine, certs: Certs) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    assert eng.server is not None
+    ctx = ssl.create_default_context(cafile=str(certs.ca))
+    return await asyncio.open_connection(
+        "127.0.0.1", eng.server.port, ssl=ctx, server_hostname="localhost"
+    )
+
+
+def _request(path: str = "/autovpn/tunnel", secret: bytes = SECRET, nonce: bytes = b"") -> bytes:
+    return handshake.build_request(
+        host="localhost",
+        path=path,
+        user="default",
+        secret=secret,
+        now=int(time.time()),
+        nonce=nonce or os.urandom(16),
+        ws_key=os.urandom(16),
+    )
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(10):
+        return await reader.read(4096)
+
+
+def test_garbage_and_truncated_handshakes(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="autovpn")
+
+    async def main() -> None:
+        async with Engine(engine_config(certs)) as eng, tcp_server(echo_handler) as echo:
+            # random bytes where a request should be
+            reader, writer = await _raw(eng, certs)
+            writer.write(os.urandom(2000) + b"\r\n\r\n")
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 400")
+            writer.close()
+            await _still_serves(eng, echo)
+            # a request cut short: closed after the handshake timeout, no answer
+            reader, writer = await _raw(eng, certs)
+            writer.write(_request()[:40])
+            assert await _answer(reader) == b""
+            writer.close()
+            # an oversized head
+            reader, writer = await _raw(eng, certs)
+            writer.write(b"GET /autovpn/tunnel HTTP/1.1\r\n" + b"X: " + b"a" * 20000)
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 400")
+            writer.close()
+            # not TLS at all on a TLS port
+            assert eng.server is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", eng.server.port)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            assert await _answer(reader) == b""
+            writer.close()
+            await _still_serves(eng, echo)
+        assert "HTTP" in caplog.text or "refused" in caplog.text
+
+    run(main())
+
+
+def test_paths_credentials_and_replays(certs: Certs) -> None:
+    async def main() -> None:
+        async with Engine(engine_config(certs)) as eng, tcp_server(echo_handler) as echo:
+            cases = [
+                (_request(path="/other"), b"HTTP/1.1 404"),
+                (_request(secret=b"wrong-secret-123"), b"HTTP/1.1 403"),
+                (
+                    b"GET /autovpn/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: "
+                    + base64.b64encode(os.urandom(16))
+                    + b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: autovpn.1\r\n\r\n",
+                    b"HTTP/1.1 401",
+                ),
+            ]
+            for request, expected in cases:
+                reader, writer = await _raw(eng, certs)
+                writer.write(request)
+                answer = await _answer(reader)
+                assert answer.startswith(expected), answer[:60]
+                assert b"secret" not in answer.lower() and b"user" not in answer.lower()
+                writer.close()
+            # a captured good request works once; replayed, it is refused
+            request = _request(nonce=b"n" * 16)
+            reader, writer = await _raw(eng, certs)
+            writer.write(request)
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 101")
+            writer.close()
+            reader, writer = await _raw(eng, certs)
+            writer.write(request)
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 403")
+            writer.close()
+            await _still_serves(eng, echo)
+
+    run(main())
+
+
+def test_hostile_frames_close_only_that_connection(certs: Certs) -> None:
+    async def main() -> None:
+        async with Engine(engine_config(certs)) as eng, tcp_server(echo_handler) as echo:
+            for bad_mux in (
+                bytes([0xEE, 0, 0, 0, 0, 1, 0, 0, 0, 0]),  # unknown frame type
+                frames.HEADER.pack(frames.FrameType.DATA, 0, 1, frames.MAX_DATA_PAYLOAD + 1),
+                frames.HEADER.pack(frames.FrameType.OPEN, 0, 1, frames.MAX_CONTROL_PAYLOAD + 1),
+            ):
+                reader, writer = await _raw(eng, certs)
+                writer.write(_request())
+                assert (await _answer(reader)).startswith(b"HTTP/1.1 101")
+                writer.write(encode_frame(Opcode.BINARY, bad_mux, mask=os.urandom(4)))
+                async with asyncio.timeout(10):
+                    rest = await reader.read()  # a close frame (1002), then EOF
+                assert rest[:1] == bytes([0x88])
+                writer.close()
+            # a bad OPEN (truncated address) is answered with a RESET on that stream only
+            reader, writer = await _raw(eng, certs)
+            writer.write(_request())
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 101")
+            bad_open = frames.frame(
+                frames.FrameType.OPEN, 1, frames.OPEN_PREFIX.pack(1 << 20, 1) + b"\x01\x7f"
+            )
+            writer.write(encode_frame(Opcode.BINARY, bad_open, mask=os.urandom(4)))
+            async with asyncio.timeout(10):
+                data = await reader.read(4096)
+            # WebSocket binary frame carrying a RESET for stream 1
+            assert data[0] == 0x82
+            payload = data[2:]
+            ftype, _, sid, _ = frames.HEADER.unpack_from(payload)
+            assert (ftype, sid) == (frames.FrameType.RESET, 1)
+            writer.close()
+            await _still_serves(eng, echo)
+
+    run(main())
+
+
+def test_no_wstunnel_leaves_only_authenticated_clients(certs: Certs) -> None:
+    async def main() -> None:
+        cfg = engine_config(certs)
+        assert cfg.server is not None
+        cfg.server.wstunnel.enabled = False
+        async with Engine(cfg) as eng:
+            reader, writer = await _raw(eng, certs)
+            writer.write(
+                b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Protocol: v1, authorization.bearer.x.y.z\r\n\r\n"
+            )
+            assert (await _answer(reader)).startswith(b"HTTP/1.1 404")
+            writer.close()
+
+    run(main())

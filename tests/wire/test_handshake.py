@@ -1,0 +1,609 @@
+"""The tunnel's opening handshake (RFC 6455 section 4 + AutoVPN-HMAC), from bytes outward."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autovpn.errors import AuthenticationFailed, LimitExceeded, RemoteProtocolError
+from autovpn.wire.handshake import (
+    MAX_CLOCK_SKEW,
+    MAX_HEAD_SIZE,
+    MAX_HEADERS,
+    Accepted,
+    ClientResult,
+    HandshakeError,
+    HttpHead,
+    ReplayCache,
+    accept_key,
+    accept_request,
+    build_request,
+    check_response,
+    compute_mac,
+    parse_head,
+    plain_response,
+    request_target,
+    tunnel_path,
+)
+
+PATH = "/autovpn/tunnel"
+SECRET = b"correct horse battery staple"
+USERS = {"alice": SECRET}
+NOW = 1764147600
+NONCE = bytes(range(16))
+NONCE_TEXT = "AAECAwQFBgcICQoLDA0ODw"
+WS_KEY = b"the sample nonce"  # RFC 6455 section 1.3: base64 is dGhlIHNhbXBsZSBub25jZQ==
+
+
+def expected_mac(secret: bytes, user: str, ts: int, nonce: str, path: str) -> str:
+    """The MAC of docs/protocol.md, computed independently of the module."""
+    msg = b"\n".join(x.encode() for x in ("autovpn-v1", user, str(ts), nonce, path))
+    digest = hmac.new(secret, msg, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def request(**overrides: object) -> bytes:
+    kwargs: dict[str, object] = {
+        "host": "vpn.example",
+        "path": PATH,
+        "user": "alice",
+        "secret": SECRET,
+        "now": NOW,
+        "nonce": NONCE,
+        "ws_key": WS_KEY,
+    }
+    kwargs.update(overrides)
+    return build_request(**kwargs)  # type: ignore[arg-type]
+
+
+def head_of(raw: bytes) -> HttpHead:
+    parsed = parse_head(bytearray(raw))
+    assert parsed is not None
+    return parsed[0]
+
+
+def accept(raw: bytes, *, replay: ReplayCache | None = None, now: float = NOW) -> Accepted:
+    return accept_request(
+        head_of(raw), path=PATH, users=USERS, replay=replay or ReplayCache(), now=now
+    )
+
+
+def replace_header(raw: bytes, name: bytes, line: bytes | None) -> bytes:
+    lines = raw[:-4].split(b"\r\n")
+    kept = [x for x in lines if not x.lower().startswith(name.lower() + b":")]
+    if line is not None:
+        kept.append(line)
+    return b"\r\n".join(kept) + b"\r\n\r\n"
+
+
+# -- RFC 6455 section 1.3 / 4.2.2: the accept key -----------------------------------------------
+
+
+def test_rfc6455_1_3_accept_key_example() -> None:
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert base64.b64encode(WS_KEY) == b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+# -- the request, byte for byte ----------------------------------------------------------------
+
+
+def test_rfc6455_4_1_upgrade_request_exact_bytes() -> None:
+    mac = expected_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH)
+    assert compute_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH) == mac
+    assert (
+        request()
+        == (
+            "GET /autovpn/tunnel HTTP/1.1\r\n"
+            "Host: vpn.example\r\n"
+            "Upgrade: websocket\r\n"
+            "Connection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: autovpn.1\r\n"
+            f'Authorization: AutoVPN-HMAC user="alice", ts="{NOW}", nonce="{NONCE_TEXT}", '
+            f'mac="{mac}"\r\n'
+            "autovpn-masking: none\r\n"
+            "\r\n"
+        ).encode()
+    )
+
+
+def test_request_without_unmasking_and_with_extra_headers() -> None:
+    raw = request(unmasked=False, extra_headers=(("User-Agent", "autovpn/0.1"),))
+    assert b"autovpn-masking" not in raw
+    assert raw.endswith(b"\r\nUser-Agent: autovpn/0.1\r\n\r\n")
+
+
+def test_mac_is_unpadded_base64url_of_sha256() -> None:
+    mac = compute_mac(b"k", "u", 0, "n", "/")
+    assert len(mac) == 43 and "=" not in mac and "+" not in mac and "/" not in mac
+
+
+@pytest.mark.parametrize(
+    ("prefix", "path"),
+    [("autovpn", "/autovpn/tunnel"), ("/a/b/", "/a/b/tunnel"), ("", "/tunnel"), ("/", "/tunnel")],
+)
+def test_tunnel_path(prefix: str, path: str) -> None:
+    assert tunnel_path(prefix) == path
+
+
+def test_default_tunnel_path() -> None:
+    assert tunnel_path() == PATH
+
+
+# -- parse_head (RFC 9112 section 2-5, bounded) -------------------------------------------------
+
+
+def test_parse_head_incomplete_then_complete() -> None:
+    raw = request() + b"\x82\x00early"
+    buf = bytearray()
+    for i in range(len(raw)):
+        buf.append(raw[i])
+        result = parse_head(buf)
+        if i < len(raw) - len(b"\x82\x00early") - 1:
+            assert result is None
+    assert result is not None
+    head, rest = result
+    assert rest == b"\x82\x00early"
+    assert head.start_line == "GET /autovpn/tunnel HTTP/1.1"
+    assert head.get("host") == "vpn.example"
+    assert head.get("sec-websocket-version") == "13"
+    assert head.get("missing", "dflt") == "dflt"
+
+
+def test_parse_head_lowercases_names_strips_values_keeps_order() -> None:
+    raw = b"HTTP/1.1 101 OK\r\nX-A:  one \r\nx-a:two\r\nUpgrade:\twebsocket\r\n\r\n"
+    head, rest = parse_head(bytearray(raw)) or (None, b"")
+    assert head is not None and rest == b""
+    assert head.headers == (("x-a", "one"), ("x-a", "two"), ("upgrade", "websocket"))
+    assert head.get("x-a") == "one"
+    assert head.get_all("x-a") == ["one", "two"]
+    assert head.get_all("nope") == []
+
+
+def test_parse_head_no_headers() -> None:
+    assert parse_head(bytearray(b"GET / HTTP/1.1\r\n\r\n")) == (
+        HttpHead("GET / HTTP/1.1", ()),
+        b"",
+    )
+
+
+def test_parse_head_latin1_values() -> None:
+    head, _ = parse_head(bytearray(b"GET / HTTP/1.1\r\nX: caf\xe9\r\n\r\n")) or (None, b"")
+    assert head is not None and head.get("x") == "café"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"no colon here", b": empty name", b"Bad Name: x", b" Folded: x", b"Name : x", b"\tTab: x"],
+)
+def test_parse_head_malformed_header_lines(line: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="malformed header line"):
+        parse_head(bytearray(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n"))
+
+
+def test_parse_head_header_count_limit() -> None:
+    ok = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * MAX_HEADERS + b"\r\n"
+    parsed = parse_head(bytearray(ok))
+    assert parsed is not None and len(parsed[0].headers) == MAX_HEADERS
+    too_many = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (MAX_HEADERS + 1) + b"\r\n"
+    with pytest.raises(LimitExceeded, match="MAX_HEADERS"):
+        parse_head(bytearray(too_many))
+
+
+def _head_ending_at(end: int) -> bytes:
+    start = b"GET / HTTP/1.1\r\nX: "
+    return start + b"a" * (end - len(start))
+
+
+def test_parse_head_size_limit_complete() -> None:
+    parsed = parse_head(bytearray(_head_ending_at(MAX_HEAD_SIZE - 10) + b"\r\n\r\n"))
+    assert parsed is not None
+    with pytest.raises(LimitExceeded, match="MAX_HEAD_SIZE"):
+        parse_head(bytearray(_head_ending_at(MAX_HEAD_SIZE + 1) + b"\r\n\r\n"))
+
+
+def test_parse_head_size_limit_incomplete() -> None:
+    assert parse_head(bytearray(b"G" * MAX_HEAD_SIZE)) is None
+    # Up to 3 more bytes may be the start of a terminator that began inside the limit.
+    assert parse_head(bytearray(b"G" * (MAX_HEAD_SIZE + 3))) is None
+    with pytest.raises(LimitExceeded, match="MAX_HEAD_SIZE"):
+        parse_head(bytearray(b"G" * (MAX_HEAD_SIZE + 4)))
+
+
+def test_parse_head_limit_does_not_depend_on_the_split() -> None:
+    raw = _head_ending_at(MAX_HEAD_SIZE) + b"\r\n\r\n"
+    assert parse_head(bytearray(raw)) is not None  # whole: accepted
+    assert parse_head(bytearray(raw[:-1])) is None  # 3 of 4 terminator bytes: must wait
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=300))
+def test_parse_head_random_bytes_raise_only_remote_protocol_errors(data: bytes) -> None:
+    try:
+        parse_head(bytearray(data))
+        parse_head(bytearray(b"GET / HTTP/1.1\r\n" + data + b"\r\n\r\n"))
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=200)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.from_regex(r"[A-Za-z0-9-]{1,20}", fullmatch=True),
+            st.from_regex(r"[ -~]{0,40}", fullmatch=True),
+        ),
+        max_size=10,
+    ),
+    tail=st.binary(max_size=20),
+)
+def test_parse_head_round_trip(headers: list[tuple[str, str]], tail: bytes) -> None:
+    raw = "GET / HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    parsed = parse_head(bytearray(raw.encode() + tail))
+    assert parsed is not None
+    head, rest = parsed
+    assert rest == tail
+    assert head.headers == tuple((k.lower(), v.strip()) for k, v in headers)
+
+
+# -- check_response (the client side of RFC 6455 section 4.1) ---------------------------------
+
+GOOD_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+    b"Sec-WebSocket-Protocol: autovpn.1\r\n"
+    b"autovpn-masking: none\r\n"
+    b"\r\n"
+)
+
+
+def test_check_response_accepts_101() -> None:
+    assert check_response(head_of(GOOD_RESPONSE), WS_KEY) == ClientResult(1, True)
+    masked = replace_header(GOOD_RESPONSE, b"autovpn-masking", None)
+    assert check_response(head_of(masked), WS_KEY) == ClientResult(1, False)
+
+
+@pytest.mark.parametrize("status", [200, 400, 401, 403, 404, 426, 500, 502])
+def test_check_response_refusals_carry_the_status(status: int) -> None:
+    raw = f"HTTP/1.1 {status} Whatever\r\n\r\n".encode()
+    with pytest.raises(HandshakeError, match=f"HTTP {status}") as info:
+        check_response(head_of(raw), WS_KEY)
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\r\n\r\n",
+        b"HTTP/1.1\r\n\r\n",
+        b"HTTP/1.1 abc Nope\r\n\r\n",
+        b"SPDY/3 101 Upgrade\r\n\r\n",
+        b"HTTP/2 101\r\n\r\n",
+        replace_header(GOOD_RESPONSE, b"sec-websocket-accept", None),
+        replace_header(GOOD_RESPONSE, b"sec-websocket-accept", b"Sec-WebSocket-Accept: x="),
+        replace_header(GOOD_RESPONSE, b"sec-websocket-protocol", None),
+        replace_header(GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: chat"),
+        replace_header(
+            GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.2"
+        ),
+        replace_header(
+            GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn."
+        ),
+    ],
+)
+def test_check_response_bad_answers_are_502(raw: bytes) -> None:
+    with pytest.raises(HandshakeError) as info:
+        check_response(head_of(raw), WS_KEY)
+    assert info.value.status == 502
+
+
+def test_check_response_superscript_status_is_a_handshake_error() -> None:
+    with pytest.raises(HandshakeError):
+        check_response(HttpHead("HTTP/1.1 \u00b2 Odd", ()), WS_KEY)
+
+
+def test_check_response_superscript_version_is_a_handshake_error() -> None:
+    raw = replace_header(
+        GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.\xb2"
+    )
+    with pytest.raises(HandshakeError):
+        check_response(head_of(raw), WS_KEY)
+
+
+@settings(max_examples=300)
+@given(
+    start=st.text(alphabet=st.characters(codec="ascii"), max_size=30),
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(["sec-websocket-accept", "sec-websocket-protocol", "autovpn-masking"]),
+            st.text(alphabet=st.characters(codec="ascii"), max_size=30),
+        ),
+        max_size=3,
+    ),
+)
+def test_check_response_fuzz_raises_only_handshake_errors(
+    start: str, headers: list[tuple[str, str]]
+) -> None:
+    try:
+        check_response(HttpHead(start, tuple(headers)), WS_KEY)
+    except HandshakeError:
+        pass
+
+
+# -- accept_request: the server side -----------------------------------------------------------
+
+
+def test_full_round_trip_client_server_client() -> None:
+    accepted = accept(request())
+    assert accepted == Accepted("alice", 1, True, GOOD_RESPONSE)
+    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(1, True)
+
+
+def test_accept_masked_client() -> None:
+    accepted = accept(request(unmasked=False))
+    assert not accepted.unmasked
+    assert b"autovpn-masking" not in accepted.response
+    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(1, False)
+
+
+def test_accept_picks_a_supported_version_from_a_list() -> None:
+    raw = replace_header(
+        request(),
+        b"sec-websocket-protocol",
+        b"Sec-WebSocket-Protocol: chat, autovpn.9, autovpn.1, autovpn.x",
+    )
+    assert accept(raw).version == 1
+
+
+def test_accept_ignores_query_string_and_header_case() -> None:
+    raw = request().replace(b"GET /autovpn/tunnel ", b"GET /autovpn/tunnel?x=1 ")
+    raw = raw.replace(b"Upgrade: websocket", b"Upgrade: WebSocket")
+    raw = raw.replace(b"Connection: Upgrade", b"Connection: keep-alive, upgrade")
+    assert accept(raw).user == "alice"
+
+
+def test_request_target() -> None:
+    assert request_target(HttpHead("GET /a?b=c HTTP/1.1", ())) == ("GET", "/a")
+    for bad in ("GET /a", "GET /a HTTP/2", "GET  /a HTTP/1.1", "", "GET /a HTTP/1.1 x"):
+        with pytest.raises(HandshakeError) as info:
+            request_target(HttpHead(bad, ()))
+        assert info.value.status == 400
+        assert info.value.reply == plain_response(400, "Bad Request")
+
+
+BAD_UPGRADES = [
+    request().replace(b"GET ", b"POST ", 1),
+    replace_header(request(), b"upgrade", None),
+    replace_header(request(), b"upgrade", b"Upgrade: h2c"),
+    replace_header(request(), b"connection", b"Connection: keep-alive"),
+    replace_header(request(), b"sec-websocket-version", b"Sec-WebSocket-Version: 8"),
+    replace_header(request(), b"sec-websocket-version", None),
+    replace_header(request(), b"sec-websocket-key", None),
+    replace_header(request(), b"sec-websocket-protocol", None),
+    replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.2"),
+    b"GET /autovpn/tunnel\r\nHost: x\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", BAD_UPGRADES)
+def test_rfc6455_4_2_1_not_an_upgrade_is_400(raw: bytes) -> None:
+    with pytest.raises(HandshakeError) as info:
+        accept(raw)
+    assert info.value.status == 400
+    assert info.value.reply == plain_response(400, "Bad Request")
+    assert info.value.reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize("auth", [None, b"Authorization: Basic YWxpY2U6eA==", b"Authorization:"])
+def test_no_credentials_is_401(auth: bytes | None) -> None:
+    raw = replace_header(request(), b"authorization", auth)
+    with pytest.raises(AuthenticationFailed) as info:
+        accept(raw)
+    assert not isinstance(info.value, HandshakeError)
+    assert info.value.reply == plain_response(401, "Unauthorized")
+
+
+FORBIDDEN = plain_response(403, "Forbidden")
+
+
+def test_plain_response_exact_bytes() -> None:
+    assert FORBIDDEN == (
+        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 14\r\n"
+        b"Connection: close\r\n\r\n403 Forbidden\n"
+    )
+
+
+def _auth_line(user: str, ts: str, nonce: str, mac: str) -> bytes:
+    value = f'AutoVPN-HMAC user="{user}", ts="{ts}", nonce="{nonce}", mac="{mac}"'
+    return ("Authorization: " + value).encode("latin-1")
+
+
+def _with_auth(user: str, ts: str, nonce: str, mac: str) -> bytes:
+    return replace_header(request(), b"authorization", _auth_line(user, ts, nonce, mac))
+
+
+GOOD_MAC = expected_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH)
+
+BAD_CREDENTIALS = {
+    "unknown user": request(user="mallory"),
+    "wrong secret": request(secret=b"guess"),
+    "mac over another path": request(path="/other/tunnel"),
+    "mac tampered": _with_auth("alice", str(NOW), NONCE_TEXT, GOOD_MAC[:-1] + "A"),
+    "mac empty": _with_auth("alice", str(NOW), NONCE_TEXT, ""),
+    "mac non-ascii": _with_auth("alice", str(NOW), NONCE_TEXT, "é" * 43),
+    "nonce changed": _with_auth("alice", str(NOW), "AAAA", GOOD_MAC),
+    "ts changed": _with_auth("alice", str(NOW + 1), NONCE_TEXT, GOOD_MAC),
+    "ts not a number": _with_auth("alice", "soon", NONCE_TEXT, GOOD_MAC),
+    "ts negative": _with_auth("alice", str(-NOW), NONCE_TEXT, GOOD_MAC),
+    "no params": replace_header(request(), b"authorization", b"Authorization: AutoVPN-HMAC x"),
+    "stale": request(now=NOW - MAX_CLOCK_SKEW - 1),
+    "from the future": request(now=NOW + MAX_CLOCK_SKEW + 1),
+}
+
+
+@pytest.mark.parametrize("raw", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
+def test_every_credential_failure_is_the_same_bare_403(raw: bytes) -> None:
+    with pytest.raises(AuthenticationFailed) as info:
+        accept(raw)
+    assert info.value.reply == FORBIDDEN
+
+
+@pytest.mark.parametrize("skew", [-MAX_CLOCK_SKEW, -1, 0, 1, MAX_CLOCK_SKEW])
+def test_timestamp_within_skew_accepted(skew: int) -> None:
+    assert accept(request(now=NOW + skew)).user == "alice"
+
+
+def test_fractional_server_clock_at_the_skew_edge() -> None:
+    assert accept(request(), now=NOW + MAX_CLOCK_SKEW).user == "alice"
+    with pytest.raises(AuthenticationFailed):
+        accept(request(), now=NOW + MAX_CLOCK_SKEW + 0.5)
+
+
+def test_replayed_request_is_403() -> None:
+    replay = ReplayCache()
+    raw = request()
+    accept(raw, replay=replay)
+    with pytest.raises(AuthenticationFailed, match="replayed") as info:
+        accept(raw, replay=replay, now=NOW + 1)
+    assert info.value.reply == FORBIDDEN
+    # A fresh nonce from the same user is fine.
+    accept(request(nonce=b"\xff" * 16), replay=replay, now=NOW + 1)
+
+
+def test_refused_requests_do_not_burn_the_nonce() -> None:
+    replay = ReplayCache()
+    with pytest.raises(AuthenticationFailed):
+        accept(request(secret=b"wrong"), replay=replay)
+    with pytest.raises(AuthenticationFailed):
+        accept(request(), replay=replay, now=NOW + 10 * MAX_CLOCK_SKEW)
+    assert accept(request(), replay=replay).user == "alice"
+
+
+def test_mac_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)  # the module handshake uses
+    accept(request())
+    for raw in (request(secret=b"wrong"), request(user="nobody")):
+        with pytest.raises(AuthenticationFailed):
+            accept(raw)
+    # One constant-time comparison per request, unknown users included (no user oracle).
+    assert len(calls) == 3
+    assert calls[0] == (GOOD_MAC.encode(), GOOD_MAC.encode())
+
+
+def test_superscript_timestamp_is_a_403() -> None:
+    with pytest.raises(AuthenticationFailed):
+        accept(_with_auth("alice", "\u00b2", NONCE_TEXT, GOOD_MAC))
+
+
+def test_superscript_protocol_version_is_a_400() -> None:
+    raw = replace_header(
+        request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.\xb2"
+    )
+    with pytest.raises(HandshakeError):
+        accept(raw)
+
+
+@settings(max_examples=300)
+@given(
+    raw_headers=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "upgrade",
+                    "connection",
+                    "sec-websocket-version",
+                    "sec-websocket-key",
+                    "sec-websocket-protocol",
+                    "authorization",
+                    "autovpn-masking",
+                ]
+            ),
+            st.text(alphabet=st.characters(codec="ascii"), max_size=60),
+        ),
+        max_size=8,
+    ),
+    start=st.sampled_from(["GET /autovpn/tunnel HTTP/1.1", "GET / HTTP/1.0", "PUT x HTTP/1.1"]),
+)
+def test_accept_request_fuzz_raises_only_remote_protocol_errors(
+    raw_headers: list[tuple[str, str]], start: str
+) -> None:
+    try:
+        accept_request(
+            HttpHead(start, tuple(raw_headers)),
+            path=PATH,
+            users=USERS,
+            replay=ReplayCache(),
+            now=NOW,
+        )
+    except RemoteProtocolError:
+        pass
+
+
+# -- ReplayCache -------------------------------------------------------------------------------
+
+
+def test_replay_cache_refuses_a_nonce_seen_within_the_window() -> None:
+    cache = ReplayCache(window=10)
+    assert cache.check_and_add("a", 0)
+    assert not cache.check_and_add("a", 5)
+    assert not cache.check_and_add("a", 10)
+    assert cache.check_and_add("a", 10.5)  # dropped once older than the window
+    assert not cache.check_and_add("a", 11)
+
+
+def test_replay_cache_default_window_covers_the_timestamp_window() -> None:
+    cache = ReplayCache()
+    assert cache.check_and_add("n", 0)
+    # A request stamped ts is accepted until ts + MAX_CLOCK_SKEW, having been first seen as
+    # early as ts - MAX_CLOCK_SKEW: the nonce must be remembered 2 * MAX_CLOCK_SKEW.
+    assert not cache.check_and_add("n", 2 * MAX_CLOCK_SKEW)
+
+
+def test_replay_cache_is_bounded_oldest_first() -> None:
+    cache = ReplayCache(window=1000, max_entries=3)
+    for nonce in ("a", "b", "c", "d"):
+        assert cache.check_and_add(nonce, 0)
+    assert cache.check_and_add("a", 1)  # "a" was dropped to make room for "d"
+    assert not cache.check_and_add("d", 1)
+
+
+@settings(max_examples=200)
+@given(
+    nonces=st.lists(st.sampled_from("abcdefgh"), max_size=60),
+    max_entries=st.integers(2, 10),
+)
+def test_replay_cache_never_forgets_the_most_recent(nonces: list[str], max_entries: int) -> None:
+    cache = ReplayCache(window=1000, max_entries=max_entries)
+    recent: list[str] = []  # model: nonces added, newest last
+    for t, nonce in enumerate(nonces):
+        fresh = cache.check_and_add(nonce, t)
+        if nonce in recent[-(max_entries - 1) :]:
+            assert not fresh
+        if fresh:
+            recent.append(nonce)
+
+
+@settings(max_examples=100)
+@given(count=st.integers(0, 3000))
+def test_replay_cache_memory_is_bounded(count: int) -> None:
+    cache = ReplayCache(window=1e9, max_entries=50)
+    for i in range(count):
+        assert cache.check_and_add(str(i), i)
+    # Only the newest entries survive: everything older than the last 50 is fresh again.
+    for i in range(max(0, count - 100), max(0, count - 50)):
+        assert cache.check_and_add(str(i), count)
