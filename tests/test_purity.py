@@ -6,12 +6,10 @@ Checked on the source with ``ast``, so an import hidden in a function, a ``try``
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.imports import ROOT, imports_of, package_of
+
 FORBIDDEN = frozenset({"asyncio", "socket", "ssl", "selectors"})
 
 PURE = [
@@ -32,37 +30,9 @@ PURE = [
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]
 
 
-def _package_of(relative: str) -> list[str]:
-    return list(Path(relative).with_suffix("").parts[:-1])
-
-
 def imported_modules(source: str, package: list[str]) -> list[tuple[int, str]]:
     """(line, absolute module name) of every import in ``source``, at any depth."""
-    found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package[: len(package) - node.level + 1]
-                module = ".".join([*base, node.module] if node.module else base)
-                if not node.module:
-                    found.extend((node.lineno, f"{module}.{a.name}") for a in node.names)
-                    continue
-            else:
-                module = node.module or ""
-            found.append((node.lineno, module))
-        elif (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name | ast.Attribute)
-            and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr)
-            in ("__import__", "import_module")
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            found.append((node.lineno, node.args[0].value))
-    return found
+    return [(imp.line, imp.module) for imp in imports_of(source, package)]
 
 
 def forbidden_imports(source: str, package: list[str]) -> list[str]:
@@ -77,7 +47,7 @@ def forbidden_imports(source: str, package: list[str]) -> list[str]:
 def test_pure_module_imports_no_io(relative: str) -> None:
     path = ROOT / relative
     assert path.is_file(), f"{relative} is listed as pure but does not exist"
-    assert forbidden_imports(path.read_text("utf-8"), _package_of(relative)) == []
+    assert forbidden_imports(path.read_text("utf-8"), package_of(relative)) == []
 
 
 @pytest.mark.parametrize("relative", PURE_IF_PRESENT)
@@ -85,7 +55,7 @@ def test_optional_pure_module_imports_no_io(relative: str) -> None:
     path = ROOT / relative
     if not path.is_file():
         pytest.skip(f"{relative} not present")
-    assert forbidden_imports(path.read_text("utf-8"), _package_of(relative)) == []
+    assert forbidden_imports(path.read_text("utf-8"), package_of(relative)) == []
 
 
 # -- the checker itself -------------------------------------------------------------------------
