@@ -1,12 +1,14 @@
 """Event loop selection: uvloop (Linux, macOS) or winloop (Windows) when installed.
 
 uvloop made a Python UDP relay about 3x faster and cut per-stream latency (performance-notes.md);
-plain asyncio works everywhere and is the fallback.
+plain asyncio works everywhere and is the fallback.  ``AUTOVPN_LOOP=asyncio`` chooses plain
+asyncio even where uvloop is installed (the Windows path, tested on Linux in CI).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -15,13 +17,17 @@ T = TypeVar("T")
 
 
 def loop_factory() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """The name and factory of the fastest loop available here."""
+    """The name and factory of the fastest loop available here (``AUTOVPN_LOOP=asyncio``:
+    the standard one)."""
+    if os.environ.get("AUTOVPN_LOOP", "").lower() == "asyncio":
+        return "asyncio", asyncio.new_event_loop
     try:
         if sys.platform == "win32":
+            # Imported here: only the loop that is chosen is loaded (optional dependencies).
             import winloop
 
             return "winloop", winloop.new_event_loop
-        import uvloop
+        import uvloop  # optional dependency, loaded only when chosen
 
         return "uvloop", uvloop.new_event_loop
     except ImportError:
