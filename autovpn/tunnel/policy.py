@@ -3,8 +3,9 @@
 By default the server refuses loopback, private, link-local, CGNAT, multicast and unspecified
 destinations, so a tunnel client cannot use the server to reach the server's own network (SSRF).
 The check runs on the *resolved* addresses, so a name that resolves to 127.0.0.1 is refused
-like the literal.  ``--allow`` entries open holes: a CIDR, an IP, or a host name, each with an
-optional port.
+like the literal, and on every IPv4 address an IPv6 one carries (mapped, translated,
+compatible, NAT64, 6to4, Teredo), so ``::ffff:7f00:1`` is refused like 127.0.0.1.
+``--allow`` entries open holes: a CIDR, an IP, or a host name, each with an optional port.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ BLOCKED_BY_DEFAULT: tuple[IPNetwork, ...] = tuple(
         "fc00::/7",
         "fe80::/10",
         "ff00::/8",
+        # Local-use NAT64 (RFC 8215): where the IPv4 address sits depends on the prefix length
+        # the operator chose (RFC 6052: /48 to /96), so it cannot be read off the address.
+        "64:ff9b:1::/48",
     )
 )
 
@@ -45,18 +49,36 @@ def _is_port(text: str) -> bool:
     return 0 < len(text) <= 5 and text.isascii() and text.isdecimal()
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# The /96 prefixes whose addresses are only another spelling of the IPv4 address in their last
+# 32 bits (as the high 96 bits of the address): IPv4-mapped ::ffff:a.b.c.d (RFC 4291), which a
+# dual-stack socket dials as IPv4; IPv4-translated ::ffff:0:a.b.c.d (RFC 2765, SIIT);
+# IPv4-compatible ::a.b.c.d (RFC 4291 2.5.5.1, deprecated, which Linux's sit0 tunnels to
+# a.b.c.d); NAT64's well-known prefix 64:ff9b::/96 (RFC 6052).
+_V4_SPELLINGS: Final = frozenset({0xFFFF, 0xFFFF_0000, 0x64_FF9B << 64, 0})
+_6TO4: Final = 0x2002  # 2002::/16, the IPv4 relay in bits 16-47 (RFC 3056)
+_TEREDO: Final = 0x2001_0000  # 2001::/32: server in bits 32-63, client ~bits 96-127 (RFC 4380)
 
 
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries (mapped, 6to4, NAT64), so it is judged as IPv4."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
+def destinations(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """The addresses dialling ``ip`` may reach, each of which the policy must allow.
+
+    An IPv6 address that only spells an IPv4 one (mapped, translated, compatible, NAT64) is that
+    IPv4 address.  A 6to4 or Teredo address is itself and the IPv4 addresses its packets go to
+    (relay; Teredo server and client).  ``::`` and ``::1`` are themselves, not IPv4-compatible.
+    ISATAP (``::5efe:a.b.c.d`` interface ids) is left alone on purpose: its IPv4 address is
+    legitimately private, inside the remote site, and reached through that site's router.
+    """
+    if isinstance(ip, ipaddress.IPv4Address):
+        return (ip,)
+    n = int(ip)
+    if n >> 32 in _V4_SPELLINGS and n > 1:
+        return (ipaddress.IPv4Address(n & 0xFFFF_FFFF),)
+    if n >> 112 == _6TO4:
+        return ip, ipaddress.IPv4Address(n >> 80 & 0xFFFF_FFFF)
+    if n >> 96 == _TEREDO:
+        server = ipaddress.IPv4Address(n >> 64 & 0xFFFF_FFFF)
+        return ip, server, ipaddress.IPv4Address(~n & 0xFFFF_FFFF)
+    return (ip,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +148,9 @@ class DestinationPolicy:
 
     def _judge(self, address: str, port: int) -> bool:
         ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address):
-            ip = embedded_ipv4(ip) or ip
+        return all(self._allowed(d, port) for d in destinations(ip))
+
+    def _allowed(self, ip: IPAddress, port: int) -> bool:
         for e in self.entries:
             if e.network is not None and ip in e.network and (e.port is None or e.port == port):
                 return True
