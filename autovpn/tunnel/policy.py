@@ -1,16 +1,21 @@
 """The tunnel server's destination policy: which targets a tunnel client may reach.
 
 By default the server refuses loopback, private, link-local, CGNAT, multicast and unspecified
-destinations, so a tunnel client cannot use the server to reach the server's own network (SSRF).
-The check runs on the *resolved* addresses, so a name that resolves to 127.0.0.1 is refused
-like the literal, and on every IPv4 address an IPv6 one carries (mapped, translated,
-compatible, NAT64, 6to4, Teredo), so ``::ffff:7f00:1`` is refused like 127.0.0.1.
+destinations, and the addresses of the server host itself (a service bound on 0.0.0.0 answers on
+the public address too), so a tunnel client cannot use the server to reach the server's own
+network (SSRF).  The check runs on the *resolved* addresses, so a name that resolves to
+127.0.0.1 is refused like the literal, and on every IPv4 address an IPv6 one carries (mapped,
+translated, compatible, NAT64, 6to4, Teredo), so ``::ffff:7f00:1`` is refused like 127.0.0.1.
 ``--allow`` entries open holes: a CIDR, an IP, or a host name, each with an optional port.
+
+Sans-I/O: the host's own addresses come from a function the I/O layer passes in
+(``autovpn.ifaddrs.HostAddresses``, which reads the interfaces).
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -121,16 +126,31 @@ class AllowEntry:
 _MAX_VERDICTS: Final = 4096
 
 
+LocalAddresses = Callable[[], frozenset[IPAddress]]
+_NO_ADDRESSES: Final[frozenset[IPAddress]] = frozenset()
+
+
 class DestinationPolicy:
+    """``local_addresses`` answers the host's own addresses (refused unless allowed), the same
+    frozenset object while they are unchanged; None until the I/O layer sets it (the tunnel
+    server sets ``autovpn.ifaddrs.HostAddresses()``)."""
+
     def __init__(
-        self, allow: list[str] | tuple[str, ...] = (), *, block_private: bool = True
+        self,
+        allow: list[str] | tuple[str, ...] = (),
+        *,
+        block_private: bool = True,
+        local_addresses: LocalAddresses | None = None,
     ) -> None:
         self.entries = [AllowEntry.parse(a) for a in allow]
         self.block_private = block_private
+        self.local_addresses = local_addresses
         # Verdicts by (address, port): a server asks about the same few addresses for every
         # stream, and parsing each with ipaddress was ~2% of its CPU per new stream (py-spy).
-        # Bounded: cleared when full (the policy never changes, so a verdict never goes stale).
+        # Bounded: cleared when full, and when the host's addresses change (they are the only
+        # part of the policy that changes).
         self._verdicts: dict[tuple[str, int], bool] = {}
+        self._local: frozenset[IPAddress] = _NO_ADDRESSES
 
     def host_allowed(self, host: str, port: int) -> bool:
         """True when ``host`` (a name) is explicitly allowed: its addresses are not checked."""
@@ -138,6 +158,11 @@ class DestinationPolicy:
         return any(e.host == name and (e.port is None or e.port == port) for e in self.entries)
 
     def address_allowed(self, address: str, port: int) -> bool:
+        if self.block_private and self.local_addresses is not None:
+            local = self.local_addresses()
+            if local is not self._local:
+                self._local = local
+                self._verdicts.clear()
         key = (address, port)
         verdict = self._verdicts.get(key)
         if verdict is None:
@@ -156,4 +181,6 @@ class DestinationPolicy:
                 return True
         if not self.block_private:
             return True
+        if ip in self._local:
+            return False
         return not any(ip in net for net in BLOCKED_BY_DEFAULT if net.version == ip.version)

@@ -385,6 +385,22 @@ def test_every_ipv6_form_of_a_public_ipv4_address_is_allowed(
         assert policy.address_allowed(text, port), text
 
 
+@settings(max_examples=300)
+@given(ip=v4_public, low=low_bits, other=v4_public, port=st.integers(1, 65535))
+def test_every_ipv6_form_of_an_own_address_is_refused(
+    ip: ipaddress.IPv4Address, low: int, other: ipaddress.IPv4Address, port: int
+) -> None:
+    own: frozenset[IPAddress] = frozenset({ip})
+    policy = DestinationPolicy(local_addresses=lambda: own)
+    assert not policy.address_allowed(str(ip), port)
+    for text in spellings(ip, low, other):
+        assert not policy.address_allowed(text, port), text
+    # ... unless the operator allows it
+    opened = DestinationPolicy([f"{ip}:{port}"], local_addresses=lambda: own)
+    for text in [str(ip), *spellings(ip, low, other)]:
+        assert opened.address_allowed(text, port), text
+
+
 def reference_verdict(ip: ipaddress.IPv6Address) -> bool:
     """The policy's decision for an IPv6 address, spelled out from the RFCs' layouts."""
     n = int(ip)
@@ -467,6 +483,74 @@ def test_the_verdict_memory_stays_bounded() -> None:
         address = f"10.{i >> 8 & 255}.{i & 255}.1" if i % 2 else f"8.8.{i >> 8 & 255}.{i & 255}"
         assert policy.address_allowed(address, 443) == (i % 2 == 0)
     assert len(policy._verdicts) <= 4096
+
+
+# -- the host's own addresses ------------------------------------------------------------------
+
+OWN: frozenset[IPAddress] = frozenset(
+    {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "192.0.2.2", "2001:db8::2")}
+)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "192.0.2.2",
+        "::ffff:192.0.2.2",
+        "::ffff:c000:202",
+        "::ffff:0:192.0.2.2",
+        "::192.0.2.2",
+        "::c000:202",
+        "64:ff9b::192.0.2.2",
+        "2002:c000:202::1",
+        "2001:0:4136:e378::3fff:fdfd",  # Teredo client 192.0.2.2
+        "2001:0:c000:202::f7f7:f7f7",  # Teredo server 192.0.2.2
+        "2001:db8::2",
+        "2001:0db8:0000:0000:0000:0000:0000:0002",
+        "2001:db8::2%eth0",
+    ],
+)
+def test_own_addresses_are_refused(address: str) -> None:
+    assert not DestinationPolicy(local_addresses=lambda: OWN).address_allowed(address, 80)
+    # ... and were not without them: the policy learns them only from the I/O layer
+    assert DestinationPolicy().address_allowed(address, 80)
+
+
+def test_addresses_next_to_own_ones_stay_allowed() -> None:
+    policy = DestinationPolicy(local_addresses=lambda: OWN)
+    for address in ("192.0.2.1", "192.0.2.3", "2001:db8::1", "2001:db8::3", "8.8.8.8"):
+        assert policy.address_allowed(address, 80)
+
+
+def test_allow_entries_open_own_addresses() -> None:
+    policy = DestinationPolicy(["192.0.2.2:8080", "2001:db8::/64"], local_addresses=lambda: OWN)
+    assert policy.address_allowed("192.0.2.2", 8080)
+    assert policy.address_allowed("::ffff:192.0.2.2", 8080)
+    assert not policy.address_allowed("192.0.2.2", 8081)
+    assert policy.address_allowed("2001:db8::2", 1)
+    assert DestinationPolicy(block_private=False, local_addresses=lambda: OWN).address_allowed(
+        "192.0.2.2", 22
+    )
+
+
+def test_a_change_of_own_addresses_replaces_the_remembered_verdicts() -> None:
+    current: list[frozenset[IPAddress]] = [frozenset()]
+    calls = 0
+
+    def local() -> frozenset[IPAddress]:
+        nonlocal calls
+        calls += 1
+        return current[0]
+
+    policy = DestinationPolicy(["127.0.0.1:8080"], local_addresses=local)
+    assert policy.address_allowed("192.0.2.2", 80)
+    current[0] = frozenset({ipaddress.IPv4Address("192.0.2.2")})  # the host gains it
+    assert not policy.address_allowed("192.0.2.2", 80)
+    assert not policy.address_allowed("::ffff:192.0.2.2", 80)
+    current[0] = frozenset()  # ... and loses it
+    assert policy.address_allowed("192.0.2.2", 80)
+    assert policy.address_allowed("127.0.0.1", 8080)
+    assert calls == 5  # asked at every decision: the I/O layer's function keeps it cheap
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "0.255.255.255", "::", "0::0", "::ffff:0.0.0.0"])

@@ -25,6 +25,7 @@ from autovpn.errors import (
     RemoteProtocolError,
     ResetReason,
 )
+from autovpn.ifaddrs import HostAddresses
 from autovpn.net import is_ip_literal, reset_reason_for, resolve_target
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners
@@ -147,6 +148,10 @@ class TunnelServer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        if settings.policy.local_addresses is None:
+            # The policy is sans-I/O: the server gives it this host's own addresses, read from
+            # the interfaces, so a target on the host's public address is refused like loopback.
+            settings.policy.local_addresses = HostAddresses()
         self.replay = handshake.ReplayCache()
         self.connections: set[MuxConnection] = set()
         self.refused = 0
