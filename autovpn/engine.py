@@ -32,7 +32,8 @@ from autovpn.proxy.dialer import Dialer, TunnelOpener
 from autovpn.proxy.forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
-from autovpn.routing.dns import SplitResolver, Upstream, tunnel_opener
+from autovpn.proxy.wstunnel_udp import WstunnelUdpRelay
+from autovpn.routing.dns import SplitResolver, Upstream
 from autovpn.routing.hosts import parse_hosts
 from autovpn.routing.router import Action, Mode, Router
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
@@ -42,7 +43,6 @@ from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
 from autovpn.tunnel.wstunnel.client import WstunnelClient
 from autovpn.tunnel.wstunnel.server import WstunnelService
-from autovpn.tunnel.wstunnel.udp import WstunnelUdpRelay
 from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn")
@@ -286,7 +286,7 @@ class Engine:
                     server_url,
                     self.tunnel.last_error or "no answer",
                 )
-            self.resolver.opener = tunnel_opener(self.tunnel)
+            self.resolver.opener = self.tunnel.open_socket_stream
             dialer = Dialer(self.router, self.tunnel, resolver=self.resolver, scores=self.scores)
             self._dialers.append(dialer)
             for spec in client.listen:

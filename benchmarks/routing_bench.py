@@ -89,7 +89,7 @@ def run_routing_bench() -> list[tuple[str, float]]:
 
 async def _batch_resolution(latency: float = 0.05) -> list[tuple[str, float]]:
     from autovpn.engine import Engine, embedded_config
-    from autovpn.routing.dns import SplitResolver, Upstream, tunnel_opener
+    from autovpn.routing.dns import SplitResolver, Upstream
     from autovpn.routing.lists import load_default_lists
     from tests.routing.dnsserver import dns_server  # the same loopback server the tests use
 
@@ -104,7 +104,7 @@ async def _batch_resolution(latency: float = 0.05) -> list[tuple[str, float]]:
             resolver = SplitResolver(
                 Router.from_config(mode=Mode.SMART),
                 public=[Upstream("127.0.0.1", public.port)],
-                opener=tunnel_opener(engine.tunnel),
+                opener=engine.tunnel.open_socket_stream,
             )
             start = time.perf_counter()
             results = await resolver.resolve_many(names, concurrency=50)

@@ -21,8 +21,8 @@ routing decision -> DNS.
   worker tasks in one TaskGroup pull names from a shared iterator, so memory stays flat for any
   batch size.
 
-The tunnel is reached through an injectable ``StreamOpener`` (``tunnel_opener(client)`` in
-production); tests point it at a loopback DNS server through a real tunnel.
+The tunnel is reached through an injectable ``StreamOpener`` (``TunnelClient.open_socket_stream``
+in production); tests point it at a loopback DNS server through a real tunnel.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -58,7 +57,6 @@ __all__ = [
     "SplitResolver",
     "StreamOpener",
     "Upstream",
-    "tunnel_opener",
 ]
 
 log = logging.getLogger("autovpn.dns")
@@ -136,30 +134,6 @@ class Resolution:
             "ttl": self.ttl,
             "outcomes": dict(self.outcomes),
         }
-
-
-def tunnel_opener(client: object) -> StreamOpener:
-    """A ``StreamOpener`` over a ``TunnelClient``: the tunnel stream is attached to one end of
-    a socket pair and the caller gets asyncio streams on the other (real sockets, no mocks)."""
-    from autovpn.tunnel.mux.client import TunnelClient
-
-    assert isinstance(client, TunnelClient)
-
-    async def open_stream(
-        host: str, port: int
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        ep = await client.open_stream(host, port)
-        ours, theirs = socket.socketpair()
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: ep, theirs)
-        except BaseException:
-            ours.close()
-            theirs.close()
-            ep.conn.reset_stream(ep.sid, ResetReason.CANCELLED, "dns stream not attached")
-            raise
-        return await asyncio.open_connection(sock=ours)
-
-    return open_stream
 
 
 class SplitResolver:

@@ -16,7 +16,6 @@ from autovpn.routing.dns import (
     SplitResolver,
     StreamOpener,
     Upstream,
-    tunnel_opener,
 )
 from autovpn.routing.dns_cache import DnsCache
 from autovpn.routing.lists import load_default_lists
@@ -57,7 +56,7 @@ async def rig(
         dns_server(latency=public_latency, default_a="127.0.0.4") as public,
     ):
         assert eng.tunnel is not None
-        yield Rig(local, public, tunnel_opener(eng.tunnel))
+        yield Rig(local, public, eng.tunnel.open_socket_stream)
 
 
 def test_split_direct_names_local_proxied_names_through_the_tunnel(certs: Certs) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -368,6 +369,23 @@ class TunnelClient:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
+
+    async def open_socket_stream(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A tunnel stream as asyncio streams (the split resolver's DNS over TCP, a
+        ``routing.dns.StreamOpener``): the stream is attached to one end of a socket pair and
+        the caller gets asyncio streams on the other (real sockets, nothing faked)."""
+        ep = await self.open_stream(host, port)
+        ours, theirs = socket.socketpair()
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: ep, theirs)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            ep.conn.reset_stream(ep.sid, ResetReason.CANCELLED, "dns stream not attached")
+            raise
+        return await asyncio.open_connection(sock=ours)
 
     async def open_upstream(self, host: str, port: int, early: bytes = b"") -> StreamUpstream:
         """``open_stream`` for the dialer: the result relays a local socket once attached."""
