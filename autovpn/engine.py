@@ -17,8 +17,10 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+import time
 from pathlib import Path
 
+from autovpn import __version__
 from autovpn.config import (
     DEFAULT_USER,
     ClientConfig,
@@ -33,15 +35,16 @@ from autovpn.proxy.forward import FORWARD_LISTENER_SCHEMES, ForwardListener, Std
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
 from autovpn.proxy.wstunnel_udp import WstunnelUdpRelay
-from autovpn.routing.dns import SplitResolver, Upstream
+from autovpn.routing.dns import ResolveError, SplitResolver, Upstream
 from autovpn.routing.hosts import parse_hosts
 from autovpn.routing.router import Action, Mode, Router
+from autovpn.routing.rules import RuleKind
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.tunnel.mux.client import ClientSettings, ServerURL, TunnelClient
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
-from autovpn.tunnel.wstunnel.client import WstunnelClient
+from autovpn.tunnel.wstunnel.client import WstunnelClient, client_settings
 from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire.auth import Credentials
 
@@ -115,8 +118,6 @@ class Engine:
     def list_names(self, which: str = "proxy") -> list[str]:
         """The domains of the routing lists (``proxy``, ``direct`` or ``all``), for batch
         resolution: full and suffix rules only (keywords and regexes name no host)."""
-        from autovpn.routing.rules import RuleKind
-
         tiers = {
             "proxy": [self.router.proxy_rules],
             "direct": [self.router.direct_rules],
@@ -133,10 +134,6 @@ class Engine:
     async def explain(self, host: str, port: int, *, resolve: bool = False) -> dict[str, object]:
         """What ``autovpn route`` shows: the decision, the resolver that would be used and,
         with ``resolve``, the addresses in the order the dialer would try them, with scores."""
-        import time
-
-        from autovpn.routing.dns import ResolveError
-
         decision = self.router.decide(host, port)
         upstream, _, how = self.resolver.plan(host, port)
         out: dict[str, object] = {
@@ -163,8 +160,6 @@ class Engine:
 
     def status(self) -> dict[str, object]:
         """What ``GET /status`` answers."""
-        from autovpn import __version__
-
         r = self.router
         return {
             "version": __version__,
@@ -310,8 +305,6 @@ class Engine:
             )
 
     async def _start_wstunnel_client(self, client: ClientConfig) -> None:
-        from autovpn.tunnel.wstunnel.client import client_settings
-
         self.wstunnel = WstunnelClient(client_settings(client))
         self.wstunnel.start()
         dialer = Dialer(self.router, self.wstunnel, resolver=self.resolver, scores=self.scores)

@@ -16,6 +16,9 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives import serialization as ser
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from autovpn.errors import ConfigError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -28,9 +31,6 @@ class KeyPair:
 
 
 def generate_keypair() -> KeyPair:
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
     key = X25519PrivateKey.generate()
     private = key.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, ser.NoEncryption())
     public = key.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
@@ -38,9 +38,6 @@ def generate_keypair() -> KeyPair:
 
 
 def public_key(private: str) -> str:
-    from cryptography.hazmat.primitives import serialization as ser
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
     key = X25519PrivateKey.from_private_bytes(decode_key(private, "private key"))
     raw = key.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
     return base64.b64encode(raw).decode()

@@ -39,9 +39,13 @@ def imports_of(source: str, package: list[str]) -> list[Import]:
     found: list[Import] = []
 
     def commented(lineno: int) -> bool:
-        here = lines[lineno - 1]
-        above = lines[lineno - 2].strip() if lineno >= 2 else ""
-        return "#" in here or above.startswith("#")
+        """A comment on the import's line, or above the block of imports it belongs to."""
+        if "#" in lines[lineno - 1]:
+            return True
+        above = lineno - 2
+        while above >= 0 and lines[above].strip().startswith(("from ", "import ")):
+            above -= 1
+        return above >= 0 and lines[above].strip().startswith("#")
 
     def visit(node: ast.AST, local: bool, type_only: bool) -> None:
         names: list[str] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from autovpn.errors import BindError, StreamError
 from autovpn.proxy.dialer import TunnelOpener, Upstream
+from autovpn.tunnel.wstunnel.client import WstunnelClient, WsUpstream
 from autovpn.wire import wstunnel
 
 if TYPE_CHECKING:
@@ -32,8 +34,6 @@ FORWARD_LISTENER_SCHEMES: Final = ("tcp", "unix", "stdio")
 
 async def open_forward(opener: TunnelOpener, spec: ListenSpec, early: bytes = b"") -> Upstream:
     """Open the tunnel for one connection of ``spec`` (honouring ``?proxy_protocol``)."""
-    from autovpn.tunnel.wstunnel.client import WstunnelClient, WsUpstream
-
     assert spec.target_host is not None and spec.target_port is not None
     if isinstance(opener, WstunnelClient):
         proxy_protocol = spec.option("proxy_protocol") is not None
@@ -157,8 +157,6 @@ class ForwardListener:
             self._server = None
         if self.spec.scheme == "unix":
             with contextlib.suppress(OSError):
-                import os
-
                 os.unlink(self.spec.host)
 
 

@@ -17,6 +17,7 @@ __all__ = ["geoip2fast_lookup"]
 
 @functools.cache
 def _database() -> Any:
+    # Loaded on first use: an optional dependency, and its database takes a while to load.
     from geoip2fast import GeoIP2Fast
 
     return GeoIP2Fast()

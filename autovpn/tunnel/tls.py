@@ -87,6 +87,7 @@ def make_private_ca(
     their paths.  The server uses the last two; clients trust the first with ``--tls-ca``.
     EC P-256, with the extensions that Python's ssl, OpenSSL (curl, nginx) and Chromium expect.
     """
+    # cryptography costs ~60 ms to import and only certificate making needs it.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -29,6 +29,7 @@ from autovpn.errors import (
 )
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient, ReverseSpec
+from autovpn.tunnel.tls import client_context
 from autovpn.wire import frames, handshake
 from autovpn.wire.frames import StreamKind
 
@@ -223,8 +224,6 @@ class TunnelClient:
         loop = asyncio.get_running_loop()
         ctx = s.ssl_context if s.server.tls else None
         if s.server.tls and ctx is None:
-            from autovpn.tunnel.tls import client_context
-
             ctx = client_context()
         async with asyncio.timeout(s.connect_timeout):
             transport, proto = await loop.create_connection(

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Final
 
 from autovpn.errors import RemoteProtocolError, ResetReason, StreamError, TunnelUnavailable
 from autovpn.tunnel.mux.client import ServerURL
+from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.relay import WsSide
+from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
 from autovpn.wire import wstunnel
 from autovpn.wire.handshake import parse_head
 from autovpn.wire.wstunnel import Claims, LocalProtocol, Session, WstunnelRejected
@@ -128,8 +130,6 @@ class WstunnelClient:
         self._pool_task: asyncio.Task[None] | None = None
         self._pool_wakeup = asyncio.Event()
         self._closing = False
-        from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
-
         self.reverse = [
             ReverseRunner(self, ReverseSpec.parse(r), settings.reverse_max_backoff)
             for r in settings.reverse
@@ -180,8 +180,6 @@ class WstunnelClient:
         loop = asyncio.get_running_loop()
         ctx = s.ssl_context if s.server.tls else None
         if s.server.tls and ctx is None:
-            from autovpn.tunnel.tls import client_context
-
             ctx = client_context()
         server_hostname: str | None = None
         if ctx is not None:
@@ -325,8 +323,6 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
     Certificate verification stays on (as everywhere in autovpn) unless ``insecure``; wstunnel
     itself does not verify by default (``--tls-verify-certificate`` turns it on there).
     """
-    from autovpn.tunnel.tls import client_context
-
     w = cc.wstunnel
     ctx = None
     if cc.server.tls:
@@ -361,6 +357,7 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
 
 
 def _certificate_cn(path: Path) -> str | None:
+    # cryptography costs ~60 ms to import: only a client with a certificate pays it.
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 

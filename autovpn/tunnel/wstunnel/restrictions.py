@@ -214,7 +214,7 @@ class Restrictions:
     @classmethod
     def from_yaml(cls, text: str, source: str = "restrictions") -> Restrictions:
         """Parse the restrictions file (YAML with ``!Tag`` entries)."""
-        import yaml
+        import yaml  # PyYAML is loaded only when a restrictions file is given
 
         # A private SafeLoader subclass, so the tag constructors stay local to this parse.
         loader_class: Any = type("_RestrictionsLoader", (yaml.SafeLoader,), {})
