@@ -1,5 +1,10 @@
 """The command line.  The only module that prints.
 
+Start-up time matters here: ``autovpn --help``, ``status``, ``route``, ``mode`` and ``pac`` talk
+to a running engine and should answer in about 0.1 s.  So this module imports only the light
+parts at the top (config, errors, argparse); the engine, the event loop, TLS and the tunnel are
+imported by the commands that run them (each such import says so).
+
 autovpn                          the embedded default (loopback tunnel, SOCKS5 1080, HTTP 8080)
 autovpn --config FILE            what FILE says
 autovpn client [-L SPEC]... wss://server:443
@@ -10,12 +15,13 @@ autovpn check-config FILE
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import quote
 
 from autovpn import __version__
 from autovpn.config import (
@@ -29,15 +35,17 @@ from autovpn.config import (
     secret_from,
     state_dir,
 )
-from autovpn.engine import Engine, embedded_config
 from autovpn.errors import AutovpnError, ConfigError
-from autovpn.eventloop import loop_factory, run
+from autovpn.monitor.client import (
+    ControlUnreachable,
+    Reply,
+    read_control_state,
+    request,
+    stream_lines,
+)
 from autovpn.routing.router import Mode
 from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
-
-if TYPE_CHECKING:
-    from autovpn.monitor.api import Reply
 
 log = logging.getLogger("autovpn")
 
@@ -221,6 +229,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     if args.path_prefix is not None:
         sc.path_prefix = args.path_prefix
     if args.allow:
+        # The policy's parser checks each entry now (not when the server starts).
         from autovpn.tunnel.policy import AllowEntry
 
         for entry in args.allow:
@@ -265,6 +274,10 @@ def _configure_logging(level: str) -> None:
 
 
 async def _serve(cfg: Config, embedded: bool) -> None:
+    # The engine (tunnel, TLS, listeners) only for the commands that run one.
+    from autovpn.engine import Engine
+    from autovpn.eventloop import loop_factory
+
     async with Engine(cfg) as engine:
         name, _ = loop_factory()
         # stdio:// owns stdout (ssh ProxyCommand): everything else goes to stderr then.
@@ -290,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "wg":
             return _wg_command(args)
         if args.command == "cert":
+            # TLS and cryptography only for this command.
             from autovpn.tunnel.tls import make_private_ca
 
             ca, cert_path, key = make_private_ca(args.directory, args.name, days=args.days)
@@ -316,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{args.config}: {error.key}: {error.reason}", file=sys.stderr)
                 return 2
         if args.command == "status":
-            return run(_status_command(args, cfg))
+            return _status_command(args, cfg)
         if args.command in ("mode", "route", "pac", "resolve"):
-            return run(_routing_command(args, cfg))
+            return _routing_command(args, cfg)
         if args.command == "client":
             _client_from_args(args, cfg)
             cfg.server = None if args.config is None else cfg.server
@@ -326,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
             _server_from_args(args, cfg)
             cfg.client = None if args.config is None else cfg.client
         embedded = args.command is None and args.config is None
+        # The engine and the event loop only for the commands that run an engine.
+        from autovpn.engine import embedded_config
+        from autovpn.eventloop import run
+
         if embedded:
             cfg = embedded_config(state_dir())
         _configure_logging(args.log_level or cfg.log_level)
@@ -346,8 +364,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _control_urls(args: argparse.Namespace, cfg: Config) -> list[str]:
-    from autovpn.monitor.api import read_control_state
-
     if args.control:
         return [args.control]
     urls = []
@@ -360,28 +376,23 @@ def _control_urls(args: argparse.Namespace, cfg: Config) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
-async def _ask(urls: list[str], method: str, path: str, body: bytes = b"") -> Reply | None:
+def _ask(urls: list[str], method: str, path: str, body: bytes = b"") -> Reply | None:
     """The first running engine's answer, or None when none answers."""
-    from autovpn.monitor.api import request
-
     for url in urls:
         try:
-            async with asyncio.timeout(15):
-                return await request(url, method, path, body)
-        except (OSError, TimeoutError, ValueError):
+            return request(url, method, path, body)
+        except ControlUnreachable:
             continue
     return None
 
 
-async def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
-    from urllib.parse import quote
-
+def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
     urls = _control_urls(args, cfg)
     if args.command == "mode":
         if args.mode is None:
-            reply = await _ask(urls, "GET", "/mode")
+            reply = _ask(urls, "GET", "/mode")
         else:
-            reply = await _ask(urls, "POST", "/mode", json.dumps({"mode": args.mode}).encode())
+            reply = _ask(urls, "POST", "/mode", json.dumps({"mode": args.mode}).encode())
         if reply is None:
             print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
             return 1
@@ -396,32 +407,42 @@ async def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     if args.command == "pac":
         mode = args.mode or "proxy"
-        reply = await _ask(urls, "GET", f"/{mode}.pac")
+        reply = _ask(urls, "GET", f"/{mode}.pac")
         if reply is not None and reply.status == 200:
             sys.stdout.write(reply.body.decode())
             return 0
         return _local_pac(cfg, Mode(args.mode) if args.mode else cfg.mode)
     if args.command == "route":
         query = f"/route?host={quote(args.host)}&port={args.port}"
-        reply = await _ask(urls, "GET", query + ("&resolve=1" if args.resolve else ""))
+        reply = _ask(urls, "GET", query + ("&resolve=1" if args.resolve else ""))
         if reply is not None and reply.status == 200:
             explained = reply.json()
             explained["engine"] = "running"
         else:
-            engine = Engine(cfg)
-            from autovpn.routing.scoring import SCORES_FILE
+            # No engine answers: build one from the configuration (not started) and ask it.
+            from autovpn.eventloop import run
 
-            engine.scores.load(state_dir() / SCORES_FILE)
-            explained = await engine.explain(args.host, args.port, resolve=args.resolve)
-            explained["engine"] = "not running: answered from the configuration"
+            explained = run(_explain_offline(cfg, args.host, args.port, args.resolve))
         _print_route(explained, args.json)
         return 0
-    return await _resolve_command(args, cfg, urls)
+    return _resolve_command(args, cfg, urls)
 
 
-async def _status_command(args: argparse.Namespace, cfg: Config) -> int:
+async def _explain_offline(cfg: Config, host: str, port: int, resolve: bool) -> dict[str, Any]:
+    # The engine only when no running engine answered.
+    from autovpn.engine import Engine
+    from autovpn.routing.scoring import SCORES_FILE
+
+    engine = Engine(cfg)
+    engine.scores.load(state_dir() / SCORES_FILE)
+    explained = await engine.explain(host, port, resolve=resolve)
+    explained["engine"] = "not running: answered from the configuration"
+    return explained
+
+
+def _status_command(args: argparse.Namespace, cfg: Config) -> int:
     urls = _control_urls(args, cfg)
-    reply = await _ask(urls, "GET", "/status")
+    reply = _ask(urls, "GET", "/status")
     if reply is None or reply.status != 200:
         print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
         return 1
@@ -469,6 +490,7 @@ async def _status_command(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _local_pac(cfg: Config, mode: Mode) -> int:
+    # The PAC renderer only when no running engine serves the file.
     from autovpn.routing.pac import render_pac
 
     specs = cfg.client.listen if cfg.client is not None else []
@@ -527,9 +549,7 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-async def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> int:
-    from autovpn.monitor.api import stream_lines
-
+def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> int:
     path = f"/resolve?list={args.list}"
     if args.concurrency:
         path += f"&concurrency={args.concurrency}"
@@ -550,8 +570,8 @@ async def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str
 
     for url in urls:
         try:
-            status = await stream_lines(url, "POST", path, on_line)
-        except (OSError, ValueError):
+            status = stream_lines(url, "POST", path, on_line)
+        except ControlUnreachable:
             continue
         if progress is not None:
             progress.end()
@@ -564,12 +584,15 @@ async def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str
             "the running engine's cache is warm"
         )
         return 0
-    return await _resolve_in_process(args, cfg)
+    # No engine answers: start one here (the event loop and the engine only in this case).
+    from autovpn.eventloop import run
+
+    return run(_resolve_in_process(args, cfg))
 
 
 async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:
     """No engine running: start the tunnel (no listeners, no control API) and resolve here."""
-    import time
+    from autovpn.engine import Engine, embedded_config
 
     if cfg.client is None and cfg.server is None:
         embedded = embedded_config(state_dir())
@@ -622,6 +645,7 @@ def _wg_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _wg_command(args: argparse.Namespace) -> int:
+    # cryptography (WireGuard keys) and TLS helpers only for this command.
     from autovpn import wg
     from autovpn.tunnel.tls import write_private
 
