@@ -54,6 +54,7 @@ class FrameType(enum.IntEnum):
     PING = 7  # stream 0, payload: 8 opaque bytes; flag ACK marks the answer
     DATAGRAM = 8  # stream_id = UDP flow; payload: address port:u16 data
     GOAWAY = 9  # stream 0: open no new streams on this connection
+    AUTH = 10  # stream 0, client to server, first frame only: the 32-byte challenge response
 
 
 # The frame types as plain ints, for the per-frame paths.  Reading an IntEnum member
@@ -69,6 +70,7 @@ TYPE_RESET: Final = int(FrameType.RESET)
 TYPE_PING: Final = int(FrameType.PING)
 TYPE_DATAGRAM: Final = int(FrameType.DATAGRAM)
 TYPE_GOAWAY: Final = int(FrameType.GOAWAY)
+TYPE_AUTH: Final = int(FrameType.AUTH)
 
 
 class StreamKind(enum.IntEnum):

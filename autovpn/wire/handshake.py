@@ -1,17 +1,31 @@
-"""The tunnel's opening handshake: an HTTP/1.1 WebSocket upgrade with HMAC authentication.
+"""The tunnel's opening handshake: an HTTP/1.1 WebSocket upgrade, HMAC authentication and a
+server challenge.  Pure: the caller passes the clock (``now``) and the random bytes; nothing
+here touches a socket.
 
-Pure: the caller passes the clock (``now``) and the random bytes; nothing here touches a socket.
+The client proves it knows its user's secret without sending it (docs/protocol.md, section 1),
+twice:
 
-The client proves it knows its user's secret without sending it (docs/protocol.md, "Auth")::
+1. In the upgrade request, to get a 101 at all (a prober without the secret sees a bare
+   401/403, not a WebSocket server)::
 
-    Authorization: AutoVPN-HMAC user="alice", ts="1764147600", nonce="<b64url 16 bytes>",
-                   mac="<b64url HMAC-SHA256(secret, 'autovpn-v1' user ts nonce path)>"
+       Authorization: AutoVPN-HMAC user="alice", ts="1764147600", nonce="<b64url 16 bytes>",
+                      mac="<b64url HMAC-SHA256(secret, 'autovpn-v2 request' user ts nonce
+                                               host path)>"
 
-(the five fields of the MAC input are joined with newlines).
+   The server accepts a timestamp within ``MAX_CLOCK_SKEW`` seconds and each nonce once
+   (``ReplayCache``).  That cache lives in one process, so on its own it cannot stop a
+   recorded request from being accepted again by a restarted server, or by another server
+   with the same secret.
+2. Hence the challenge: the 101 carries ``autovpn-challenge: <b64url 16 random bytes>``, and the
+   client's first mux frame must be AUTH with ``HMAC-SHA256(secret, 'autovpn-v2 proof' user
+   nonce challenge host path)``.  The server opens no stream before it has checked it.  A
+   recorded AUTH answers a challenge that will never be asked again, so a recorded handshake
+   is worthless anywhere and at any time.  The client sends AUTH without waiting for anything
+   and its first OPEN right behind it: no round trip is added.
 
-The server accepts a timestamp within ``MAX_CLOCK_SKEW`` seconds and each nonce once
-(``ReplayCache``), and compares MACs in constant time.  Every failure gets the same bare 403
-(401 when no credentials were offered at all), so a prober learns nothing about which part failed.
+(The fields of each MAC input are joined with newlines.)  MACs are compared in constant time.
+Every failure of the request gets the same bare 403 (401 when no credentials were offered at
+all), so a prober learns nothing about which part failed.
 """
 
 from __future__ import annotations
@@ -26,13 +40,21 @@ from dataclasses import dataclass
 from typing import Final
 
 from autovpn.errors import AuthenticationFailed, LimitExceeded, RemoteProtocolError
+from autovpn.wire import frames
 
 SUBPROTOCOL_PREFIX: Final = "autovpn."
-SUPPORTED_VERSIONS: Final = (1,)
+#: Version 2 added the server challenge (AUTH frame); version 1 handshakes could be replayed.
+SUPPORTED_VERSIONS: Final = (2,)
 WS_GUID: Final = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 AUTH_SCHEME: Final = "AutoVPN-HMAC"
 #: Asks the peer to send unmasked frames; answered with the same header when agreed.
 MASKING_HEADER: Final = "autovpn-masking"
+#: The server's challenge in its 101: the base64url of ``CHALLENGE_SIZE`` random bytes.
+CHALLENGE_HEADER: Final = "autovpn-challenge"
+CHALLENGE_SIZE: Final = 16
+#: How far a request's timestamp may be from the server's clock.  Freshness comes from the
+#: challenge, not from this window: it only bounds how long a recorded request can still get a
+#: 101 (never a stream), so it stays wide enough for clients whose clocks drift.
 MAX_CLOCK_SKEW: Final = 120  # seconds
 MAX_HEAD_SIZE: Final = 16 * 1024
 MAX_HEADERS: Final = 64
@@ -115,13 +137,31 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _b64(data: bytes) -> str:
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, the encoding of nonces, challenges and MACs."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def compute_mac(secret: bytes, user: str, ts: int, nonce: str, path: str) -> str:
-    msg = f"autovpn-v1\n{user}\n{ts}\n{nonce}\n{path}".encode()
-    return _b64(hmac.new(secret, msg, hashlib.sha256).digest())
+def compute_mac(secret: bytes, user: str, ts: int, nonce: str, host: str, path: str) -> str:
+    """The request's MAC.  ``host`` is the Host header as sent (``name`` or ``name:port``)."""
+    msg = f"autovpn-v2 request\n{user}\n{ts}\n{nonce}\n{host}\n{path}"
+    return b64url(hmac.new(secret, msg.encode(), hashlib.sha256).digest())
+
+
+def compute_proof(
+    secret: bytes, user: str, nonce: str, challenge: str, host: str, path: str
+) -> bytes:
+    """The AUTH frame's payload: the answer to the server's ``challenge``.
+
+    Its label differs from the request MAC's, so neither can ever stand in for the other.
+    """
+    msg = f"autovpn-v2 proof\n{user}\n{nonce}\n{challenge}\n{host}\n{path}"
+    return hmac.new(secret, msg.encode(), hashlib.sha256).digest()
+
+
+def auth_frame(proof: bytes) -> bytes:
+    """The client's first mux frame."""
+    return frames.frame(frames.FrameType.AUTH, 0, proof)
 
 
 def tunnel_path(prefix: str = DEFAULT_PATH_PREFIX) -> str:
@@ -142,8 +182,8 @@ def build_request(
     extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """The client's upgrade request."""
-    nonce_text = _b64(nonce)
-    mac = compute_mac(secret, user, now, nonce_text, path)
+    nonce_text = b64url(nonce)
+    mac = compute_mac(secret, user, now, nonce_text, host, path)
     lines = [
         f"GET {path} HTTP/1.1",
         f"Host: {host}",
@@ -166,6 +206,21 @@ def build_request(
 class ClientResult:
     version: int
     unmasked: bool  # the server agreed that we send unmasked frames
+    challenge: str  # the server's challenge: answer it with ``compute_proof`` in AUTH
+
+
+def _valid_challenge(text: str) -> bool:
+    """The unpadded base64url of ``CHALLENGE_SIZE`` bytes."""
+    if len(text) != (CHALLENGE_SIZE * 4 + 2) // 3 or not text.isascii():
+        return False
+    try:
+        return len(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))) == CHALLENGE_SIZE
+    except ValueError:
+        return False
+
+
+def _versions_text() -> str:
+    return ", ".join(f"{SUBPROTOCOL_PREFIX}{v}" for v in SUPPORTED_VERSIONS)
 
 
 def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
@@ -176,8 +231,11 @@ def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
     status = int(parts[1])
     if status != 101:
         what = {
+            400: "bad request (this client speaks only "
+            f"{_versions_text()}: if the server runs an older autovpn, update it)",
             401: "credentials required",
-            403: "authentication refused",
+            403: "authentication refused (check the secret; a proxy in front of the server "
+            "must pass the Host header and the path on unchanged)",
             404: "wrong path (check the path prefix)",
         }.get(status, "upgrade refused")
         raise HandshakeError(f"tunnel server answered HTTP {status}: {what}", status)
@@ -189,8 +247,14 @@ def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
         raise HandshakeError(f"server chose no autovpn protocol version ({proto!r})", 502)
     version = int(proto[len(SUBPROTOCOL_PREFIX) :])
     if version not in SUPPORTED_VERSIONS:
-        raise HandshakeError(f"server chose unsupported protocol version {version}", 502)
-    return ClientResult(version, head.get(MASKING_HEADER).lower() == "none")
+        raise HandshakeError(
+            f"server chose protocol version {version}; this client speaks only {_versions_text()}",
+            502,
+        )
+    challenge = head.get(CHALLENGE_HEADER)
+    if not _valid_challenge(challenge):
+        raise HandshakeError(f"no valid {CHALLENGE_HEADER} in the tunnel server's 101", 502)
+    return ClientResult(version, head.get(MASKING_HEADER).lower() == "none", challenge)
 
 
 class ReplayCache:
@@ -228,6 +292,7 @@ class Accepted:
     version: int
     unmasked: bool  # the client sends unmasked frames and asks us to do the same
     response: bytes  # the 101 answer to send
+    proof: bytes  # the AUTH payload that answers this 101's challenge (see ``check_auth``)
 
 
 def plain_response(status: int, reason: str, extra: str = "") -> bytes:
@@ -255,15 +320,20 @@ def accept_request(
     users: Mapping[str, bytes],
     replay: ReplayCache,
     now: float,
+    challenge: bytes,
 ) -> Accepted:
     """Check an upgrade request for our tunnel.  Raises HandshakeError carrying the answer.
 
-    The caller has already matched the path; order of checks: upgrade headers (400),
+    ``challenge`` is ``CHALLENGE_SIZE`` fresh random bytes: the 101 carries them, and the
+    connection may carry nothing but an AUTH frame with ``Accepted.proof`` until ``check_auth``
+    passed.  The caller has already matched the path; order of checks: upgrade headers (400),
     credentials present (401), timestamp, nonce and MAC (403 for all three).
     """
     method, _ = request_target(head)
+    hosts = head.get_all("host")
     if (
         method != "GET"
+        or len(hosts) != 1  # RFC 9112 section 3.2: exactly one, or 400
         or head.get("upgrade").lower() != "websocket"
         or "upgrade" not in head.get("connection").lower()
         or head.get("sec-websocket-version") != "13"
@@ -272,6 +342,7 @@ def accept_request(
         raise HandshakeError(
             "not a WebSocket upgrade", 400, reply=plain_response(400, "Bad Request")
         )
+    host = hosts[0]
     offered = [p.strip() for p in head.get("sec-websocket-protocol").split(",")]
     versions = [
         int(p[len(SUBPROTOCOL_PREFIX) :])
@@ -281,7 +352,8 @@ def accept_request(
     common = sorted(set(versions) & set(SUPPORTED_VERSIONS))
     if not common:
         raise HandshakeError(
-            f"no common protocol version (offered {offered!r})",
+            f"no common protocol version: the client offers {offered!r}, this server speaks "
+            f"{_versions_text()} (update the older end)",
             400,
             reply=plain_response(400, "Bad Request"),
         )
@@ -295,25 +367,62 @@ def accept_request(
     secret = users.get(user)
     # Compute the MAC even for an unknown user, so timing does not tell which users exist.
     expected = compute_mac(
-        secret or _DUMMY_SECRET, user, int(ts_text) if _is_number(ts_text) else 0, nonce, path
+        secret or _DUMMY_SECRET,
+        user,
+        int(ts_text) if _is_number(ts_text) else 0,
+        nonce,
+        host,
+        path,
     )
     mac_ok = hmac.compare_digest(expected.encode(), mac.encode("ascii", "replace"))
     if secret is None or not mac_ok:
-        raise AuthenticationFailed(f"bad credentials for user {user!r}", reply=forbidden)
+        raise AuthenticationFailed(
+            f"bad credentials for user {user[:64]!r} (a wrong secret, or a proxy that changed "
+            f"the Host header {host[:100]!r} or the path)",
+            reply=forbidden,
+        )
     if not _is_number(ts_text) or abs(now - int(ts_text)) > MAX_CLOCK_SKEW:
-        raise AuthenticationFailed(f"stale timestamp from user {user!r}", reply=forbidden)
+        raise AuthenticationFailed(
+            f"stale timestamp from user {user!r} (its clock is off by more than "
+            f"{MAX_CLOCK_SKEW} s, or the request is a recorded one)",
+            reply=forbidden,
+        )
     if not replay.check_and_add(nonce, now):
         raise AuthenticationFailed(f"replayed nonce from user {user!r}", reply=forbidden)
     version = common[-1]
     unmasked = head.get(MASKING_HEADER).lower() == "none"
+    challenge_text = b64url(challenge)
     lines = [
         "HTTP/1.1 101 Switching Protocols",
         "Upgrade: websocket",
         "Connection: Upgrade",
         f"Sec-WebSocket-Accept: {accept_key(head.get('sec-websocket-key'))}",
         f"Sec-WebSocket-Protocol: {SUBPROTOCOL_PREFIX}{version}",
+        f"{CHALLENGE_HEADER}: {challenge_text}",
     ]
     if unmasked:
         lines.append(f"{MASKING_HEADER}: none")
     response = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return Accepted(user, version, unmasked, response)
+    proof = compute_proof(secret, user, nonce, challenge_text, host, path)
+    return Accepted(user, version, unmasked, response, proof)
+
+
+def check_auth(accepted: Accepted, ftype: int, sid: int, payload: bytes | memoryview) -> None:
+    """Check the first mux frame after ``accepted``'s 101; raises AuthenticationFailed.
+
+    It must be AUTH on stream 0 carrying ``accepted.proof``: anything else (an OPEN, a DATA
+    piece, a proof for another challenge, as a replayed handshake carries) is refused before
+    the connection can open a stream or a UDP flow.
+    """
+    if ftype != frames.TYPE_AUTH or sid != 0:
+        try:
+            name = frames.FrameType(ftype).name
+        except ValueError:  # an unknown type: the decoder refuses those before us
+            name = str(ftype)
+        raise AuthenticationFailed(
+            f"user {accepted.user!r} sent {name} before AUTH (a client that skips the challenge)"
+        )
+    if not hmac.compare_digest(bytes(payload), accepted.proof):
+        raise AuthenticationFailed(
+            f"wrong challenge response from user {accepted.user!r} (a replayed or forged handshake)"
+        )

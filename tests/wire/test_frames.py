@@ -249,7 +249,7 @@ def test_control_over_limit_refused(ftype: FrameType) -> None:
         MuxDecoder().feed(header)
 
 
-@pytest.mark.parametrize("ftype", [0, 10, 11, 0x7F, 0x80, 0xFF])
+@pytest.mark.parametrize("ftype", [0, 11, 12, 0x7F, 0x80, 0xFF])
 def test_unknown_frame_type_refused(ftype: int) -> None:
     header = frames.HEADER.pack(ftype, 0, 1, 0)
     with pytest.raises(RemoteProtocolError, match=f"unknown mux frame type {ftype}") as info:

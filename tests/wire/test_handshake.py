@@ -1,4 +1,5 @@
-"""The tunnel's opening handshake (RFC 6455 section 4 + AutoVPN-HMAC), from bytes outward."""
+"""The tunnel's opening handshake (RFC 6455 section 4 + AutoVPN-HMAC + the server's challenge),
+from bytes outward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autovpn.errors import AuthenticationFailed, LimitExceeded, RemoteProtocolError
+from autovpn.wire import frames
 from autovpn.wire.handshake import (
+    CHALLENGE_SIZE,
     MAX_CLOCK_SKEW,
     MAX_HEAD_SIZE,
     MAX_HEADERS,
@@ -22,9 +25,12 @@ from autovpn.wire.handshake import (
     ReplayCache,
     accept_key,
     accept_request,
+    auth_frame,
     build_request,
+    check_auth,
     check_response,
     compute_mac,
+    compute_proof,
     parse_head,
     plain_response,
     request_target,
@@ -38,18 +44,35 @@ NOW = 1764147600
 NONCE = bytes(range(16))
 NONCE_TEXT = "AAECAwQFBgcICQoLDA0ODw"
 WS_KEY = b"the sample nonce"  # RFC 6455 section 1.3: base64 is dGhlIHNhbXBsZSBub25jZQ==
+HOST = "vpn.example"
+CHALLENGE = bytes(range(100, 116))
+CHALLENGE_TEXT = "ZGVmZ2hpamtsbW5vcHFycw"
 
 
-def expected_mac(secret: bytes, user: str, ts: int, nonce: str, path: str) -> str:
-    """The MAC of docs/protocol.md, computed independently of the module."""
-    msg = b"\n".join(x.encode() for x in ("autovpn-v1", user, str(ts), nonce, path))
-    digest = hmac.new(secret, msg, hashlib.sha256).digest()
+def expected_mac(secret: bytes, user: str, ts: int, nonce: str, path: str, host: str = HOST) -> str:
+    """The request MAC of docs/protocol.md, computed independently of the module."""
+    fields = ("autovpn-v2 request", user, str(ts), nonce, host, path)
+    digest = hmac.new(secret, "\n".join(fields).encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def expected_proof(
+    secret: bytes = SECRET,
+    challenge: str = CHALLENGE_TEXT,
+    *,
+    user: str = "alice",
+    nonce: str = NONCE_TEXT,
+    host: str = HOST,
+    path: str = PATH,
+) -> bytes:
+    """The AUTH payload of docs/protocol.md, computed independently of the module."""
+    fields = ("autovpn-v2 proof", user, nonce, challenge, host, path)
+    return hmac.new(secret, "\n".join(fields).encode(), hashlib.sha256).digest()
 
 
 def request(**overrides: object) -> bytes:
     kwargs: dict[str, object] = {
-        "host": "vpn.example",
+        "host": HOST,
         "path": PATH,
         "user": "alice",
         "secret": SECRET,
@@ -67,9 +90,20 @@ def head_of(raw: bytes) -> HttpHead:
     return parsed[0]
 
 
-def accept(raw: bytes, *, replay: ReplayCache | None = None, now: float = NOW) -> Accepted:
+def accept(
+    raw: bytes,
+    *,
+    replay: ReplayCache | None = None,
+    now: float = NOW,
+    challenge: bytes = CHALLENGE,
+) -> Accepted:
     return accept_request(
-        head_of(raw), path=PATH, users=USERS, replay=replay or ReplayCache(), now=now
+        head_of(raw),
+        path=PATH,
+        users=USERS,
+        replay=replay or ReplayCache(),
+        now=now,
+        challenge=challenge,
     )
 
 
@@ -94,7 +128,7 @@ def test_rfc6455_1_3_accept_key_example() -> None:
 
 def test_rfc6455_4_1_upgrade_request_exact_bytes() -> None:
     mac = expected_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH)
-    assert compute_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH) == mac
+    assert compute_mac(SECRET, "alice", NOW, NONCE_TEXT, HOST, PATH) == mac
     assert (
         request()
         == (
@@ -104,7 +138,7 @@ def test_rfc6455_4_1_upgrade_request_exact_bytes() -> None:
             "Connection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             "Sec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Protocol: autovpn.1\r\n"
+            "Sec-WebSocket-Protocol: autovpn.2\r\n"
             f'Authorization: AutoVPN-HMAC user="alice", ts="{NOW}", nonce="{NONCE_TEXT}", '
             f'mac="{mac}"\r\n'
             "autovpn-masking: none\r\n"
@@ -120,7 +154,7 @@ def test_request_without_unmasking_and_with_extra_headers() -> None:
 
 
 def test_mac_is_unpadded_base64url_of_sha256() -> None:
-    mac = compute_mac(b"k", "u", 0, "n", "/")
+    mac = compute_mac(b"k", "u", 0, "n", "h", "/")
     assert len(mac) == 43 and "=" not in mac and "+" not in mac and "/" not in mac
 
 
@@ -259,16 +293,17 @@ GOOD_RESPONSE = (
     b"Upgrade: websocket\r\n"
     b"Connection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
-    b"Sec-WebSocket-Protocol: autovpn.1\r\n"
+    b"Sec-WebSocket-Protocol: autovpn.2\r\n"
+    b"autovpn-challenge: ZGVmZ2hpamtsbW5vcHFycw\r\n"
     b"autovpn-masking: none\r\n"
     b"\r\n"
 )
 
 
 def test_check_response_accepts_101() -> None:
-    assert check_response(head_of(GOOD_RESPONSE), WS_KEY) == ClientResult(1, True)
+    assert check_response(head_of(GOOD_RESPONSE), WS_KEY) == ClientResult(2, True, CHALLENGE_TEXT)
     masked = replace_header(GOOD_RESPONSE, b"autovpn-masking", None)
-    assert check_response(head_of(masked), WS_KEY) == ClientResult(1, False)
+    assert check_response(head_of(masked), WS_KEY) == ClientResult(2, False, CHALLENGE_TEXT)
 
 
 @pytest.mark.parametrize("status", [200, 400, 401, 403, 404, 426, 500, 502])
@@ -292,7 +327,23 @@ def test_check_response_refusals_carry_the_status(status: int) -> None:
         replace_header(GOOD_RESPONSE, b"sec-websocket-protocol", None),
         replace_header(GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: chat"),
         replace_header(
-            GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.2"
+            GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.1"
+        ),
+        replace_header(
+            GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.3"
+        ),
+        # a version 1 server's 101, or a challenge that is not 16 bytes of base64url
+        replace_header(GOOD_RESPONSE, b"autovpn-challenge", None),
+        replace_header(GOOD_RESPONSE, b"autovpn-challenge", b"autovpn-challenge: "),
+        replace_header(GOOD_RESPONSE, b"autovpn-challenge", b"autovpn-challenge: AAAA"),
+        replace_header(
+            GOOD_RESPONSE, b"autovpn-challenge", b"autovpn-challenge: ZGVmZ2hpamtsbW5vcHFyc!"
+        ),
+        replace_header(
+            GOOD_RESPONSE, b"autovpn-challenge", b"autovpn-challenge: ZGVmZ2hpamtsbW5vcHFycw=="
+        ),
+        replace_header(
+            GOOD_RESPONSE, b"autovpn-challenge", b"autovpn-challenge: ZGVmZ2hpamtsbW5vcHFyc\xe9"
         ),
         replace_header(
             GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn."
@@ -323,7 +374,14 @@ def test_check_response_superscript_version_is_a_handshake_error() -> None:
     start=st.text(alphabet=st.characters(codec="ascii"), max_size=30),
     headers=st.lists(
         st.tuples(
-            st.sampled_from(["sec-websocket-accept", "sec-websocket-protocol", "autovpn-masking"]),
+            st.sampled_from(
+                [
+                    "sec-websocket-accept",
+                    "sec-websocket-protocol",
+                    "autovpn-masking",
+                    "autovpn-challenge",
+                ]
+            ),
             st.text(alphabet=st.characters(codec="ascii"), max_size=30),
         ),
         max_size=3,
@@ -343,24 +401,30 @@ def test_check_response_fuzz_raises_only_handshake_errors(
 
 def test_full_round_trip_client_server_client() -> None:
     accepted = accept(request())
-    assert accepted == Accepted("alice", 1, True, GOOD_RESPONSE)
-    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(1, True)
+    assert accepted == Accepted("alice", 2, True, GOOD_RESPONSE, expected_proof())
+    result = check_response(head_of(accepted.response), WS_KEY)
+    assert result == ClientResult(2, True, CHALLENGE_TEXT)
+    proof = compute_proof(SECRET, "alice", NONCE_TEXT, result.challenge, HOST, PATH)
+    assert proof == expected_proof()
+    check_auth(accepted, frames.TYPE_AUTH, 0, proof)  # passes: returns None
 
 
 def test_accept_masked_client() -> None:
     accepted = accept(request(unmasked=False))
     assert not accepted.unmasked
     assert b"autovpn-masking" not in accepted.response
-    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(1, False)
+    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(
+        2, False, CHALLENGE_TEXT
+    )
 
 
 def test_accept_picks_a_supported_version_from_a_list() -> None:
     raw = replace_header(
         request(),
         b"sec-websocket-protocol",
-        b"Sec-WebSocket-Protocol: chat, autovpn.9, autovpn.1, autovpn.x",
+        b"Sec-WebSocket-Protocol: chat, autovpn.9, autovpn.2, autovpn.1, autovpn.x",
     )
-    assert accept(raw).version == 1
+    assert accept(raw).version == 2
 
 
 def test_accept_ignores_query_string_and_header_case() -> None:
@@ -388,8 +452,13 @@ BAD_UPGRADES = [
     replace_header(request(), b"sec-websocket-version", None),
     replace_header(request(), b"sec-websocket-key", None),
     replace_header(request(), b"sec-websocket-protocol", None),
-    replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.2"),
+    replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.3"),
+    # a version 1 client (its handshake could be replayed): refused, not served
+    replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.1"),
     b"GET /autovpn/tunnel\r\nHost: x\r\n\r\n",
+    # RFC 9112 section 3.2: exactly one Host header
+    replace_header(request(), b"host", None),
+    request().replace(b"Host: vpn.example\r\n", b"Host: vpn.example\r\nHost: other\r\n"),
 ]
 
 
@@ -432,10 +501,19 @@ def _with_auth(user: str, ts: str, nonce: str, mac: str) -> bytes:
 
 GOOD_MAC = expected_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH)
 
+
+def compute_v1_mac(secret: bytes, user: str, ts: int, nonce: str, path: str) -> str:
+    """Version 1's MAC (no host, no label suffix): a version 2 server must refuse it."""
+    msg = f"autovpn-v1\n{user}\n{ts}\n{nonce}\n{path}".encode()
+    return base64.urlsafe_b64encode(hmac.new(secret, msg, hashlib.sha256).digest()).decode()[:43]
+
+
 BAD_CREDENTIALS = {
     "unknown user": request(user="mallory"),
     "wrong secret": request(secret=b"guess"),
     "mac over another path": request(path="/other/tunnel"),
+    "host tampered": request().replace(b"Host: vpn.example", b"Host: other.example"),
+    "host port added": request().replace(b"Host: vpn.example", b"Host: vpn.example:443"),
     "mac tampered": _with_auth("alice", str(NOW), NONCE_TEXT, GOOD_MAC[:-1] + "A"),
     "mac empty": _with_auth("alice", str(NOW), NONCE_TEXT, ""),
     "mac non-ascii": _with_auth("alice", str(NOW), NONCE_TEXT, "é" * 43),
@@ -444,6 +522,9 @@ BAD_CREDENTIALS = {
     "ts not a number": _with_auth("alice", "soon", NONCE_TEXT, GOOD_MAC),
     "ts negative": _with_auth("alice", str(-NOW), NONCE_TEXT, GOOD_MAC),
     "no params": replace_header(request(), b"authorization", b"Authorization: AutoVPN-HMAC x"),
+    "v1 mac": _with_auth(
+        "alice", str(NOW), NONCE_TEXT, compute_v1_mac(SECRET, "alice", NOW, NONCE_TEXT, PATH)
+    ),
     "stale": request(now=NOW - MAX_CLOCK_SKEW - 1),
     "from the future": request(now=NOW + MAX_CLOCK_SKEW + 1),
 }
@@ -454,6 +535,22 @@ def test_every_credential_failure_is_the_same_bare_403(raw: bytes) -> None:
     with pytest.raises(AuthenticationFailed) as info:
         accept(raw)
     assert info.value.reply == FORBIDDEN
+
+
+def test_request_for_another_tunnel_path_is_403() -> None:
+    """A request MACed for one path (prefix), arriving at a server whose tunnel path is another
+    (a path rewritten on the way): the bare 403."""
+    for server_path in ("/other/tunnel", "/autovpn/tunnel/", "/tunnel"):
+        with pytest.raises(AuthenticationFailed) as info:
+            accept_request(
+                head_of(request()),
+                path=server_path,
+                users=USERS,
+                replay=ReplayCache(),
+                now=NOW,
+                challenge=CHALLENGE,
+            )
+        assert info.value.reply == FORBIDDEN
 
 
 @pytest.mark.parametrize("skew", [-MAX_CLOCK_SKEW, -1, 0, 1, MAX_CLOCK_SKEW])
@@ -549,9 +646,155 @@ def test_accept_request_fuzz_raises_only_remote_protocol_errors(
             users=USERS,
             replay=ReplayCache(),
             now=NOW,
+            challenge=CHALLENGE,
         )
     except RemoteProtocolError:
         pass
+
+
+# -- the challenge: the 101's autovpn-challenge and the client's AUTH frame --------------------
+
+
+def test_auth_frame_exact_bytes() -> None:
+    proof = expected_proof()
+    # type 10 (AUTH), flags 0, stream 0, length 32, then the raw HMAC
+    assert auth_frame(proof) == bytes([10, 0, 0, 0, 0, 0, 0, 0, 0, 32]) + proof
+    assert frames.MuxDecoder().feed(auth_frame(proof)) == [(frames.TYPE_AUTH, 0, 0, proof)]
+
+
+def test_each_101_carries_the_challenge_it_was_given() -> None:
+    a = accept(request(), challenge=b"\x00" * CHALLENGE_SIZE)
+    b = accept(request(), challenge=b"\xff" * CHALLENGE_SIZE)
+    assert b"\r\nautovpn-challenge: AAAAAAAAAAAAAAAAAAAAAA\r\n" in a.response
+    assert b"\r\nautovpn-challenge: _____________________w\r\n" in b.response
+    assert a.proof == expected_proof(challenge="AAAAAAAAAAAAAAAAAAAAAA")
+    assert b.proof == expected_proof(challenge="_____________________w")
+
+
+def _accepted(challenge: bytes = CHALLENGE) -> Accepted:
+    return accept(request(), challenge=challenge)
+
+
+BAD_PROOFS = {
+    "wrong secret": expected_proof(b"guess"),
+    "another challenge (a recorded AUTH)": expected_proof(challenge="AAAAAAAAAAAAAAAAAAAAAA"),
+    "tampered host": expected_proof(host="other.example"),
+    "tampered path": expected_proof(path="/other/tunnel"),
+    "another nonce": expected_proof(nonce="AAAAAAAAAAAAAAAAAAAAAA"),
+    "another user": expected_proof(user="bob"),
+    "the request's MAC": base64.urlsafe_b64decode(GOOD_MAC + "="),
+    "truncated": expected_proof()[:-1],
+    "one byte more": expected_proof() + b"\x00",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("proof", BAD_PROOFS.values(), ids=BAD_PROOFS.keys())
+def test_wrong_challenge_response_is_refused(proof: bytes) -> None:
+    with pytest.raises(AuthenticationFailed, match="wrong challenge response from user 'alice'"):
+        check_auth(_accepted(), frames.TYPE_AUTH, 0, proof)
+
+
+@pytest.mark.parametrize(
+    ("ftype", "sid"),
+    [
+        (frames.TYPE_OPEN, 1),
+        (frames.TYPE_DATA, 1),
+        (frames.TYPE_DATAGRAM, 1),
+        (frames.TYPE_PING, 0),
+        (frames.TYPE_WINDOW, 1),
+        (frames.TYPE_GOAWAY, 0),
+        (frames.TYPE_AUTH, 1),  # AUTH belongs on stream 0
+    ],
+)
+def test_anything_but_auth_first_is_refused(ftype: int, sid: int) -> None:
+    with pytest.raises(AuthenticationFailed, match="before AUTH"):
+        check_auth(_accepted(), ftype, sid, expected_proof())
+
+
+def test_proof_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    accepted = _accepted()
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    check_auth(accepted, frames.TYPE_AUTH, 0, memoryview(expected_proof()))
+    assert calls == [(expected_proof(), expected_proof())]
+
+
+def test_recorded_handshake_is_worthless_on_another_or_restarted_server() -> None:
+    """The sans-I/O core of tests/tunnel/mux/test_replay.py: the exact request bytes and AUTH
+    a client sent to one server."""
+    raw = request()
+    first = accept(raw, challenge=b"\x01" * CHALLENGE_SIZE)
+    result = check_response(head_of(first.response), WS_KEY)
+    recorded_auth = compute_proof(SECRET, "alice", NONCE_TEXT, result.challenge, HOST, PATH)
+    check_auth(first, frames.TYPE_AUTH, 0, recorded_auth)
+    # Another server, or this one restarted: an empty replay cache, so the request passes;
+    # but its challenge is new and the recorded AUTH answers the old one.
+    elsewhere = accept(raw, replay=ReplayCache(), now=NOW + 30, challenge=b"\x02" * 16)
+    with pytest.raises(AuthenticationFailed, match="wrong challenge response"):
+        check_auth(elsewhere, frames.TYPE_AUTH, 0, recorded_auth)
+    # The same server at once: the replay cache refuses the request itself.
+    replay = ReplayCache()
+    accept(raw, replay=replay)
+    with pytest.raises(AuthenticationFailed, match="replayed nonce"):
+        accept(raw, replay=replay, now=NOW + 12)
+
+
+@settings(max_examples=300)
+@given(
+    ftype=st.integers(0, 255),
+    sid=st.integers(0, 2**32 - 1),
+    payload=st.binary(max_size=64),
+)
+def test_check_auth_fuzz_refuses_all_but_the_proof(ftype: int, sid: int, payload: bytes) -> None:
+    accepted = _accepted()
+    good = (ftype, sid, payload) == (frames.TYPE_AUTH, 0, accepted.proof)
+    try:
+        check_auth(accepted, ftype, sid, payload)
+    except AuthenticationFailed:
+        assert not good
+    else:
+        assert good
+
+
+@settings(max_examples=300)
+@given(position=st.integers(0, 31), bit=st.integers(0, 7))
+def test_any_flipped_bit_of_the_proof_is_refused(position: int, bit: int) -> None:
+    proof = bytearray(expected_proof())
+    proof[position] ^= 1 << bit
+    with pytest.raises(AuthenticationFailed):
+        check_auth(_accepted(), frames.TYPE_AUTH, 0, bytes(proof))
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_mutated_request_raises_only_remote_protocol_errors(data: st.DataObject) -> None:
+    """One byte of a good request changed: refused (400/401/403) or, where the byte is one no
+    MAC covers (the WebSocket key, say), accepted with the same proof as before."""
+    raw = bytearray(request())
+    position = data.draw(st.integers(0, len(raw) - 1))
+    raw[position] = data.draw(st.integers(0, 255).filter(lambda b: b != raw[position]))
+    try:
+        parsed = parse_head(raw)
+        if parsed is None:
+            return
+        accepted = accept_request(
+            parsed[0],
+            path=PATH,
+            users=USERS,
+            replay=ReplayCache(),
+            now=NOW,
+            challenge=CHALLENGE,
+        )
+    except RemoteProtocolError:
+        return
+    assert accepted.proof == expected_proof()
 
 
 # -- ReplayCache -------------------------------------------------------------------------------

@@ -86,12 +86,16 @@ class ClientSettings:
 class _ClientHandshake(asyncio.Protocol):
     """Sends the upgrade request and reads the answer; then hands the transport to the mux."""
 
-    def __init__(
-        self, settings: ClientSettings, make_mux: type[MuxConnection] | None = None
-    ) -> None:
+    def __init__(self, settings: ClientSettings) -> None:
         self._settings = settings
         self._buffer = bytearray()
         self._key = os.urandom(16)
+        self._nonce = os.urandom(16)
+        s = settings
+        self.host = s.host_header or (
+            s.server.host if s.server.port in (80, 443) else f"{s.server.host}:{s.server.port}"
+        )
+        self.path = handshake.tunnel_path(s.path_prefix)
         self.transport: asyncio.Transport | None = None
         self.done: asyncio.Future[tuple[handshake.ClientResult, bytes]] = (
             asyncio.get_running_loop().create_future()
@@ -101,21 +105,25 @@ class _ClientHandshake(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         s = self._settings
-        host = s.host_header or (
-            s.server.host if s.server.port in (80, 443) else f"{s.server.host}:{s.server.port}"
-        )
         self.transport.write(
             handshake.build_request(
-                host=host,
-                path=handshake.tunnel_path(s.path_prefix),
+                host=self.host,
+                path=self.path,
                 user=s.user,
                 secret=s.secret,
                 now=int(time.time()),
-                nonce=os.urandom(16),
+                nonce=self._nonce,
                 ws_key=self._key,
                 extra_headers=s.extra_headers,
             )
         )
+
+    def auth_frame(self, challenge: str) -> bytes:
+        """The AUTH frame answering the server's ``challenge`` (our first mux frame)."""
+        s = self._settings
+        nonce = handshake.b64url(self._nonce)
+        proof = handshake.compute_proof(s.secret, s.user, nonce, challenge, self.host, self.path)
+        return handshake.auth_frame(proof)
 
     def data_received(self, data: bytes) -> None:
         if self.done.done():
@@ -251,6 +259,10 @@ class TunnelClient:
         )
         transport.set_protocol(mux)
         mux.connection_made(transport)
+        # AUTH goes out first, in the same write as whatever streams open during this loop
+        # iteration: the server checks it before their OPENs, so answering the challenge adds
+        # no round trip to the connection's first stream.
+        mux.send_frame(proto.auth_frame(result.challenge))
         if rest:
             mux.receive(rest)
         transport.resume_reading()

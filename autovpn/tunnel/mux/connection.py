@@ -33,10 +33,11 @@ import os
 from collections.abc import Callable
 from typing import Final, cast
 
-from autovpn.errors import RemoteProtocolError, ResetReason, StreamError
+from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason, StreamError
 from autovpn.wire import frames
 from autovpn.wire.frames import (
     FLAG_ACK,
+    TYPE_AUTH,
     TYPE_DATA,
     TYPE_DATAGRAM,
     TYPE_FIN,
@@ -87,6 +88,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         | None = None,
         on_datagram: Callable[[MuxConnection, int, bytes], None] | None = None,
         on_lost: Callable[[MuxConnection], None] | None = None,
+        authenticate: Callable[[int, int, int, bytes | memoryview], None] | None = None,
         peer: str = "",
     ) -> None:
         self.client = client
@@ -112,6 +114,10 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._on_open = on_open
         self._on_datagram = on_datagram
         self._on_lost = on_lost
+        #: The server's check of the client's first mux frame (the AUTH answering the 101's
+        #: challenge).  Until it passed, no frame is dispatched; it raises AuthenticationFailed
+        #: to refuse, having logged why.  None once passed (and on the client).
+        self._authenticate = authenticate
         self.loop = asyncio.get_running_loop()
         self._last_recv = self.loop.time()
         self._keepalive_interval = keepalive_interval
@@ -144,7 +150,10 @@ class MuxConnection(asyncio.BufferedProtocol):
         try:
             for opcode, payload in self._ws.feed(data):
                 if opcode == _BINARY:
-                    for frame in self._mux.feed(payload):
+                    mux_frames = self._mux.feed(payload)
+                    if self._authenticate is not None:  # once per read, not per frame
+                        mux_frames = self._first_frames(mux_frames)
+                    for frame in mux_frames:
                         try:
                             self._dispatch(*frame)
                         except RemoteProtocolError:
@@ -165,10 +174,29 @@ class MuxConnection(asyncio.BufferedProtocol):
                         self._write_raw(Opcode.CLOSE, encode_close(1000))
                     self.close()
                     return
+        except AuthenticationFailed:
+            # The hook logged the refusal; the peer learns no more than the close code.
+            self._write_raw(Opcode.CLOSE, encode_close(1008))
+            self.close()
         except RemoteProtocolError as exc:
             log.warning("tunnel %s: protocol error from peer: %s; closing", self.peer, exc)
             self._write_raw(Opcode.CLOSE, encode_close(1002, "protocol error"))
             self.close()
+
+    def _first_frames(self, mux_frames: list[frames.Frame]) -> list[frames.Frame]:
+        """Check the first frame of an unauthenticated connection; the rest may go on.
+
+        Raising here leaves every frame behind the first undispatched: a replayed handshake's
+        pipelined OPENs open nothing and dial nothing.
+        """
+        if not mux_frames:
+            return mux_frames
+        if self.closed:  # refused already: bytes read before the close took effect
+            return []
+        assert self._authenticate is not None
+        self._authenticate(*mux_frames[0])
+        self._authenticate = None
+        return mux_frames[1:]
 
     def eof_received(self) -> bool:
         return False  # the tunnel has no half-close: EOF ends it
@@ -241,6 +269,8 @@ class MuxConnection(asyncio.BufferedProtocol):
                 self.send_frame(frames.frame(FrameType.PING, 0, bytes(payload), FLAG_ACK))
         elif ftype == TYPE_GOAWAY:
             self.draining = True
+        elif ftype == TYPE_AUTH:
+            raise RemoteProtocolError("AUTH frame after the first frame, or sent by the server")
 
     def _handle_open(self, sid: int, payload: bytes | memoryview) -> None:
         # Streams the peer opens carry the peer's parity: odd from clients, even from servers.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -113,6 +114,7 @@ class _ServerHandshake(asyncio.Protocol):
                 users=self._server.settings.users,
                 replay=self._server.replay,
                 now=time.time(),
+                challenge=os.urandom(handshake.CHALLENGE_SIZE),
             )
         except RemoteProtocolError as exc:
             level = logging.WARNING if isinstance(exc, AuthenticationFailed) else logging.INFO
@@ -127,7 +129,7 @@ class _ServerHandshake(asyncio.Protocol):
             return
         self._cancel_timer()
         self.transport.write(accepted.response)
-        log.info("tunnel peer %s: user %s connected", self._peer, accepted.user)
+        # Not "connected" yet: the mux dispatches nothing before the AUTH frame passed.
         mux = self._server.make_mux(accepted, self._peer)
         self.transport.set_protocol(mux)
         mux.connection_made(self.transport)
@@ -230,7 +232,31 @@ class TunnelServer:
             self._server = None
 
     def make_mux(self, accepted: handshake.Accepted, peer: str) -> MuxConnection:
+        """The mux for a connection just sent ``accepted.response`` (the 101).
+
+        It stays unauthenticated until the client's first frame, an AUTH answering the 101's
+        challenge, passed ``handshake.check_auth``; a connection that sends anything else, or
+        nothing within HANDSHAKE_TIMEOUT, is refused (logged once) before any stream or flow.
+        """
         s = self.settings
+        deadline: asyncio.TimerHandle | None = None
+
+        def authenticate(ftype: int, flags: int, sid: int, payload: bytes | memoryview) -> None:
+            if deadline is not None:
+                deadline.cancel()
+            try:
+                handshake.check_auth(accepted, ftype, sid, payload)
+            except AuthenticationFailed as exc:
+                log.warning("tunnel peer %s refused: %s", peer, exc)
+                self.refused += 1
+                raise
+            log.info("tunnel peer %s: user %s connected", peer, accepted.user)
+
+        def lost(conn: MuxConnection) -> None:
+            if deadline is not None:
+                deadline.cancel()
+            self._connection_lost(conn)
+
         mux = MuxConnection(
             client=False,
             unmasked=accepted.unmasked,
@@ -239,11 +265,22 @@ class TunnelServer:
             keepalive_timeout=s.keepalive_timeout,
             on_open=self._on_open,
             on_datagram=self.udp.on_datagram if self.udp is not None else None,
-            on_lost=self._connection_lost,
+            on_lost=lost,
+            authenticate=authenticate,
             peer=f"{peer} ({accepted.user})",
         )
+        deadline = mux.loop.call_later(HANDSHAKE_TIMEOUT, self._no_auth, mux, peer)
         self.connections.add(mux)
         return mux
+
+    def _no_auth(self, mux: MuxConnection, peer: str) -> None:
+        log.warning(
+            "tunnel peer %s refused: no AUTH frame within %.0f s of the 101",
+            peer,
+            HANDSHAKE_TIMEOUT,
+        )
+        self.refused += 1
+        mux.abort()
 
     def _on_open(
         self,

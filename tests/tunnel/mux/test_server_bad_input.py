@@ -56,6 +56,25 @@ def _request(path: str = "/autovpn/tunnel", secret: bytes = SECRET, nonce: bytes
     )
 
 
+async def _upgraded(
+    eng: Engine, certs: Certs
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A connection past the 101, and the AUTH frame (masked, in a WebSocket frame) that
+    answers its challenge: send it first, or be refused."""
+    reader, writer = await _raw(eng, certs)
+    nonce = os.urandom(16)
+    writer.write(_request(nonce=nonce))
+    answer = await _answer(reader)
+    parsed = handshake.parse_head(bytearray(answer))
+    assert parsed is not None and parsed[0].start_line.startswith("HTTP/1.1 101"), answer[:80]
+    challenge = parsed[0].get(handshake.CHALLENGE_HEADER)
+    proof = handshake.compute_proof(
+        SECRET, "default", handshake.b64url(nonce), challenge, "localhost", "/autovpn/tunnel"
+    )
+    auth = encode_frame(Opcode.BINARY, handshake.auth_frame(proof), mask=os.urandom(4))
+    return reader, writer, auth
+
+
 async def _answer(reader: asyncio.StreamReader) -> bytes:
     async with asyncio.timeout(10):
         return await reader.read(4096)
@@ -107,8 +126,13 @@ def test_paths_credentials_and_replays(certs: Certs) -> None:
                     b"GET /autovpn/tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                     b"Connection: Upgrade\r\nSec-WebSocket-Key: "
                     + base64.b64encode(os.urandom(16))
-                    + b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: autovpn.1\r\n\r\n",
+                    + b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: autovpn.2\r\n\r\n",
                     b"HTTP/1.1 401",
+                ),
+                # a version 1 client: refused at once, before its credentials are looked at
+                (
+                    _request().replace(b"autovpn.2", b"autovpn.1"),
+                    b"HTTP/1.1 400",
                 ),
             ]
             for request, expected in cases:
@@ -150,13 +174,11 @@ def test_hostile_frames_close_only_that_connection(certs: Certs) -> None:
                 assert rest[:1] == bytes([0x88])
                 writer.close()
             # a bad OPEN (truncated address) is answered with a RESET on that stream only
-            reader, writer = await _raw(eng, certs)
-            writer.write(_request())
-            assert (await _answer(reader)).startswith(b"HTTP/1.1 101")
+            reader, writer, auth = await _upgraded(eng, certs)
             bad_open = frames.frame(
                 frames.FrameType.OPEN, 1, frames.OPEN_PREFIX.pack(1 << 20, 1) + b"\x01\x7f"
             )
-            writer.write(encode_frame(Opcode.BINARY, bad_open, mask=os.urandom(4)))
+            writer.write(auth + encode_frame(Opcode.BINARY, bad_open, mask=os.urandom(4)))
             async with asyncio.timeout(10):
                 data = await reader.read(4096)
             # WebSocket binary frame carrying a RESET for stream 1
@@ -185,5 +207,68 @@ def test_no_wstunnel_leaves_only_authenticated_clients(certs: Certs) -> None:
             )
             assert (await _answer(reader)).startswith(b"HTTP/1.1 404")
             writer.close()
+
+    run(main())
+
+
+def test_nothing_is_served_before_the_challenge_is_answered(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the 101 the server dispatches nothing until an AUTH frame answered its challenge:
+    an OPEN or a DATAGRAM first, a wrong answer, or silence are each refused (close 1008, or
+    an abort after HANDSHAKE_TIMEOUT) and logged once; a second AUTH is a protocol error."""
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="autovpn")
+    dialled = 0
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dialled
+        dialled += 1
+        await reader.read()
+
+    async def main() -> None:
+        async with (
+            Engine(engine_config(certs)) as eng,
+            tcp_server(target) as port,
+            tcp_server(echo_handler) as echo,
+        ):
+            assert eng.server is not None
+            await _still_serves(eng, echo)  # the engine's own client, AUTH and all
+            open_frame = frames.frame(
+                frames.FrameType.OPEN,
+                1,
+                frames.encode_open(1 << 20, frames.StreamKind.TCP, "127.0.0.1", port),
+            )
+            datagram = frames.frame(
+                frames.FrameType.DATAGRAM, 1, frames.encode_address("127.0.0.1", port) + b"x"
+            )
+            wrong = encode_frame(Opcode.BINARY, handshake.auth_frame(bytes(32)), mask=os.urandom(4))
+            for first in (
+                encode_frame(Opcode.BINARY, open_frame, mask=os.urandom(4)),
+                encode_frame(Opcode.BINARY, datagram, mask=os.urandom(4)),
+                wrong + encode_frame(Opcode.BINARY, open_frame, mask=os.urandom(4)),
+                b"",  # nothing at all: refused after HANDSHAKE_TIMEOUT
+            ):
+                caplog.clear()
+                refused = eng.server.refused
+                reader, writer, _ = await _upgraded(eng, certs)
+                writer.write(first)
+                async with asyncio.timeout(10):
+                    rest = await reader.read()
+                assert rest in (b"\x88\x02\x03\xf0", b""), rest  # close 1008, or aborted
+                writer.close()
+                assert eng.server.refused == refused + 1
+                lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+                assert len(lines) == 1, lines
+            assert "no AUTH frame within" in lines[0]
+            assert dialled == 0 and eng.server.streams_failed == 0
+            # AUTH twice: the second one is a protocol error (close 1002)
+            reader, writer, auth = await _upgraded(eng, certs)
+            writer.write(auth + auth)
+            async with asyncio.timeout(10):
+                rest = await reader.read()
+            assert rest[:4] == b"\x88\x10\x03\xea", rest  # close 1002, "protocol error"
+            writer.close()
+            await _still_serves(eng, echo)
 
     run(main())
