@@ -210,7 +210,7 @@ class Engine:
             "server": str(t.settings.server),
             "up": t.up,
             "connects": t.connects,
-            "last_error": t.last_error or None,
+            "last_error": t.stall_reason() or t.last_error or None,
             "datagrams_dropped": t.datagrams_dropped,
             "connections": [
                 {
