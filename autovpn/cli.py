@@ -30,6 +30,7 @@ from autovpn.config import (
     Config,
     ListenSpec,
     ServerConfig,
+    check_keepalive,
     load_file,
     read_secret,
     secret_from,
@@ -48,6 +49,34 @@ from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
 log = logging.getLogger("autovpn")
+
+
+def _add_keepalive_arguments(parser: argparse.ArgumentParser, peer: str) -> None:
+    parser.add_argument(
+        "--keepalive-interval",
+        type=float,
+        metavar="SECONDS",
+        help=f"PING when nothing came from the {peer} for this long (15; 0: off)",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a tunnel connection silent this long (45)",
+    )
+
+
+def _apply_keepalive_arguments(args: argparse.Namespace, cfg: ClientConfig | ServerConfig) -> None:
+    if args.keepalive_interval is not None:
+        cfg.keepalive_interval = args.keepalive_interval
+    if args.keepalive_timeout is not None:
+        cfg.keepalive_timeout = args.keepalive_timeout
+    check_keepalive(
+        cfg.keepalive_interval,
+        cfg.keepalive_timeout,
+        "--keepalive-interval",
+        "--keepalive-timeout",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-sni-override", dest="sni")
     c.add_argument("--http-upgrade-path-prefix", "-P", dest="path_prefix")
     c.add_argument("--pool-size", type=int)
+    _add_keepalive_arguments(c, "server")
     c.add_argument("--mode", choices=[m.value for m in Mode])
     c.add_argument(
         "--allow-open",
@@ -117,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         help="open a destination the default policy refuses (private, loopback...)",
     )
     s.add_argument("--http-upgrade-path-prefix", dest="path_prefix")
+    _add_keepalive_arguments(s, "client")
     wstunnel_cli.add_server_arguments(s)
 
     k = sub.add_parser("check-config", help="validate a config file and report every error")
@@ -184,6 +215,7 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
             setattr(cc, attr, value)
     if cc.tls_ca is not None and not cc.tls_ca.is_file():
         raise ConfigError("--tls-ca", f"{cc.tls_ca}: no such file")
+    _apply_keepalive_arguments(args, cc)
     cc.insecure = cc.insecure or args.insecure
     cc.allow_open = cc.allow_open or args.allow_open
     if args.mode:
@@ -235,6 +267,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         for entry in args.allow:
             AllowEntry.parse(entry)
         sc.allow = list(sc.allow) + list(args.allow)
+    _apply_keepalive_arguments(args, sc)
     wstunnel_cli.apply_server_arguments(args, sc)
     if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
         raise ConfigError(

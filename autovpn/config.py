@@ -14,6 +14,8 @@ Example::
     secret_file = "~/.config/autovpn/secret"
     tls_ca = "ca.pem"                    # private CA; omit for the system store
     listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
+    keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
+    keepalive_timeout = 45               # a tunnel connection silent this long is dead
 
     [server]
     listen = "wss://0.0.0.0:8443"
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import sys
 import tomllib
@@ -248,6 +251,8 @@ class ServerConfig:
     allow_all: bool = False  # the embedded server: the user's own machine, no SSRF boundary
     tls_client_ca_certs: Path | None = None  # mTLS: clients must present a certificate
     wstunnel: WstunnelServerOptions = field(default_factory=WstunnelServerOptions)
+    keepalive_interval: float = 15.0  # PING after this long without hearing from a client
+    keepalive_timeout: float = 45.0  # a connection silent this long is dead
     #: Addresses native reverse tunnels may bind on this server (default: loopback only).
     reverse_binds: list[str] = field(default_factory=lambda: list(DEFAULT_REVERSE_BINDS))
 
@@ -398,6 +403,8 @@ _CLIENT_KEYS = {
     "pool_size",
     "listen",
     "allow_open",
+    "keepalive_interval",
+    "keepalive_timeout",
 }
 _SERVER_KEYS = {
     "reverse_binds",
@@ -408,7 +415,46 @@ _SERVER_KEYS = {
     "allow",
     "secret_file",
     "users",
+    "keepalive_interval",
+    "keepalive_timeout",
 }
+
+
+def check_keepalive(interval: float, timeout: float, interval_key: str, timeout_key: str) -> None:
+    """The keepalive pair (docs/protocol.md, Liveness): ``interval`` 0 turns it off; otherwise
+    the timeout must leave the PING time to be answered."""
+    if not math.isfinite(interval) or interval < 0:
+        raise ConfigError(interval_key, f"{interval!r}: seconds, 0 (off) or more")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(timeout_key, f"{timeout!r}: seconds, more than 0")
+    if interval > 0 and timeout <= interval:
+        raise ConfigError(
+            timeout_key,
+            f"{timeout:g} s is not longer than the keepalive interval ({interval:g} s): "
+            "use about three intervals",
+        )
+
+
+def _keepalive_keys(
+    table: dict[str, Any], target: ClientConfig | ServerConfig, prefix: str, c: _Collector
+) -> None:
+    """``keepalive_interval`` and ``keepalive_timeout`` of the client or server table."""
+    for key in ("keepalive_interval", "keepalive_timeout"):
+        value = table.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            c.errors.append(ConfigError(prefix + key, f"expected seconds, got {value!r}"))
+        else:
+            setattr(target, key, float(value))
+    c.take(
+        prefix + "keepalive_timeout",
+        check_keepalive,
+        target.keepalive_interval,
+        target.keepalive_timeout,
+        prefix + "keepalive_interval",
+        prefix + "keepalive_timeout",
+    )
 
 
 def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigError]]:
@@ -489,6 +535,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                     c.errors.append(ConfigError("client.tls_ca", f"{cc.tls_ca}: no such file"))
             if not 1 <= cc.pool_size <= 64:
                 c.errors.append(ConfigError("client.pool_size", "must be between 1 and 64"))
+            _keepalive_keys(client, cc, "client.", c)
             cfg.client = cc
 
     server = data.get("server")
@@ -586,6 +633,7 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                     for i, entry in enumerate(binds):
                         if c.take(f"server.reverse_binds[{i}]", _cidr, entry) is not None:
                             sc.reverse_binds.append(str(entry))
+            _keepalive_keys(server, sc, "server.", c)
             cfg.server = sc
     if "routing" in data:
         cfg.routing = parse_routing(data["routing"], base, c.errors)

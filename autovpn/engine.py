@@ -210,7 +210,7 @@ class Engine:
             "server": str(t.settings.server),
             "up": t.up,
             "connects": t.connects,
-            "last_error": t.last_error or None,
+            "last_error": t.stall_reason() or t.last_error or None,
             "datagrams_dropped": t.datagrams_dropped,
             "connections": [
                 {
@@ -435,6 +435,8 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         path_prefix=sc.path_prefix,
         policy=DestinationPolicy(sc.allow, block_private=not sc.allow_all),
         reverse_binds=tuple(sc.reverse_binds),
+        keepalive_interval=sc.keepalive_interval,
+        keepalive_timeout=sc.keepalive_timeout,
     )
 
 

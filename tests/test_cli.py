@@ -279,3 +279,26 @@ def test_taken_port_is_one_clear_line(tmp_path: Path, certs: Certs) -> None:
         assert f"127.0.0.1:{port}" in errors[0] and "another program" in errors[0]
 
     run(main())
+
+
+def test_keepalive_flags_on_client_and_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autovpn import cli
+    from autovpn.config import Config
+    from autovpn.errors import ConfigError
+
+    monkeypatch.setenv("AUTOVPN_SECRET", SECRET.decode())
+    cfg = Config()
+    args = cli._parser().parse_args(
+        ["client", "--keepalive-interval", "0.5", "--keepalive-timeout", "2", "wss://127.0.0.1:1"]
+    )
+    cli._client_from_args(args, cfg)
+    assert cfg.client is not None
+    assert (cfg.client.keepalive_interval, cfg.client.keepalive_timeout) == (0.5, 2.0)
+    args = cli._parser().parse_args(["server", "ws://127.0.0.1:0", "--keepalive-interval", "5"])
+    cli._server_from_args(args, cfg)
+    assert cfg.server is not None
+    assert (cfg.server.keepalive_interval, cfg.server.keepalive_timeout) == (5.0, 45.0)
+    args = cli._parser().parse_args(["client", "--keepalive-timeout", "10", "wss://127.0.0.1:1"])
+    with pytest.raises(ConfigError, match="keepalive interval") as info:
+        cli._client_from_args(args, Config())
+    assert info.value.key == "--keepalive-timeout"

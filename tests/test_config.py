@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,49 @@ def test_config_file_reports_every_error_with_its_key(tmp_path: Path) -> None:
     }
     assert expected <= keys, keys
     assert all(e.reason for e in errors)
+
+
+def test_keepalive_keys_of_client_and_server(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef")
+    path = tmp_path / "autovpn.toml"
+    path.write_text(
+        "[client]\n"
+        'server = "wss://127.0.0.1:8443"\n'
+        f'secret_file = "{secret}"\n'
+        "keepalive_interval = 0.5\n"
+        "keepalive_timeout = 2\n"
+        "[server]\n"
+        'listen = "ws://127.0.0.1:8080"\n'
+        f'secret_file = "{secret}"\n'
+        "keepalive_interval = 0\n"  # off
+    )
+    cfg, errors = load_file(path)
+    assert errors == []
+    assert cfg.client is not None and cfg.server is not None
+    assert (cfg.client.keepalive_interval, cfg.client.keepalive_timeout) == (0.5, 2.0)
+    assert (cfg.server.keepalive_interval, cfg.server.keepalive_timeout) == (0.0, 45.0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "key", "reason"),
+    [
+        ("keepalive_interval = 60\n", "client.keepalive_timeout", "not longer than"),
+        ("keepalive_timeout = 10\nkeepalive_interval = 10\n", "client.keepalive_timeout", "three"),
+        ("keepalive_interval = -1\n", "client.keepalive_interval", "0 .off. or more"),
+        ("keepalive_timeout = 0\n", "client.keepalive_timeout", "more than 0"),
+        ("keepalive_timeout = true\n", "client.keepalive_timeout", "seconds"),
+        ('keepalive_interval = "15s"\n', "client.keepalive_interval", "seconds"),
+        ("keepalive_timeout = inf\n", "client.keepalive_timeout", "more than 0"),
+    ],
+)
+def test_keepalive_errors_name_their_key(tmp_path: Path, lines: str, key: str, reason: str) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef")
+    path = tmp_path / "autovpn.toml"
+    path.write_text(
+        f'[client]\nserver = "wss://127.0.0.1:8443"\nsecret_file = "{secret}"\n' + lines
+    )
+    _, errors = load_file(path)
+    assert [e.key for e in errors] == [key], errors
+    assert re.search(reason, errors[0].reason), errors[0].reason

@@ -4,6 +4,12 @@
 opens a stream and waits for the server's OPEN_OK (or its RESET, raised as StreamError with the
 reason the listener maps to a SOCKS5 reply or HTTP status).  Names travel to the server
 unresolved, so the client never leaks DNS for tunnelled names.
+
+A connection whose server has not answered for two keepalive intervals is *stalled*
+(``MuxConnection._keepalive``): new streams skip it, and while no healthy connection is left
+they fail at once with "tunnel stalled: ..." instead of waiting for an answer that is not
+coming.  That knowledge outlives the connection: after the keepalive timeout closes it, new
+streams keep failing fast until a new connection is up.
 """
 
 from __future__ import annotations
@@ -176,6 +182,9 @@ class TunnelClient:
         self.connects = 0
         self.failures = 0
         self.last_error = ""
+        # When the last byte came on a connection the keepalive timeout closed, until a new
+        # connection is up: the server is known not to answer (see _pick).
+        self._silent_since: float | None = None
         # UDP flows (docs/protocol.md, DATAGRAM): flow id -> reply handler, and the connection
         # each flow currently uses.  A flow outlives its connection: after a reconnect its next
         # datagram goes out on a live one and the server starts a new session for it.
@@ -224,7 +233,19 @@ class TunnelClient:
 
     @property
     def up(self) -> bool:
-        return any(not c.closed and not c.draining for c in self.connections)
+        """A connection can take new streams (not closed, draining or stalled)."""
+        return any(not (c.closed or c.draining or c.stalled) for c in self.connections)
+
+    def stall_reason(self) -> str:
+        """Why the server is known not to answer, or "" (see the module docstring)."""
+        stalled = [c for c in self.connections if c.stalled and not c.closed]
+        if stalled:
+            return min(stalled, key=lambda c: c.last_recv).stall_reason()
+        since = self._silent_since
+        if since is None or any(c.last_recv > since for c in self.connections):
+            return ""
+        quiet = asyncio.get_running_loop().time() - since
+        return f"tunnel stalled: no reply from server {self.settings.server} for {quiet:.0f} s"
 
     async def connect_once(self) -> MuxConnection:
         """Open one tunnel connection (TCP, TLS, upgrade).  Raises OSError/HandshakeError."""
@@ -294,6 +315,7 @@ class TunnelClient:
             backoff = 0.1
             self.connects += 1
             self.failures = 0
+            self._silent_since = None
             log.info("tunnel connection to %s is up", self.settings.server)
             self.connections.append(mux)
             if self.reverse is not None:
@@ -332,8 +354,8 @@ class TunnelClient:
         dropped, as a congested network would.
         """
         conn = self._flow_conn.get(flow)
-        if conn is None or conn.closed:
-            live = [c for c in self.connections if not c.closed and not c.draining]
+        if conn is None or conn.closed or conn.stalled:
+            live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
             if not live:
                 self.datagrams_dropped += 1
                 return False
@@ -359,17 +381,27 @@ class TunnelClient:
     def _lost(self, mux: MuxConnection) -> None:
         if mux in self.connections:
             self.connections.remove(mux)
+        # The latest news from the server wins: silence, or an answer after the silence.
+        since = self._silent_since
+        if mux.timed_out and not self._closing:
+            self._silent_since = mux.last_recv if since is None else max(since, mux.last_recv)
+        elif since is not None and mux.last_recv > since:
+            self._silent_since = None
 
     async def _pick(self) -> MuxConnection:
-        live = [c for c in self.connections if not c.closed and not c.draining]
+        live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
         if live:  # the common case, without touching the loop
             return min(live, key=lambda c: len(c.streams))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.connect_timeout
         while True:
-            live = [c for c in self.connections if not c.closed and not c.draining]
+            live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
             if live:
                 return min(live, key=lambda c: len(c.streams))
+            stalled = self.stall_reason()
+            if stalled:
+                # Waiting could only end at the keepalive timeout or the connect timeout.
+                raise TunnelUnavailable(stalled)
             remaining = deadline - loop.time()
             if remaining <= 0 or self._closing:
                 raise TunnelUnavailable(
