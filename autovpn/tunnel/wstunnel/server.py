@@ -198,8 +198,15 @@ class WstunnelService:
         peer: str,
         pending: _Pending,
     ) -> None:
+        # Whatever ends this request before the relay owns its sockets (a refusal, the peer
+        # leaving, cancellation, or a bug) goes through the ``finally``: the dialled target is
+        # closed, the peer gets a 400 while it can still be answered, and one line is logged.
+        # Before, an exception of an unexpected type (a non-ASCII Sec-WebSocket-Key) left the
+        # dialled target open for good, one descriptor per request, until the server ran out.
         target: asyncio.Transport | None = None
         udp: asyncio.DatagramTransport | None = None
+        reply: bytes | None = wstunnel.INVALID_REQUEST  # None once the 101 has gone
+        relayed = False
         try:
             req = wstunnel.check_request(head, client_cn=_client_cn(transport))
             verdict = self.restrictions.check(
@@ -229,45 +236,52 @@ class WstunnelService:
             else:
                 raise WstunnelRejected(f"{kind.value} tunnels are not served here")
             response = wstunnel.accept_upgrade(head, cookie)
+            if pending.lost or transport.is_closing():
+                return  # the peer left while we dialled: close the target, answer nobody
+            self.accepted += 1
+            log.info(
+                "wstunnel peer %s: %s %s:%d",
+                peer,
+                req.claims.protocol.kind.value,
+                req.claims.host,
+                req.claims.port,
+            )
+            transport.write(response)
+            reply = None
+            self.tunnels.add(ws)
+            ws.start(transport, rest)
+            if isinstance(ws, UdpWsSide) and udp is not None:
+                ws.attach_datagram(udp)
+            elif target is not None:
+                ws.attach_local(target, early)
+            relayed = True
         except RemoteProtocolError as exc:
             self.refused += 1
             log.info("wstunnel peer %s refused: %s", peer, exc)
-            if target is not None:
-                target.close()
-            if udp is not None:
-                udp.close()
-            if not transport.is_closing():
-                transport.write(exc.reply or wstunnel.INVALID_REQUEST)
-                transport.close()
-            return
+            reply = exc.reply or reply
         except asyncio.CancelledError:
-            if target is not None:
-                target.abort()
-            if udp is not None:
-                udp.close()
-            transport.abort()
+            reply = None  # the peer is gone (or the server is closing): nobody to answer
             raise
-        if pending.lost or transport.is_closing():
-            if target is not None:
-                target.close()
-            if udp is not None:
-                udp.close()
-            return
-        self.accepted += 1
-        log.info(
-            "wstunnel peer %s: %s %s:%d",
-            peer,
-            req.claims.protocol.kind.value,
-            req.claims.host,
-            req.claims.port,
-        )
-        transport.write(response)
-        self.tunnels.add(ws)
-        ws.start(transport, rest)
-        if isinstance(ws, UdpWsSide) and udp is not None:
-            ws.attach_datagram(udp)
-        elif target is not None:
-            ws.attach_local(target, early)
+        except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
+            self.refused += 1
+            log.warning(
+                "wstunnel peer %s refused: unexpected %s: %s",
+                peer,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),  # a traceback only when debugging
+            )
+        finally:
+            if not relayed:
+                if target is not None:
+                    target.abort()
+                if udp is not None:
+                    udp.close()
+                if reply is not None and not transport.is_closing():
+                    transport.write(reply)
+                    transport.close()
+                else:
+                    transport.abort()
 
     async def _dial_udp(
         self, req: TunnelRequest, ws: UdpWsSide, peer: str
@@ -299,11 +313,16 @@ class WstunnelService:
             except (OSError, TimeoutError) as exc:
                 last = exc
                 continue
-            if req.claims.protocol.proxy_protocol:
-                source = _peer_address(peer, req.forwarded_for)
-                sockname = transport.get_extra_info("sockname")
-                if source is not None and sockname:
-                    transport.write(wstunnel.proxy_v2_header(source, (sockname[0], sockname[1])))
+            try:
+                if req.claims.protocol.proxy_protocol:
+                    source = _peer_address(peer, req.forwarded_for)
+                    sockname = transport.get_extra_info("sockname")
+                    if source is not None and sockname:
+                        header = wstunnel.proxy_v2_header(source, (sockname[0], sockname[1]))
+                        transport.write(header)
+            except BaseException:
+                transport.abort()  # not returned, so no caller could close it
+                raise
             return transport
         raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
 
