@@ -10,8 +10,11 @@ import os
 
 import pytest
 
-from autovpn.wire import wstunnel
-from tests.conftest import run
+from autovpn.errors import InvalidHostName, ResetReason, StreamError
+from autovpn.net import check_host_name
+from autovpn.routing.router import Mode
+from autovpn.wire import socks5, wstunnel
+from tests.conftest import Certs, engine, http_port, run, socks_port
 from tests.tunnel.wstunnel import wstunnel_peer as peer
 from tests.tunnel.wstunnel.test_wstunnel_io import autovpn_server
 
@@ -125,5 +128,122 @@ def test_an_unexpected_error_after_the_dial_closes_the_target_and_answers_400(
             lines = [r for r in caplog.records if "injected failure" in r.getMessage()]
             assert len(lines) == 5
             assert not any(r.exc_info for r in lines)  # one line each, no traceback
+
+    run(main())
+
+
+# -- item 7: a name no resolver can take is an invalid name: one refusal, one log line ----------
+
+#: Each fails getaddrinfo's IDNA encoding with UnicodeError, so no query can leave even
+#: without the fix (a name over 253 characters would reach the system resolver: it is only in
+#: the sans-I/O check below).
+BAD_NAMES = (
+    "a" * 64 + ".example",  # a label over 63 characters
+    "a..example",  # an empty label
+    ".example",
+)
+
+
+def test_host_name_check() -> None:
+    for good in (
+        "example.com",
+        "example.com.",
+        "a" * 63 + ".example",
+        ("x" * 62 + ".") * 4 + "y",  # 253 characters
+        "localhost",
+        "127.0.0.1",
+        "::1",
+        "bücher.example",
+        "_dmarc.example",
+    ):
+        check_host_name(good)
+    for bad in (*BAD_NAMES, "x." * 126 + "ab", "", ".", "example..", "ü" * 64 + ".example"):
+        with pytest.raises(InvalidHostName) as info:
+            check_host_name(bad)
+        assert isinstance(info.value, OSError)  # refused as an unresolvable name is
+        assert info.value.reason is ResetReason.HOST_UNREACHABLE
+
+
+def _records_naming(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if name[:40] in r.getMessage()]
+
+
+def test_native_server_refuses_an_invalid_name_in_one_log_line(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with engine(certs, tls=False) as eng:
+            assert eng.tunnel is not None
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                for name in BAD_NAMES:
+                    # The client's own tunnel opener: it sends what it is given.
+                    with pytest.raises(StreamError) as info:
+                        async with asyncio.timeout(10):
+                            await eng.tunnel.open_stream(name, 80)
+                    assert info.value.reason is ResetReason.HOST_UNREACHABLE
+                    lines = _records_naming(caplog, name)
+                    assert len(lines) == 1, [r.getMessage() for r in lines]
+                    assert lines[0].name == "autovpn.tunnel.server"
+                    assert not lines[0].exc_info
+                    assert "not a valid host name" in lines[0].getMessage()
+                    caplog.clear()
+
+    run(main())
+
+
+def test_wstunnel_server_refuses_an_invalid_name_promptly_in_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with autovpn_server() as (server, svc):
+            with caplog.at_level(logging.INFO, logger="autovpn.tunnel.wstunnel"):
+                for name in BAD_NAMES:
+                    for protocol in (
+                        {"Tcp": {"proxy_protocol": False}},
+                        {"Udp": {"timeout": None}},
+                    ):
+                        claims = {"id": "i", "p": protocol, "r": name, "rp": 80}
+                        request = peer.upgrade_request("x", peer.make_jwt(claims))
+                        answer = await _status_line(server.port, request)  # no hang: bounded
+                        assert answer.startswith(b"HTTP/1.1 400 "), (name, protocol, answer)
+                        lines = _records_naming(caplog, name)
+                        assert len(lines) == 1, [r.getMessage() for r in lines]
+                        assert not lines[0].exc_info
+                        caplog.clear()
+            assert svc.refused == 2 * len(BAD_NAMES)
+
+    run(main())
+
+
+@pytest.mark.parametrize("mode", [Mode.GLOBAL, Mode.DIRECT])
+def test_client_listeners_refuse_an_invalid_name_as_host_unreachable(
+    certs: Certs, caplog: pytest.LogCaptureFixture, mode: Mode
+) -> None:
+    """Given such a name, the SOCKS5 and HTTP listeners answer "host unreachable" (0x04, 502)
+    themselves, whether the route is the tunnel or direct, and log one line."""
+    name = BAD_NAMES[0]
+
+    async def main() -> None:
+        async with engine(certs, tls=False, mode=mode) as eng:
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                reader, writer = await asyncio.open_connection("127.0.0.1", socks_port(eng))
+                raw = name.encode()
+                writer.write(b"\x05\x01\x00\x05\x01\x00\x03" + bytes([len(raw)]) + raw + b"\0P")
+                async with asyncio.timeout(10):
+                    assert await reader.readexactly(2) == b"\x05\x00"  # no auth
+                    reply = await reader.readexactly(4)
+                assert reply[1] == socks5.Reply.HOST_UNREACHABLE
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", http_port(eng))
+                writer.write(f"CONNECT {name}:80 HTTP/1.1\r\nHost: {name}:80\r\n\r\n".encode())
+                async with asyncio.timeout(10):
+                    assert (await reader.readline()).startswith(b"HTTP/1.1 502 ")
+                writer.close()
+                await asyncio.sleep(0.1)
+            lines = _records_naming(caplog, name)
+            assert len(lines) == 2, [r.getMessage() for r in lines]  # one per listener
+            assert not any(r.exc_info for r in caplog.records)
 
     run(main())

@@ -27,7 +27,7 @@ from autovpn.errors import (
     ResetReason,
 )
 from autovpn.ifaddrs import HostAddresses
-from autovpn.net import is_ip_literal, reset_reason_for, resolve_target
+from autovpn.net import reset_reason_for, resolve_target
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners
 from autovpn.tunnel.mux.udp import UdpFlows
@@ -355,9 +355,7 @@ class TunnelServer:
             conn.reset_stream(ep.sid, reason, message)
 
     async def _resolve(self, host: str, port: int) -> list[str]:
-        if self.settings.resolve is not None and not is_ip_literal(host):
-            return await self.settings.resolve(host, port)
-        return await resolve_target(host, port)
+        return await resolve_target(host, port, lookup=self.settings.resolve)
 
 
 class _Refused(Exception):
