@@ -435,6 +435,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         path_prefix=sc.path_prefix,
         policy=DestinationPolicy(sc.allow, block_private=not sc.allow_all),
         reverse_binds=tuple(sc.reverse_binds),
+        max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
     )
 
 

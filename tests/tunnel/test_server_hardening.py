@@ -7,14 +7,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
+from autovpn.config import load_file, parse_reverse
+from autovpn.engine import Engine
 from autovpn.errors import InvalidHostName, ResetReason, StreamError
 from autovpn.net import check_host_name
 from autovpn.routing.router import Mode
+from autovpn.tunnel.mux.reverse import MAX_REVERSE_LISTENERS_PER_CLIENT
+from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
+from autovpn.tunnel.wstunnel.server import WstunnelServerOptions, WstunnelService
 from autovpn.wire import socks5, wstunnel
-from tests.conftest import Certs, engine, http_port, run, socks_port
+from tests.conftest import (
+    SECRET,
+    Certs,
+    engine,
+    engine_config,
+    eventually,
+    http_port,
+    run,
+    socks_port,
+)
 from tests.tunnel.wstunnel import wstunnel_peer as peer
 from tests.tunnel.wstunnel.test_wstunnel_io import autovpn_server
 
@@ -245,5 +263,161 @@ def test_client_listeners_refuse_an_invalid_name_as_host_unreachable(
             lines = _records_naming(caplog, name)
             assert len(lines) == 2, [r.getMessage() for r in lines]  # one per listener
             assert not any(r.exc_info for r in caplog.records)
+
+    run(main())
+
+
+# -- item 10: reverse listeners per client are bounded and close when their client leaves --------
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@asynccontextmanager
+async def _wstunnel_server(per_client: int) -> AsyncIterator[tuple[TunnelServer, WstunnelService]]:
+    settings = ServerSettings(
+        "127.0.0.1", 0, {"default": SECRET}, max_reverse_listeners_per_client=per_client
+    )
+    async with TunnelServer(settings) as server:
+        service = WstunnelService(server, WstunnelServerOptions()).install()
+        try:
+            yield server, service
+        finally:
+            await service.close()
+
+
+async def _reverse_request(
+    server_port: int, bind_port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    claims = {"id": "r", "p": "ReverseTcp", "r": "127.0.0.1", "rp": bind_port}
+    reader, writer = await asyncio.open_connection("127.0.0.1", server_port)
+    writer.write(peer.upgrade_request("x", peer.make_jwt(claims)))
+    return reader, writer
+
+
+def test_wstunnel_reverse_listeners_are_capped_per_client_and_close_when_it_leaves() -> None:
+    cap = 3
+
+    async def main() -> None:
+        async with _wstunnel_server(cap) as (server, svc):
+            ports = _free_ports(cap + 1)
+            held = [await _reverse_request(server.port, p) for p in ports[:cap]]
+            await eventually(lambda: len(svc.reverse.listeners) == cap, within=10)
+            # One more listener for the same client: refused at once with wstunnel's 400.
+            reader, writer = await _reverse_request(server.port, ports[cap])
+            async with asyncio.timeout(10):
+                assert (await reader.readline()).startswith(b"HTTP/1.1 400 ")
+            writer.close()
+            assert not _listening(ports[cap])
+            # Waiting on a listener the client opened already costs nothing: held, not refused.
+            reader, again = await _reverse_request(server.port, ports[0])
+            held.append((reader, again))
+            with pytest.raises(TimeoutError):  # no answer: it waits for a connection
+                await asyncio.wait_for(reader.readline(), 0.3)
+            assert all(_listening(p) for p in ports[:cap])
+            assert len(svc.reverse.listeners) == cap
+            # The client leaves (FIN): its listeners close now, not after the idle timeout.
+            for _, w in held:
+                w.close()
+            await eventually(lambda: not svc.reverse.listeners, within=5)
+            await eventually(lambda: not any(_listening(p) for p in ports[:cap]), within=5)
+            assert svc.options.reverse_idle_timeout == 180.0  # it was not the idle timeout
+            # and its slots are free again
+            again_held = await _reverse_request(server.port, ports[cap])
+            await eventually(lambda: len(svc.reverse.listeners) == 1, within=10)
+            again_held[1].close()
+            await eventually(lambda: not svc.reverse.listeners, within=5)
+
+    run(main())
+
+
+def test_native_reverse_listeners_are_capped_per_user_and_close_when_it_leaves(
+    certs: Certs,
+) -> None:
+    cap = 2
+
+    async def main() -> None:
+        server_cfg = engine_config(certs, tls=False)
+        server_cfg.client = None
+        assert server_cfg.server is not None
+        server_cfg.server.max_reverse_listeners_per_client = cap
+        async with Engine(server_cfg) as srv:
+            assert srv.server is not None
+            reverse = srv.server.reverse
+            client_cfg = engine_config(certs, tls=False, server=False, server_port=srv.server.port)
+            assert client_cfg.client is not None
+            ports = _free_ports(cap + 1)
+            client_cfg.client.reverse = [parse_reverse(f"tcp://{p}:127.0.0.1:9") for p in ports]
+            async with Engine(client_cfg):
+                await eventually(lambda: reverse.bound + reverse.refused == cap + 1, within=10)
+                assert (reverse.bound, reverse.refused) == (cap, 1)
+                assert sum(_listening(p) for p in ports) == cap
+                assert reverse.held == {"default": cap}
+            # the client is gone: so are its listeners, and its count
+            await eventually(lambda: not any(_listening(p) for p in ports), within=5)
+            assert reverse.held == {}
+
+    run(main())
+
+
+def test_max_reverse_listeners_per_client_in_the_server_config(tmp_path: Path) -> None:
+    assert ServerSettings("127.0.0.1", 0, {}).max_reverse_listeners_per_client == 16
+    assert MAX_REVERSE_LISTENERS_PER_CLIENT == 16
+    secret = tmp_path / "secret"
+    secret.write_text("s" * 32)
+    path = tmp_path / "autovpn.toml"
+    for value, ok in (("4", True), ("0", True), ("-1", False), ('"many"', False), ("true", False)):
+        path.write_text(
+            f'[server]\nlisten = "ws://127.0.0.1:8443"\nsecret_file = "{secret}"\n'
+            f"max_reverse_listeners_per_client = {value}\n"
+        )
+        cfg, errors = load_file(path)
+        if ok:
+            assert not errors, errors
+            assert cfg.server is not None
+            assert cfg.server.max_reverse_listeners_per_client == int(value)
+        else:
+            assert [e.key for e in errors] == ["server.max_reverse_listeners_per_client"]
+
+
+def test_a_waiting_wstunnel_request_is_read_on_so_its_leaving_is_seen() -> None:
+    """A reverse request waits unanswered, maybe for hours: its peer's FIN must still be seen
+    (with reading paused it was not, and the request, its socket and the listener stayed for
+    good), and what the peer sends meanwhile still reaches the tunnel."""
+
+    async def main() -> None:
+        async with _wstunnel_server(MAX_REVERSE_LISTENERS_PER_CLIENT) as (server, svc):
+            (bind,) = _free_ports(1)
+            reader, writer = await _reverse_request(server.port, bind)
+            await eventually(lambda: len(svc.reverse.listeners) == 1, within=10)
+            await asyncio.sleep(0.1)
+            writer.write(peer.frame(peer.BINARY, b"sent before the 101"))
+            await asyncio.sleep(0.1)
+            r, w = await asyncio.open_connection("127.0.0.1", bind)
+            async with asyncio.timeout(10):
+                assert (await reader.readline()).startswith(b"HTTP/1.1 101 ")
+                assert await r.readexactly(19) == b"sent before the 101"
+            w.close()
+            writer.close()
+            # The next request waits; its client leaves: the listener goes at once.
+            reader, writer = await _reverse_request(server.port, bind)
+            listeners = svc.reverse.listeners
+            await eventually(lambda: sum(x.waiting for x in listeners.values()) == 1)
+            writer.close()
+            await eventually(lambda: not svc.reverse.listeners, within=5)
+            assert not _listening(bind)
 
     run(main())

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.net import resolve_target
@@ -67,12 +67,43 @@ def _client_cn(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-class _Pending(asyncio.Protocol):
-    """The connection's protocol while its request is being served (reading is paused)."""
+def _client_key(transport: asyncio.BaseTransport, peer: str) -> str:
+    """Who a request counts against for per-client limits: the certificate's CN when the client
+    presented one, else its address (not X-Forwarded-For, which the client writes itself)."""
+    cn = _client_cn(transport)
+    if cn is not None:
+        return f"CN={cn}"
+    host, _, _ = peer.rpartition(":")
+    return host or peer
 
-    def __init__(self) -> None:
+
+#: Bytes a peer may send before its 101 that are kept for its tunnel (a wstunnel client sends
+#: none: it waits for the 101); reading pauses past this.
+MAX_EARLY_BYTES: Final = 64 * 1024
+
+
+class _Pending(asyncio.Protocol):
+    """The connection's protocol while its request is being served.
+
+    It keeps reading, so that a peer that leaves is noticed at once, also while a reverse
+    request waits for a connection (for hours, maybe): with reading paused, as it was, a FIN
+    went unseen and the request, its connection and its reverse listener stayed for good.
+    What arrives meanwhile is kept for the tunnel.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.early = bytearray()
         self.lost = False
         self.on_lost: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= MAX_EARLY_BYTES:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # a tunnel has no half-close: a peer that stopped sending has left
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -103,7 +134,9 @@ class WstunnelService:
             self._load_restrictions()
         from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 
-        self.reverse = ReverseListeners(self.options.reverse_idle_timeout)
+        self.reverse = ReverseListeners(
+            self.options.reverse_idle_timeout, server.settings.max_reverse_listeners_per_client
+        )
 
     def spawn_h2(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name="wstunnel-h2-stream")
@@ -175,8 +208,7 @@ class WstunnelService:
             path.endswith("events") or wstunnel.BEARER_PREFIX in head.get("sec-websocket-protocol")
         ):
             return False
-        transport.pause_reading()
-        pending = _Pending()
+        pending = _Pending(transport)
         transport.set_protocol(pending)
         task = asyncio.get_running_loop().create_task(
             self._serve(head, transport, rest, peer, pending), name=f"wstunnel-{peer}"
@@ -232,7 +264,10 @@ class WstunnelService:
                 assert isinstance(ws, UdpWsSide)
                 udp = await self._dial_udp(req, ws, peer)
             elif kind.reverse:
-                target, cookie, early = await self.reverse.wait(req, verdict, ws.local, self.server)
+                client = _client_key(transport, peer)
+                target, cookie, early = await self.reverse.wait(
+                    req, verdict, ws.local, self.server, client
+                )
             else:
                 raise WstunnelRejected(f"{kind.value} tunnels are not served here")
             response = wstunnel.accept_upgrade(head, cookie)
@@ -249,7 +284,7 @@ class WstunnelService:
             transport.write(response)
             reply = None
             self.tunnels.add(ws)
-            ws.start(transport, rest)
+            ws.start(transport, rest + pending.early)
             if isinstance(ws, UdpWsSide) and udp is not None:
                 ws.attach_datagram(udp)
             elif target is not None:
