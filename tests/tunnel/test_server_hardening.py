@@ -35,6 +35,7 @@ from tests.conftest import (
 )
 from tests.tunnel.wstunnel import wstunnel_peer as peer
 from tests.tunnel.wstunnel.test_wstunnel_io import autovpn_server
+from tests.wire.test_wstunnel import request
 
 
 def _open_fds() -> int:
@@ -148,6 +149,18 @@ def test_an_unexpected_error_after_the_dial_closes_the_target_and_answers_400(
             assert not any(r.exc_info for r in lines)  # one line each, no traceback
 
     run(main())
+
+
+def test_check_request_refuses_a_bad_key_before_the_caller_dials() -> None:
+    """Sans-I/O: check 9 is part of ``check_request`` now, so no caller dials for a request
+    whose 101 could never be built; HTTP/2 requests carry no key and are not asked for one."""
+    assert wstunnel.check_request(request()).host == "google.com"
+    for key in ("\xe9" + "A" * 23, "c2hvcnQ=", "!" * 24, "dGhlIHNhbXBsZSBub25jZQ"):
+        with pytest.raises(wstunnel.WstunnelRejected, match="Sec-WebSocket-Key"):
+            wstunnel.check_request(request(Sec_WebSocket_Key=key))
+    with pytest.raises(wstunnel.WstunnelRejected, match="Version"):
+        wstunnel.check_request(request(Sec_WebSocket_Version="8"))
+    wstunnel.check_request(request(Sec_WebSocket_Key=""), require_upgrade=False)
 
 
 # -- item 7: a name no resolver can take is an invalid name: one refusal, one log line ----------
