@@ -43,7 +43,11 @@ from autovpn.errors import ConfigError
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.router import Action, ListSpec, Mode, Router
 from autovpn.tunnel.mux.client import ServerURL
-from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseSpec
+from autovpn.tunnel.mux.reverse import (
+    DEFAULT_REVERSE_BINDS,
+    MAX_REVERSE_LISTENERS_PER_CLIENT,
+    ReverseSpec,
+)
 from autovpn.tunnel.wstunnel.server import WstunnelServerOptions
 from autovpn.wire.wstunnel import WstunnelClientOptions
 
@@ -255,6 +259,9 @@ class ServerConfig:
     keepalive_timeout: float = 45.0  # a connection silent this long is dead
     #: Addresses native reverse tunnels may bind on this server (default: loopback only).
     reverse_binds: list[str] = field(default_factory=lambda: list(DEFAULT_REVERSE_BINDS))
+    #: Reverse listeners (native and wstunnel) one client may hold at once: a native user, or a
+    #: wstunnel client's certificate CN, else its address.
+    max_reverse_listeners_per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT
 
 
 @dataclass(slots=True)
@@ -408,6 +415,7 @@ _CLIENT_KEYS = {
 }
 _SERVER_KEYS = {
     "reverse_binds",
+    "max_reverse_listeners_per_client",
     "listen",
     "tls_certificate",
     "tls_private_key",
@@ -634,6 +642,19 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
                         if c.take(f"server.reverse_binds[{i}]", _cidr, entry) is not None:
                             sc.reverse_binds.append(str(entry))
             _keepalive_keys(server, sc, "server.", c)
+            if "max_reverse_listeners_per_client" in server:
+                key = "server.max_reverse_listeners_per_client"
+                value = server[key.removeprefix("server.")]
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    sc.max_reverse_listeners_per_client = value
+                else:
+                    c.errors.append(
+                        ConfigError(
+                            key,
+                            f"expected a whole number, 0 or more (0: no reverse tunnels), "
+                            f"got {value!r}",
+                        )
+                    )
             cfg.server = sc
     if "routing" in data:
         cfg.routing = parse_routing(data["routing"], base, c.errors)

@@ -437,6 +437,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         reverse_binds=tuple(sc.reverse_binds),
         keepalive_interval=sc.keepalive_interval,
         keepalive_timeout=sc.keepalive_timeout,
+        max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
     )
 
 

@@ -103,3 +103,13 @@ class TunnelUnavailable(StreamError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ResetReason.TUNNEL_LOST, message)
+
+
+class InvalidHostName(StreamError, OSError):
+    """A target name no resolver can look up: an empty label, a label over 63 characters,
+    over 253 in all, or not encodable as IDNA (what getaddrinfo's own encoding raises
+    UnicodeError for).  An OSError too, as the resolver's "name does not resolve" is, so every
+    path that refuses an unresolvable name refuses this one the same way: HOST_UNREACHABLE."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ResetReason.HOST_UNREACHABLE, f"not a valid host name: {reason}")

@@ -7,12 +7,21 @@ import errno
 import functools
 import ipaddress
 import socket
+from collections.abc import Awaitable, Callable
+from typing import Final
 
-from autovpn.errors import ResetReason
+from autovpn.errors import InvalidHostName, ResetReason, StreamError
+
+#: RFC 1035 section 2.3.4: a label has 1-63 octets, a name at most 253 characters in text form
+#: (255 octets on the wire), both counted on the ASCII (IDNA) form, without a trailing dot.
+MAX_LABEL_LENGTH: Final = 63
+MAX_NAME_LENGTH: Final = 253
 
 
 def reset_reason_for(exc: BaseException) -> ResetReason:
     """The reset reason (and so SOCKS5 reply / HTTP status) for a failed connect."""
+    if isinstance(exc, StreamError):  # our own (InvalidHostName): it carries its reason
+        return exc.reason
     if isinstance(exc, TimeoutError):
         return ResetReason.TIMED_OUT
     if isinstance(exc, ConnectionRefusedError):
@@ -31,18 +40,52 @@ def reset_reason_for(exc: BaseException) -> ResetReason:
     return ResetReason.GENERAL_FAILURE
 
 
-async def resolve_target(host: str, port: int, *, udp: bool = False) -> list[str]:
+def check_host_name(host: str) -> None:
+    """Raise InvalidHostName unless ``host`` (not an IP literal) is a name a resolver can look
+    up.  getaddrinfo itself raises UnicodeError for a label over 63 characters or an empty one
+    (from its IDNA encoding), which no caller expected: names from peers are checked here."""
+    if host.isascii():
+        name = host
+    else:
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise InvalidHostName(f"not encodable as IDNA ({exc.__cause__ or exc})") from None
+    if name.endswith("."):
+        name = name[:-1]  # the root: "example.com." is absolute, not an empty label
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise InvalidHostName(f"{len(name)} characters (1 to {MAX_NAME_LENGTH})")
+    for label in name.split("."):
+        if not 0 < len(label) <= MAX_LABEL_LENGTH:
+            raise InvalidHostName(f"a label of {len(label)} characters (1 to {MAX_LABEL_LENGTH})")
+
+
+async def resolve_target(
+    host: str,
+    port: int,
+    *,
+    udp: bool = False,
+    lookup: Callable[[str, int], Awaitable[list[str]]] | None = None,
+) -> list[str]:
     """The addresses to dial for ``host``, in the resolver's order, without repeats: ``[host]``
-    for an IP literal, else the system's getaddrinfo (OSError when the name does not resolve).
-    The destination policy is checked by the caller, on these addresses."""
+    for an IP literal, else ``lookup`` (a test's loopback DNS) or the system's getaddrinfo.
+    Raises OSError when the name does not resolve, InvalidHostName (an OSError too) when it
+    cannot be a name at all.  The destination policy is checked by the caller, on these
+    addresses."""
     if is_ip_literal(host):
         return [host]
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host,
-        port,
-        type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
-        proto=socket.IPPROTO_UDP if udp else socket.IPPROTO_TCP,
-    )
+    check_host_name(host)
+    if lookup is not None:
+        return await lookup(host, port)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host,
+            port,
+            type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
+            proto=socket.IPPROTO_UDP if udp else socket.IPPROTO_TCP,
+        )
+    except UnicodeError as exc:  # an IDNA rule check_host_name does not know of
+        raise InvalidHostName(str(exc)) from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

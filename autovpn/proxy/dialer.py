@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from autovpn.errors import ResetReason, StreamError
-from autovpn.net import reset_reason_for
+from autovpn.net import check_host_name, reset_reason_for
 from autovpn.proxy.relay import Pipe, abort_all, link
 from autovpn.routing.router import Action, Decision, Router
 from autovpn.routing.rules import normalize_host, parse_ip
@@ -126,6 +126,9 @@ class Dialer:
     async def connect(
         self, host: str, port: int, early: bytes = b"", *, client: str = "", via: str = ""
     ) -> tuple[Upstream, Decision]:
+        # A name no resolver can take (a label over 63 characters...) is refused here, with
+        # HOST_UNREACHABLE, rather than sent through the tunnel or to getaddrinfo.
+        check_host_name(host)
         decision = self.router.decide(host, port)
         self.counts[decision.action] += 1
         action = decision.action

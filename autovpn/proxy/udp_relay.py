@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from autovpn.errors import BindError
+from autovpn.net import resolve_target
 from autovpn.routing.router import Action, Router
 from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
 from autovpn.wire import socks5
@@ -308,11 +309,12 @@ class Socks5UdpAssociation(asyncio.DatagramProtocol):
 
     async def _resolve_and_send(self, host: str, port: int, payload: bytes) -> None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            # resolve_target: a name getaddrinfo cannot even encode is an OSError there too.
+            addresses = await resolve_target(host, port, udp=True)
         except OSError:
             self.stats.dropped += 1
             return
-        self._send_direct(str(infos[0][4][0]), port, payload)
+        self._send_direct(addresses[0], port, payload)
 
     async def _open_direct(self, family: int, target: Address, payload: bytes) -> None:
         if family not in self._direct:

@@ -122,7 +122,7 @@ def _is_number(text: str) -> bool:
     return 0 < len(text) <= 20 and text.isascii() and text.isdecimal()
 
 
-def _valid_ws_key(key: str) -> bool:
+def valid_ws_key(key: str) -> bool:
     """RFC 6455 section 4.1: the base64 of 16 bytes (24 ASCII characters)."""
     if len(key) != 24 or not key.isascii():
         return False
@@ -133,6 +133,8 @@ def _valid_ws_key(key: str) -> bool:
 
 
 def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for ``key``, which the caller checked with ``valid_ws_key``
+    (a non-ASCII key raises UnicodeEncodeError here)."""
     digest = hashlib.sha1((key + WS_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
 
@@ -337,7 +339,7 @@ def accept_request(
         or head.get("upgrade").lower() != "websocket"
         or "upgrade" not in head.get("connection").lower()
         or head.get("sec-websocket-version") != "13"
-        or not _valid_ws_key(head.get("sec-websocket-key"))
+        or not valid_ws_key(head.get("sec-websocket-key"))
     ):
         raise HandshakeError(
             "not a WebSocket upgrade", 400, reply=plain_response(400, "Bad Request")

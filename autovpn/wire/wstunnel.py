@@ -11,7 +11,10 @@ whose claims ``{"id","p","r","rp"}`` name the protocol and the destination (sect
 The server checks a request in a fixed order (section 1.3) and answers every failure with the
 same ``400`` and body ``Invalid request``: upgrade headers, path prefix, mTLS CN, JWT, host,
 restrictions; then it *opens the tunnel* (the caller's I/O) and only then checks the WebSocket
-key and version and answers ``101`` (``check_request`` then ``accept_upgrade``).
+key and version and answers ``101``.  We check the key and version with the others, before the
+tunnel is opened (``check_request``; ``accept_upgrade`` then only builds the ``101``): the
+answer to a bad key is the same ``400`` either way, but a request that is going to be refused
+must not dial its destination first (a malformed key once left each such connection open).
 
 After the upgrade (``Session``): one binary FIN frame per local read; inbound frames are unmasked
 whenever their MASK bit is set (a default wstunnel *client* sends unmasked frames and a default
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from autovpn.errors import LimitExceeded, RemoteProtocolError
-from autovpn.wire.handshake import HttpHead, accept_key
+from autovpn.wire.handshake import HttpHead, accept_key, valid_ws_key
 from autovpn.wire.websocket import (
     MAX_CONTROL_PAYLOAD,
     Opcode,
@@ -533,15 +536,25 @@ def check_request(
         host = parse_host(claims.host)
     except ValueError as exc:
         raise WstunnelRejected(str(exc)) from None
+    if require_upgrade:
+        check_key(head)  # wstunnel's check 9, made before the caller dials (module docstring)
     auth = _optional(head, "authorization")
     return TunnelRequest(prefix, claims, host, auth, forwarded)
 
 
+def check_key(head: HttpHead) -> None:
+    """Check 9: version 13 and a key that is the base64 of 16 bytes (RFC 6455 section 4.2.1);
+    raises WstunnelRejected (400)."""
+    if head.get("sec-websocket-version") != "13":
+        raise WstunnelRejected("Sec-WebSocket-Version is not 13")
+    if not valid_ws_key(head.get("sec-websocket-key")):
+        raise WstunnelRejected("Sec-WebSocket-Key is missing or not the base64 of 16 bytes")
+
+
 def accept_upgrade(head: HttpHead, cookie: str | None = None) -> bytes:
-    """Check 9 (key and version, else 400) and the 101 answer of section 1.4."""
+    """The 101 answer of section 1.4 (check 9 again, for callers that skipped check_request)."""
+    check_key(head)
     key = head.get("sec-websocket-key")
-    if not key or head.get("sec-websocket-version") != "13":
-        raise WstunnelRejected("missing Sec-WebSocket-Key or version 13")
     lines = [
         "HTTP/1.1 101 Switching Protocols",
         "connection: upgrade",

@@ -10,7 +10,10 @@ is an ordinary one (flow control, half-close, reset).
 
 The listener lives as long as its control stream: when the client resets it or the tunnel
 connection drops, the server closes the listener; the client registers again on its next
-connection.  Server-side sockets are relayed by the same ``StreamEndpoint`` as every stream.
+connection.  A client (a user, over all its connections) holds at most
+``MAX_REVERSE_LISTENERS_PER_CLIENT`` listeners (``server.max_reverse_listeners_per_client``);
+past that a control stream is refused with REFUSED_STREAM.  Server-side sockets are relayed by
+the same ``StreamEndpoint`` as every stream.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from autovpn.errors import ResetReason
 from autovpn.net import reset_reason_for
@@ -30,6 +34,10 @@ log = logging.getLogger("autovpn.tunnel.reverse")
 
 #: Binds a client may ask for when the server says nothing else: its own loopback only.
 DEFAULT_REVERSE_BINDS = ("127.0.0.0/8", "::1/128")
+#: Reverse listeners one client may hold at once, native and wstunnel alike (each a socket and
+#: a port on the server): a client is a native user, or a wstunnel client's certificate CN or
+#: else its address.  Without it one anonymous client opened 300 listeners in 4 s.
+MAX_REVERSE_LISTENERS_PER_CLIENT: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +72,18 @@ async def dial_into(ep: StreamEndpoint, host: str, port: int, within: float) -> 
 class _ControlStream(StreamEndpoint):
     """The server's end of a control stream: owns the listener, closes it when it ends."""
 
-    __slots__ = ("server",)
+    __slots__ = ("server", "_release")
 
-    def __init__(self, conn: MuxConnection, sid: int) -> None:
+    def __init__(self, conn: MuxConnection, sid: int, release: Callable[[], None]) -> None:
         super().__init__(conn, sid)
         self.server: asyncio.Server | None = None
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """Give the client's listener slot back, once."""
+        if self._release is not None:
+            self._release()
+            self._release = None
 
     def on_data(self, piece: bytes | memoryview) -> None:
         pass  # nothing travels on a control stream
@@ -83,6 +98,7 @@ class _ControlStream(StreamEndpoint):
             log.info("reverse listener %s closed (%s)", _sockname(self.server), reason.name)
             self.server.close()
             self.server = None
+        self.release()
 
 
 def _sockname(server: asyncio.Server) -> str:
@@ -95,10 +111,17 @@ def _sockname(server: asyncio.Server) -> str:
 class ReverseListeners:
     """The server's side: binds listeners for clients' control streams."""
 
-    def __init__(self, allowed_binds: Iterable[str] = DEFAULT_REVERSE_BINDS) -> None:
+    def __init__(
+        self,
+        allowed_binds: Iterable[str] = DEFAULT_REVERSE_BINDS,
+        per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT,
+    ) -> None:
         self.allowed = [ipaddress.ip_network(n, strict=False) for n in allowed_binds]
+        self.per_client = per_client
         self.bound = 0
         self.refused = 0
+        #: Listeners (bound or binding) per client, for ``per_client``.
+        self.held: dict[str, int] = {}
 
     def bind_allowed(self, host: str) -> bool:
         try:
@@ -107,7 +130,27 @@ class ReverseListeners:
             return False  # bind addresses are IP literals
         return any(ip in net for net in self.allowed if net.version == ip.version)
 
-    def open_control(self, conn: MuxConnection, sid: int, host: str, port: int) -> None:
+    def open_control(
+        self, conn: MuxConnection, sid: int, host: str, port: int, client: str
+    ) -> None:
+        """A control stream from ``client`` (the user it authenticated as)."""
+        if self.held.get(client, 0) >= self.per_client:
+            self.refused += 1
+            log.warning(
+                "reverse bind %s:%d refused for %s: %s holds %d reverse listeners already "
+                "(server.max_reverse_listeners_per_client)",
+                host,
+                port,
+                conn.peer,
+                client,
+                self.per_client,
+            )
+            conn.reset_stream(
+                sid,
+                ResetReason.REFUSED_STREAM,
+                f"too many reverse listeners (at most {self.per_client} per client)",
+            )
+            return
         if not self.bind_allowed(host) or not 0 < port < 65536:
             self.refused += 1
             log.warning(
@@ -119,7 +162,16 @@ class ReverseListeners:
             )
             conn.reset_stream(sid, ResetReason.NOT_ALLOWED, "reverse bind not allowed")
             return
-        control = _ControlStream(conn, sid)
+        self.held[client] = self.held.get(client, 0) + 1
+
+        def release() -> None:
+            left = self.held[client] - 1
+            if left:
+                self.held[client] = left
+            else:
+                del self.held[client]
+
+        control = _ControlStream(conn, sid, release)
         conn.streams[sid] = control
         task = asyncio.get_running_loop().create_task(self._bind(control, host, port))
         conn.track(task)
@@ -137,6 +189,7 @@ class ReverseListeners:
             server = await asyncio.get_running_loop().create_server(accepted, host, port)
         except OSError as exc:
             log.warning("reverse bind %s:%d for %s failed: %s", host, port, conn.peer, exc)
+            control.release()
             if not control.done:
                 control.done = True
                 conn.reset_stream(

@@ -27,9 +27,13 @@ from autovpn.errors import (
     ResetReason,
 )
 from autovpn.ifaddrs import HostAddresses
-from autovpn.net import is_ip_literal, reset_reason_for, resolve_target
+from autovpn.net import reset_reason_for, resolve_target
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
-from autovpn.tunnel.mux.reverse import DEFAULT_REVERSE_BINDS, ReverseListeners
+from autovpn.tunnel.mux.reverse import (
+    DEFAULT_REVERSE_BINDS,
+    MAX_REVERSE_LISTENERS_PER_CLIENT,
+    ReverseListeners,
+)
 from autovpn.tunnel.mux.udp import UdpFlows
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.wire import handshake
@@ -55,6 +59,8 @@ class ServerSettings:
     udp_idle_timeout: float = 180.0
     #: Addresses native reverse tunnels (-R) may bind on the server: loopback unless opened.
     reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
+    #: Reverse listeners one client may hold (native users and wstunnel clients alike).
+    max_reverse_listeners_per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -163,7 +169,11 @@ class TunnelServer:
         self._dials: set[asyncio.Task[None]] = set()
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
         self.udp: UdpFlows | None = None
-        self.reverse = ReverseListeners(settings.reverse_binds)
+        self.reverse = ReverseListeners(
+            settings.reverse_binds, settings.max_reverse_listeners_per_client
+        )
+        #: The user each tunnel connection authenticated as (reverse listeners are per user).
+        self._users: dict[MuxConnection, str] = {}
         #: Other protocols served on the same port (wstunnel): each is offered every request
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
@@ -186,6 +196,7 @@ class TunnelServer:
 
     def _connection_lost(self, conn: MuxConnection) -> None:
         self.connections.discard(conn)
+        self._users.pop(conn, None)
         if self.udp is not None:
             self.udp.connection_lost(conn)
 
@@ -271,6 +282,7 @@ class TunnelServer:
         )
         deadline = mux.loop.call_later(HANDSHAKE_TIMEOUT, self._no_auth, mux, peer)
         self.connections.add(mux)
+        self._users[mux] = accepted.user
         return mux
 
     def _no_auth(self, mux: MuxConnection, peer: str) -> None:
@@ -293,7 +305,7 @@ class TunnelServer:
         early: bytes,
     ) -> None:
         if kind == StreamKind.REVERSE_TCP:
-            self.reverse.open_control(conn, sid, host, port)
+            self.reverse.open_control(conn, sid, host, port, self._users.get(conn, conn.peer))
             return
         if kind != StreamKind.TCP:
             conn.reset_stream(sid, ResetReason.PROTOCOL_ERROR, "stream kind not supported")
@@ -355,9 +367,7 @@ class TunnelServer:
             conn.reset_stream(ep.sid, reason, message)
 
     async def _resolve(self, host: str, port: int) -> list[str]:
-        if self.settings.resolve is not None and not is_ip_literal(host):
-            return await self.settings.resolve(host, port)
-        return await resolve_target(host, port)
+        return await resolve_target(host, port, lookup=self.settings.resolve)
 
 
 class _Refused(Exception):

@@ -153,6 +153,19 @@ class H2Tunnels(asyncio.Protocol):
             log.info("wstunnel h2 peer %s refused: %s", self.peer, exc)
             self._answer_400(stream_id)
             return
+        except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
+            self.service.refused += 1
+            log.warning(
+                "wstunnel h2 peer %s refused: unexpected %s: %s",
+                self.peer,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),  # a traceback only when debugging
+            )
+            if target.transport is not None:
+                target.transport.abort()
+            self._answer_400(stream_id)
+            return
         if self.closed or stream_id not in self.early:
             if target.transport is not None:
                 target.transport.close()

@@ -4,7 +4,11 @@ Server: a ``Reverse*`` request names a bind address.  The listener for that addr
 by every request naming it (``port_mapping`` applied); the request is held unanswered until the
 listener accepts a connection, which is then answered 101 and relayed.  Accepted connections
 wait in a queue of 10.  A listener with no waiting request for ``idle_timeout`` closes, together
-with the connections nobody picked up (issues #262, #417).  Dynamic kinds run a SOCKS5 (or HTTP
+with the connections nobody picked up (issues #262, #417); one whose last waiting request ended
+because its connection was lost closes at once, where wstunnel waits the idle timeout: nobody
+is coming back for it, and an anonymous client could leave listeners behind by the hundred.
+A client (its certificate's CN, else its address) opens at most ``per_client`` listeners
+(``server.max_reverse_listeners_per_client``).  Dynamic kinds run a SOCKS5 (or HTTP
 CONNECT) handshake on the accepted connection and name its destination in the 101's ``cookie``
 JWT.
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from autovpn.errors import ConfigError, RemoteProtocolError, StreamError
+from autovpn.tunnel.mux.reverse import MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.tunnel.wstunnel.relay import LocalSide
 from autovpn.tunnel.wstunnel.restrictions import Verdict
 from autovpn.wire import socks5, wstunnel
@@ -72,13 +77,17 @@ class _Held(asyncio.Protocol):
 
 
 class _Listener:
-    def __init__(self, owner: ReverseListeners, key: tuple[str, str, int], kind: Kind) -> None:
+    def __init__(
+        self, owner: ReverseListeners, key: tuple[str, str, int], kind: Kind, client: str
+    ) -> None:
         self.owner = owner
         self.key = key
         self.kind = kind
+        self.client = client  # who opened it: it counts against that client's limit
         self.queue: asyncio.Queue[Accepted] = asyncio.Queue(QUEUE_SIZE)
         self.server: asyncio.Server | None = None
         self.waiting = 0
+        self.closed = False
         self._idle: asyncio.TimerHandle | None = None
         self.credentials: tuple[str, str] | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -106,6 +115,9 @@ class _Listener:
             held.transport.abort()
             return
         held.transport.pause_reading()
+        if self.closed:  # closed during the SOCKS5 handshake: nobody will take it
+            held.transport.abort()
+            return
         item = Accepted(held.transport, bytes(held.buffer), cookie)
         try:
             self.queue.put_nowait(item)
@@ -151,31 +163,47 @@ class _Listener:
             self._idle.cancel()
             self._idle = None
 
-    def waiter_gone(self) -> None:
+    def waiter_gone(self, abandoned: bool) -> None:
+        """A request stopped waiting: served (``abandoned`` False: its client re-arms with its
+        next request, so the listener waits ``idle_timeout`` for it), or its connection was
+        lost (True: when it was the last, nobody is coming back for this listener)."""
         self.waiting -= 1
-        if self.waiting == 0 and self._idle is None:
-            self._idle = asyncio.get_running_loop().call_later(self.owner.idle_timeout, self.close)
+        if self.waiting == 0:
+            if abandoned:
+                self.close("its clients left")
+            elif self._idle is None:
+                self._idle = asyncio.get_running_loop().call_later(
+                    self.owner.idle_timeout, self.close
+                )
 
-    def close(self) -> None:
+    def close(self, why: str = "idle") -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        self.owner.listeners.pop(self.key, None)
+        if self.owner.listeners.get(self.key) is self:
+            del self.owner.listeners[self.key]
+            self.owner.release(self.client)
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait().transport.abort()
         if self.server is not None:
             self.server.close()
             self.owner.closing.append(self.server)
             self.server = None
-        while not self.queue.empty():
-            self.queue.get_nowait().transport.abort()
-        log.info("wstunnel reverse listener %s:%d closed (idle)", self.key[1], self.key[2])
+            log.info("wstunnel reverse listener %s:%d closed (%s)", self.key[1], self.key[2], why)
 
 
 class ReverseListeners:
     """The server's reverse-tunnel listeners, shared by bind address."""
 
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(
+        self, idle_timeout: float, per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT
+    ) -> None:
         self.idle_timeout = idle_timeout
+        self.per_client = per_client
         self.listeners: dict[tuple[str, str, int], _Listener] = {}
+        #: Open listeners per client that opened them, for ``per_client``.
+        self.held: dict[str, int] = {}
         self.closing: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -184,10 +212,25 @@ class ReverseListeners:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def release(self, client: str) -> None:
+        left = self.held.get(client, 0) - 1
+        if left > 0:
+            self.held[client] = left
+        else:
+            self.held.pop(client, None)
+
     async def wait(
-        self, req: TunnelRequest, verdict: Verdict, local: LocalSide, server: TunnelServer
+        self,
+        req: TunnelRequest,
+        verdict: Verdict,
+        local: LocalSide,
+        server: TunnelServer,
+        client: str,
     ) -> tuple[asyncio.Transport, str | None, bytes]:
-        """Hold the request until the listener accepts a connection; a failure is a 400."""
+        """Hold the request until the listener accepts a connection; a failure is a 400.
+
+        ``client`` names the requester for the per-client limit on new listeners; joining a
+        listener that is open already costs nothing."""
         p = req.claims.protocol
         if p.kind not in (Kind.REVERSE_TCP, Kind.REVERSE_SOCKS5, Kind.REVERSE_UNIX):
             raise WstunnelRejected(f"reverse {p.kind.value} tunnels are not served")
@@ -197,33 +240,52 @@ class ReverseListeners:
             key = (p.kind.value, req.host, verdict.bind_port(req.claims.port))
         listener = self.listeners.get(key)
         if listener is None:
+            if self.held.get(client, 0) >= self.per_client:
+                log.warning(
+                    "wstunnel reverse listener %s:%d refused: %s holds %d already "
+                    "(server.max_reverse_listeners_per_client)",
+                    key[1],
+                    key[2],
+                    client,
+                    self.per_client,
+                )
+                raise WstunnelRejected(f"too many reverse listeners for {client}")
             # Registered before binding, so a concurrent request for the same address waits
             # for this bind instead of racing it.
-            listener = _Listener(self, key, p.kind)
+            listener = _Listener(self, key, p.kind, client)
             listener.credentials = p.credentials
             self.listeners[key] = listener
+            self.held[client] = self.held.get(client, 0) + 1
             try:
                 await listener.start()
-            except OSError as exc:
-                self.listeners.pop(key, None)
-                listener.ready.set_exception(WstunnelRejected(f"cannot listen: {exc}"))
+            except (OSError, asyncio.CancelledError) as exc:
+                # Cancelled: the request that binds left; the others waiting for this bind
+                # are refused rather than left waiting on a listener nobody registered.
+                why = "its request left" if isinstance(exc, asyncio.CancelledError) else exc
+                failure = WstunnelRejected(f"cannot listen on {key[1]}:{key[2]}: {why}")
+                listener.close("not bound")
+                listener.ready.set_exception(failure)
                 listener.ready.exception()  # retrieved: the other waiters re-raise it
-                raise WstunnelRejected(f"cannot listen on {key[1]}:{key[2]}: {exc}") from None
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise failure from None
             listener.ready.set_result(None)
         else:
             await asyncio.shield(listener.ready)
         listener.waiter_added()
         try:
             item = await listener.queue.get()
-        finally:
-            listener.waiter_gone()
+        except asyncio.CancelledError:  # the request's connection was lost (or we are closing)
+            listener.waiter_gone(abandoned=True)
+            raise
+        listener.waiter_gone(abandoned=False)
         item.transport.set_protocol(local)
         local.transport = item.transport
         return item.transport, item.cookie, item.early
 
     async def close(self) -> None:
         for listener in list(self.listeners.values()):
-            listener.close()
+            listener.close("server closing")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.net import resolve_target
@@ -67,12 +67,43 @@ def _client_cn(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-class _Pending(asyncio.Protocol):
-    """The connection's protocol while its request is being served (reading is paused)."""
+def _client_key(transport: asyncio.BaseTransport, peer: str) -> str:
+    """Who a request counts against for per-client limits: the certificate's CN when the client
+    presented one, else its address (not X-Forwarded-For, which the client writes itself)."""
+    cn = _client_cn(transport)
+    if cn is not None:
+        return f"CN={cn}"
+    host, _, _ = peer.rpartition(":")
+    return host or peer
 
-    def __init__(self) -> None:
+
+#: Bytes a peer may send before its 101 that are kept for its tunnel (a wstunnel client sends
+#: none: it waits for the 101); reading pauses past this.
+MAX_EARLY_BYTES: Final = 64 * 1024
+
+
+class _Pending(asyncio.Protocol):
+    """The connection's protocol while its request is being served.
+
+    It keeps reading, so that a peer that leaves is noticed at once, also while a reverse
+    request waits for a connection (for hours, maybe): with reading paused, as it was, a FIN
+    went unseen and the request, its connection and its reverse listener stayed for good.
+    What arrives meanwhile is kept for the tunnel.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.early = bytearray()
         self.lost = False
         self.on_lost: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= MAX_EARLY_BYTES:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # a tunnel has no half-close: a peer that stopped sending has left
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -103,7 +134,9 @@ class WstunnelService:
             self._load_restrictions()
         from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 
-        self.reverse = ReverseListeners(self.options.reverse_idle_timeout)
+        self.reverse = ReverseListeners(
+            self.options.reverse_idle_timeout, server.settings.max_reverse_listeners_per_client
+        )
 
     def spawn_h2(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name="wstunnel-h2-stream")
@@ -175,8 +208,7 @@ class WstunnelService:
             path.endswith("events") or wstunnel.BEARER_PREFIX in head.get("sec-websocket-protocol")
         ):
             return False
-        transport.pause_reading()
-        pending = _Pending()
+        pending = _Pending(transport)
         transport.set_protocol(pending)
         task = asyncio.get_running_loop().create_task(
             self._serve(head, transport, rest, peer, pending), name=f"wstunnel-{peer}"
@@ -198,8 +230,15 @@ class WstunnelService:
         peer: str,
         pending: _Pending,
     ) -> None:
+        # Whatever ends this request before the relay owns its sockets (a refusal, the peer
+        # leaving, cancellation, or a bug) goes through the ``finally``: the dialled target is
+        # closed, the peer gets a 400 while it can still be answered, and one line is logged.
+        # Before, an exception of an unexpected type (a non-ASCII Sec-WebSocket-Key) left the
+        # dialled target open for good, one descriptor per request, until the server ran out.
         target: asyncio.Transport | None = None
         udp: asyncio.DatagramTransport | None = None
+        reply: bytes | None = wstunnel.INVALID_REQUEST  # None once the 101 has gone
+        relayed = False
         try:
             req = wstunnel.check_request(head, client_cn=_client_cn(transport))
             verdict = self.restrictions.check(
@@ -225,49 +264,59 @@ class WstunnelService:
                 assert isinstance(ws, UdpWsSide)
                 udp = await self._dial_udp(req, ws, peer)
             elif kind.reverse:
-                target, cookie, early = await self.reverse.wait(req, verdict, ws.local, self.server)
+                client = _client_key(transport, peer)
+                target, cookie, early = await self.reverse.wait(
+                    req, verdict, ws.local, self.server, client
+                )
             else:
                 raise WstunnelRejected(f"{kind.value} tunnels are not served here")
             response = wstunnel.accept_upgrade(head, cookie)
+            if pending.lost or transport.is_closing():
+                return  # the peer left while we dialled: close the target, answer nobody
+            self.accepted += 1
+            log.info(
+                "wstunnel peer %s: %s %s:%d",
+                peer,
+                req.claims.protocol.kind.value,
+                req.claims.host,
+                req.claims.port,
+            )
+            transport.write(response)
+            reply = None
+            self.tunnels.add(ws)
+            ws.start(transport, rest + pending.early)
+            if isinstance(ws, UdpWsSide) and udp is not None:
+                ws.attach_datagram(udp)
+            elif target is not None:
+                ws.attach_local(target, early)
+            relayed = True
         except RemoteProtocolError as exc:
             self.refused += 1
             log.info("wstunnel peer %s refused: %s", peer, exc)
-            if target is not None:
-                target.close()
-            if udp is not None:
-                udp.close()
-            if not transport.is_closing():
-                transport.write(exc.reply or wstunnel.INVALID_REQUEST)
-                transport.close()
-            return
+            reply = exc.reply or reply
         except asyncio.CancelledError:
-            if target is not None:
-                target.abort()
-            if udp is not None:
-                udp.close()
-            transport.abort()
+            reply = None  # the peer is gone (or the server is closing): nobody to answer
             raise
-        if pending.lost or transport.is_closing():
-            if target is not None:
-                target.close()
-            if udp is not None:
-                udp.close()
-            return
-        self.accepted += 1
-        log.info(
-            "wstunnel peer %s: %s %s:%d",
-            peer,
-            req.claims.protocol.kind.value,
-            req.claims.host,
-            req.claims.port,
-        )
-        transport.write(response)
-        self.tunnels.add(ws)
-        ws.start(transport, rest)
-        if isinstance(ws, UdpWsSide) and udp is not None:
-            ws.attach_datagram(udp)
-        elif target is not None:
-            ws.attach_local(target, early)
+        except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
+            self.refused += 1
+            log.warning(
+                "wstunnel peer %s refused: unexpected %s: %s",
+                peer,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),  # a traceback only when debugging
+            )
+        finally:
+            if not relayed:
+                if target is not None:
+                    target.abort()
+                if udp is not None:
+                    udp.close()
+                if reply is not None and not transport.is_closing():
+                    transport.write(reply)
+                    transport.close()
+                else:
+                    transport.abort()
 
     async def _dial_udp(
         self, req: TunnelRequest, ws: UdpWsSide, peer: str
@@ -299,11 +348,16 @@ class WstunnelService:
             except (OSError, TimeoutError) as exc:
                 last = exc
                 continue
-            if req.claims.protocol.proxy_protocol:
-                source = _peer_address(peer, req.forwarded_for)
-                sockname = transport.get_extra_info("sockname")
-                if source is not None and sockname:
-                    transport.write(wstunnel.proxy_v2_header(source, (sockname[0], sockname[1])))
+            try:
+                if req.claims.protocol.proxy_protocol:
+                    source = _peer_address(peer, req.forwarded_for)
+                    sockname = transport.get_extra_info("sockname")
+                    if source is not None and sockname:
+                        header = wstunnel.proxy_v2_header(source, (sockname[0], sockname[1]))
+                        transport.write(header)
+            except BaseException:
+                transport.abort()  # not returned, so no caller could close it
+                raise
             return transport
         raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
 
