@@ -699,8 +699,8 @@ _LIST_KEYS = {"path", "action", "format", "name"}
 
 
 def parse_control(value: Any) -> str | None:
-    """``control = "127.0.0.1:9090"`` (loopback only: the API has no authentication), or
-    ``false`` to turn it off."""
+    """``control = "127.0.0.1:9090"`` (loopback only: other machines have no business there;
+    browsers on this one are kept out by ``monitor.guard``), or ``false`` to turn it off."""
     if value is False:
         return None
     text: str = _expect(value, str, "control")
