@@ -38,9 +38,11 @@ from autovpn.config import (
 )
 from autovpn.errors import AutovpnError, ConfigError
 from autovpn.monitor.client import (
+    CONTROL_TOKEN_FILE,
     ControlUnreachable,
     Reply,
     read_control_state,
+    read_control_token,
     request,
     stream_lines,
 )
@@ -409,11 +411,32 @@ def _control_urls(args: argparse.Namespace, cfg: Config) -> list[str]:
     return list(dict.fromkeys(urls))
 
 
-def _ask(urls: list[str], method: str, path: str, body: bytes = b"") -> Reply | None:
+def _auth() -> dict[str, str]:
+    """The running engine's control token (``control.token`` in the state directory), as the
+    header that state-changing requests carry."""
+    token = read_control_token(state_dir())
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def _refused(error: object) -> str:
+    """The engine's error, and where this CLI looked for the token when it found none."""
+    text = f"autovpn: {error}"
+    if "control token" in str(error) and read_control_token(state_dir()) is None:
+        text += f" (no token at {state_dir() / CONTROL_TOKEN_FILE})"
+    return text
+
+
+def _ask(
+    urls: list[str],
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> Reply | None:
     """The first running engine's answer, or None when none answers."""
     for url in urls:
         try:
-            return request(url, method, path, body)
+            return request(url, method, path, body, headers)
         except ControlUnreachable:
             continue
     return None
@@ -425,13 +448,14 @@ def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
         if args.mode is None:
             reply = _ask(urls, "GET", "/mode")
         else:
-            reply = _ask(urls, "POST", "/mode", json.dumps({"mode": args.mode}).encode())
+            body = json.dumps({"mode": args.mode}).encode()
+            reply = _ask(urls, "POST", "/mode", body, _auth())
         if reply is None:
             print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
             return 1
         data = reply.json()
         if reply.status != 200:
-            print(f"autovpn: {data.get('error')}", file=sys.stderr)
+            print(_refused(data.get("error")), file=sys.stderr)
             return 1
         if args.mode is None:
             print(data["mode"])
@@ -603,13 +627,13 @@ def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> 
 
     for url in urls:
         try:
-            status = stream_lines(url, "POST", path, on_line)
+            status = stream_lines(url, "POST", path, on_line, _auth())
         except ControlUnreachable:
             continue
         if progress is not None:
             progress.end()
         if status != 200:
-            print(f"autovpn: {summary.get('error')}", file=sys.stderr)
+            print(_refused(summary.get("error")), file=sys.stderr)
             return 1
         print(
             f"resolved {summary.get('done', 0)} names from the {args.list} list in "

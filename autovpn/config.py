@@ -338,6 +338,9 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     #: The control API (``autovpn mode``, PAC files): ``HOST:PORT`` on loopback, None for off.
     control: str | None = DEFAULT_CONTROL
+    #: Host names (besides loopback addresses and ``localhost``) the control API answers to,
+    #: e.g. a name the hosts file maps to 127.0.0.1; any other name in Host is refused.
+    control_hosts: list[str] = field(default_factory=list)
 
 
 def parse_mode(value: object, key: str = "mode") -> Mode:
@@ -397,7 +400,7 @@ def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
     return value
 
 
-_TOP_KEYS = {"mode", "log_level", "client", "server", "routing", "control"}
+_TOP_KEYS = {"mode", "log_level", "client", "server", "routing", "control", "control_hosts"}
 _CLIENT_KEYS = {
     "protocol",
     "server",
@@ -660,6 +663,13 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
         cfg.routing = parse_routing(data["routing"], base, c.errors)
     if "control" in data:
         cfg.control = c.take("control", parse_control, data["control"])
+    if "control_hosts" in data:
+        names = c.take("control_hosts", _expect, data["control_hosts"], list, "control_hosts")
+        for i, name in enumerate(names or []):
+            key = f"control_hosts[{i}]"
+            host = c.take(key, lambda n=name, k=key: parse_control_host(_expect(n, str, k), k))
+            if host is not None:
+                cfg.control_hosts.append(host)
     return cfg, c.errors
 
 
@@ -710,8 +720,8 @@ _LIST_KEYS = {"path", "action", "format", "name"}
 
 
 def parse_control(value: Any) -> str | None:
-    """``control = "127.0.0.1:9090"`` (loopback only: the API has no authentication), or
-    ``false`` to turn it off."""
+    """``control = "127.0.0.1:9090"`` (loopback only: other machines have no business there;
+    browsers on this one are kept out by ``monitor.guard``), or ``false`` to turn it off."""
     if value is False:
         return None
     text: str = _expect(value, str, "control")
@@ -724,6 +734,16 @@ def parse_control(value: Any) -> str | None:
     if not is_loopback(host):
         raise ConfigError("control", f"{text!r}: the control API listens on loopback only")
     return text
+
+
+def parse_control_host(text: str, key: str = "control_hosts") -> str:
+    """A name for ``control_hosts``: as a browser sends it in Host, without the port."""
+    from autovpn.monitor.guard import normalize_host_name, parse_host
+
+    parsed = parse_host(text if ":" not in text or text.startswith("[") else f"[{text}]")
+    if parsed is None or parsed[1] is not None:
+        raise ConfigError(key, f"{text!r}: expected a host name or address without a port")
+    return normalize_host_name(parsed[0])
 
 
 def _str_list(value: Any, key: str, errors: list[ConfigError]) -> list[str]:

@@ -297,7 +297,7 @@ class Engine:
                 await listener.start()
                 self.listeners.append(listener)
         if cfg.control is not None:
-            self.api = ControlAPI(self, cfg.control, state_dir())
+            self.api = ControlAPI(self, cfg.control, state_dir(), cfg.control_hosts)
             await self.api.start()
         if cfg.routing.warm_at_start:
             self._warm = asyncio.get_running_loop().create_task(

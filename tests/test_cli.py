@@ -302,3 +302,67 @@ def test_keepalive_flags_on_client_and_server(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError, match="keepalive interval") as info:
         cli._client_from_args(args, Config())
     assert info.value.key == "--keepalive-timeout"
+
+
+# --- the control API from the command line -------------------------------------------------
+
+
+@posix_only
+def test_mode_and_resolve_reach_a_running_engine_with_its_token(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """``autovpn mode`` and ``autovpn resolve`` read the token the engine left (0600) in the
+    state directory; a CLI without it is refused and told where the token is."""
+    import json
+    import stat
+
+    state = tmp_path / "state"
+    env = clean_env(tmp_path, AUTOVPN_STATE_DIR=str(state), AUTOVPN_SECRET=SECRET.decode())
+    config = tmp_path / "engine.toml"
+    config.write_text(
+        'mode = "smart"\n'
+        'control = "127.0.0.1:0"\n'
+        "[server]\n"
+        f'listen = "wss://127.0.0.1:{free_port()}"\n'
+        f'tls_certificate = "{certs.cert}"\n'
+        f'tls_private_key = "{certs.key}"\n'
+        "[routing]\n"
+        "default_lists = false\n"
+        "[routing.dns]\n"
+        'local = ["127.0.0.1:9"]\n'
+        'public = ["127.0.0.1:9"]\n'
+        "hosts_file = false\n"
+    )
+
+    async def main() -> None:
+        async with autovpn("--config", str(config), env=env, ready="control api") as proc:
+            token_file = state / "control.token"
+            assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+            token = token_file.read_text().strip()
+            rc, out, err = await run_cli("mode", "direct", env=env)
+            assert (rc, out.strip()) == (0, "mode smart -> direct"), err
+            rc, out, err = await run_cli("mode", env=env)
+            assert (rc, out.strip()) == (0, "direct"), err
+            rc, out, err = await run_cli("resolve", "--list", "all", env=env)
+            assert rc == 0 and "the running engine's cache is warm" in out, err
+            # Another user, or another state directory: no token, no switch.
+            url = json.loads((state / "control.json").read_text())["url"]
+            other = clean_env(tmp_path, AUTOVPN_STATE_DIR=str(tmp_path / "other"))
+            for args in (["mode", "global"], ["resolve"]):
+                rc, out, err = await run_cli(*args, "--control", url, env=other)
+                assert rc == 1, (args, out, err)
+                assert str(token_file) in err and str(tmp_path / "other") in err, err
+                assert "Traceback" not in err
+            # A stale token (an earlier run's) is refused too.
+            token_file.write_text("stale\n")
+            rc, out, err = await run_cli("mode", "global", env=env)
+            assert rc == 1 and "wrong control token" in err, err
+            token_file.write_text(token + "\n")
+            rc, out, err = await run_cli("mode", env=env)
+            assert (rc, out.strip()) == (0, "direct"), err
+            code, rest = await stop(proc)
+            assert code in (0, 130) and "Traceback" not in rest, rest
+            assert token not in rest
+        assert not (state / "control.token").exists()
+
+    run(main())

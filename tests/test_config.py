@@ -124,3 +124,20 @@ def test_keepalive_errors_name_their_key(tmp_path: Path, lines: str, key: str, r
     _, errors = load_file(path)
     assert [e.key for e in errors] == [key], errors
     assert re.search(reason, errors[0].reason), errors[0].reason
+
+
+def test_control_hosts(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('control_hosts = ["AutoVPN.lan", "192.0.2.7", "::1", "[2001:db8::7]"]\n')
+    cfg, errors = load_file(good)
+    assert errors == []
+    assert cfg.control_hosts == ["autovpn.lan", "192.0.2.7", "::1", "2001:db8::7"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('control_hosts = ["autovpn.lan:9090", "", "http://x", 7, "a b"]\n')
+    _, errors = load_file(bad)
+    assert [e.key for e in errors] == [f"control_hosts[{i}]" for i in range(5)]
+    assert "without a port" in errors[0].reason
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('control_hosts = "autovpn.lan"\n')
+    _, errors = load_file(wrong)
+    assert [e.key for e in errors] == ["control_hosts"]

@@ -26,6 +26,7 @@ PURE = [
     "autovpn/routing/scoring.py",
     "autovpn/wire/wstunnel.py",
     "autovpn/tunnel/wstunnel/restrictions.py",
+    "autovpn/monitor/guard.py",
 ]
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]
 

@@ -14,9 +14,15 @@ key changes: the mode, the router object (rules are replaced as a whole), or the
 engine actually bound.  Browsers fetch the PAC often (Chromium twice per launch), and a smart
 PAC with the default lists is tens of kilobytes of JSON.
 
-The API has no authentication, so it listens on loopback only (``config.parse_control``
-refuses anything else).  If the configured port is taken it binds an ephemeral port instead,
-logs it, and writes ``control.json`` in the state directory, where ``autovpn mode`` looks first.
+The API listens on loopback only (``config.parse_control`` refuses anything else), and
+``guard.check_request`` decides on every request, PAC files included, before anything else:
+the Host must be a loopback address, ``localhost`` or a ``control_hosts`` name with the bound
+port (DNS rebinding), a browser's Origin must be our own (CSRF), and every state-changing
+request (``POST /mode``, ``POST /resolve``) carries ``Authorization: Bearer TOKEN``.  The
+token is new at each start and written to ``control.token`` (mode 0600) in the state
+directory; it is never logged.  If the configured port is taken the API binds an ephemeral
+port instead, logs it, and writes ``control.json`` (its URL) in the state directory, where
+``autovpn mode`` looks first.
 
 Requests are read with named limits (``MAX_HEAD``, ``MAX_BODY``); every response closes the
 connection (the clients are one-shot: the CLI, a PAC fetch).
@@ -28,11 +34,13 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
@@ -40,6 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from autovpn.monitor.client import CONTROL_TOKEN_FILE, read_control_token
+from autovpn.monitor.guard import ControlPolicy, check_request, is_pac_path
 from autovpn.proxy.listener import ListenerKind
 from autovpn.routing.pac import render_pac
 from autovpn.routing.router import Mode
@@ -49,10 +59,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_STATE_FILE",
+    "CONTROL_TOKEN_FILE",
     "ControlAPI",
     "PacCache",
     "Reply",
     "read_control_state",
+    "read_control_token",
     "request",
     "stream_lines",
 ]
@@ -67,9 +79,12 @@ PAC_TYPE = "application/x-ns-proxy-autoconfig"
 
 
 class _HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str = "") -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str = "", headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message or status.phrase)
         self.status = status
+        self.headers = dict(headers or {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +165,47 @@ def read_control_state(state: Path) -> str | None:
     return url
 
 
+def _write_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, readable by its owner only from the first byte on.
+
+    The new file is created under a temporary name with O_EXCL and mode 0600 (never another
+    mode, whatever the umask, and never someone else's file or symlink planted at that name),
+    then renamed over ``path``: a reader sees the old token or the new, never a partial one.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with open(fd, "w", encoding="utf-8", closefd=True) as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o600)  # a umask may take bits away, never add them
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 class ControlAPI:
-    def __init__(self, engine: Engine, address: str, state: Path | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        address: str,
+        state: Path | None = None,
+        hosts: Iterable[str] = (),
+    ) -> None:
         host, _, port = address.rpartition(":")
         self.engine = engine
         self.host = host.strip("[]")
         self.port = int(port)
         self.bound_port = 0
         self.state = state
+        self.hosts = tuple(hosts)  # config ``control_hosts``: names accepted in Host
+        # New at every start, so a token read from an old file stops working; never logged.
+        self.token = secrets.token_urlsafe(32)
+        self.policy: ControlPolicy | None = None
+        self._wrote_token = False
         self.pacs = PacCache()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -188,9 +236,29 @@ class ControlAPI:
                 CONTROL_STATE_FILE,
             )
         self.bound_port = self._server.sockets[0].getsockname()[1]
+        token_file = self.state / CONTROL_TOKEN_FILE if self.state is not None else None
+        # Set before the loop runs again: no request is served without a policy.
+        self.policy = ControlPolicy.build(
+            self.bound_port,
+            self.token,
+            token_file=str(token_file) if token_file is not None else None,
+            bound_host=self.host,
+            hosts=self.hosts,
+        )
         if self.state is not None:
             try:
                 self.state.mkdir(parents=True, exist_ok=True)
+                # The token first: when control.json names this API, its token is readable.
+                _write_private_file(self.state / CONTROL_TOKEN_FILE, self.token)
+                self._wrote_token = True
+            except OSError as exc:
+                log.warning(
+                    "control API: cannot write %s (%s): mode switches and batch resolves"
+                    " through the API will be refused",
+                    CONTROL_TOKEN_FILE,
+                    exc,
+                )
+            try:
                 (self.state / CONTROL_STATE_FILE).write_text(
                     json.dumps({"url": self.url, "pid": os.getpid()}), encoding="utf-8"
                 )
@@ -210,11 +278,18 @@ class ControlAPI:
             await self._server.wait_closed()
             self._server = None
         if self._wrote_state and self.state is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 path = self.state / CONTROL_STATE_FILE
                 if json.loads(path.read_text(encoding="utf-8")).get("url") == self.url:
                     path.unlink()
             self._wrote_state = False
+        if self._wrote_token and self.state is not None:
+            # Only our own token: another engine on this state directory may have replaced it.
+            found = read_control_token(self.state)
+            if found is not None and hmac.compare_digest(found.encode(), self.token.encode()):
+                with contextlib.suppress(OSError):
+                    (self.state / CONTROL_TOKEN_FILE).unlink()
+            self._wrote_token = False
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -229,7 +304,9 @@ class ControlAPI:
                     method, target, headers, body = await self._read_request(reader)
                 await self._dispatch(method, target, headers, body, writer)
             except _HttpError as exc:
-                self._send_json(writer, exc.status, {"error": str(exc)})
+                # One line: what a person or a log sees first says why.
+                body = (json.dumps({"error": str(exc)}) + "\n").encode()
+                self._send(writer, exc.status, body, "application/json", exc.headers)
             await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
@@ -309,7 +386,13 @@ class ControlAPI:
         url = urlsplit(target)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         path = url.path
-        if path.endswith(".pac") and path[1:-4] in ("proxy", "global", "smart", "direct"):
+        # Every route, the PAC files included: a rebinding page must not read them either.
+        if self.policy is None:
+            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "the control API is starting")
+        refusal = check_request(self.policy, method, path, headers)
+        if refusal is not None:
+            raise _HttpError(refusal.status, refusal.reason, refusal.headers)
+        if is_pac_path(path):
             if method not in ("GET", "HEAD"):
                 raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED)
             name = path[1:-4]
@@ -328,9 +411,6 @@ class ControlAPI:
                 return
             self._send(writer, HTTPStatus.OK, pac.text, PAC_TYPE, cache, head_only=method == "HEAD")
             return
-        # Everything but the PAC files is for local programs (the CLI), never for web pages:
-        # a page may send simple cross-site POSTs here (CSRF) or reach us by DNS rebinding.
-        _refuse_browsers(headers)
         if path == "/status":
             self._require(method, "GET")
             self._send_json(writer, HTTPStatus.OK, self.engine.status())
@@ -440,13 +520,20 @@ def _split_url(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def _auth(token: str | None, headers: dict[str, str] | None) -> dict[str, str]:
+    if token is None:
+        return dict(headers or {})
+    return {"Authorization": f"Bearer {token}", **(headers or {})}
+
+
 async def _open_request(
     url: str, method: str, path: str, body: bytes, headers: dict[str, str] | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
     host, port = _split_url(url)
     reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
     try:
-        fields = {"Host": f"{host}:{port}", "Content-Length": str(len(body)), **(headers or {})}
+        name = f"[{host}]" if ":" in host else host  # an IPv6 address in Host has brackets
+        fields = {"Host": f"{name}:{port}", "Content-Length": str(len(body)), **(headers or {})}
         head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
         writer.write(head.encode("latin-1") + b"\r\n" + body)
         raw = await reader.readuntil(b"\r\n\r\n")
@@ -469,9 +556,13 @@ async def request(
     path: str,
     body: bytes = b"",
     headers: dict[str, str] | None = None,
+    *,
+    token: str | None = None,
 ) -> Reply:
     """One request to a control API at ``url`` (``http://127.0.0.1:9090``); the caller
-    bounds the time (``asyncio.timeout``)."""
+    bounds the time (``asyncio.timeout``).  ``token``: the engine's control token, which
+    state-changing requests need (``read_control_token``)."""
+    headers = _auth(token, headers)
     reader, writer, status, got = await _open_request(url, method, path, body, headers)
     try:
         n = got.get("content-length")
@@ -488,10 +579,17 @@ async def request(
     return Reply(status, got, data)
 
 
-async def stream_lines(url: str, method: str, path: str, on_line: Callable[[Any], None]) -> int:
+async def stream_lines(
+    url: str,
+    method: str,
+    path: str,
+    on_line: Callable[[Any], None],
+    *,
+    token: str | None = None,
+) -> int:
     """A streamed JSON-lines answer (``POST /resolve``): ``on_line`` gets each parsed line.
     Returns the HTTP status; an error body is passed to ``on_line`` as one object."""
-    reader, writer, status, got = await _open_request(url, method, path, b"", None)
+    reader, writer, status, got = await _open_request(url, method, path, b"", _auth(token, None))
     try:
         if status != 200:
             n = got.get("content-length")
@@ -505,16 +603,3 @@ async def stream_lines(url: str, method: str, path: str, on_line: Callable[[Any]
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-
-
-def _refuse_browsers(headers: dict[str, str]) -> None:
-    """403 unless the request names a loopback host and carries no browser origin."""
-    host = headers.get("host", "").strip().lower()
-    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
-    if name not in ("localhost", "127.0.0.1", "::1") and not name.startswith("127."):
-        raise _HttpError(HTTPStatus.FORBIDDEN, "the control API answers loopback names only")
-    if headers.get("origin") not in (None, "null") or headers.get("sec-fetch-site") in (
-        "cross-site",
-        "same-site",
-    ):
-        raise _HttpError(HTTPStatus.FORBIDDEN, "the control API is not for web pages")

@@ -20,6 +20,9 @@ from autovpn.errors import AutovpnError
 
 #: The file a running engine writes in its state directory: its control URL and pid.
 CONTROL_STATE_FILE = "control.json"
+#: The engine's control token, next to it (mode 0600): state-changing requests send it as
+#: ``Authorization: Bearer TOKEN`` (``monitor/guard.py``).
+CONTROL_TOKEN_FILE = "control.token"
 
 #: Longest answer head or body line read from a control API (it is ours, but may be anything
 #: when the port holds another program).
@@ -62,6 +65,15 @@ def read_control_state(state: Path) -> str | None:
     except OSError:
         pass  # exists, not ours to signal
     return url
+
+
+def read_control_token(state: Path) -> str | None:
+    """The token a running engine wrote in ``state/control.token``, if this user may read it."""
+    try:
+        token = (state / CONTROL_TOKEN_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return token or None
 
 
 def split_url(url: str) -> tuple[str, int]:

@@ -1,16 +1,22 @@
 """The control API against a running engine: status, mode switching, route, batch resolve,
-and the PAC files (ports actually bound, ETag/Last-Modified, 304, regenerated only on change)."""
+the PAC files (ports actually bound, ETag/Last-Modified, 304, regenerated only on change), and
+the guard against web pages (DNS rebinding, CSRF) and the control token."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import socket
+import stat
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from autovpn.config import RoutingConfig, state_dir
 from autovpn.engine import Engine
@@ -43,6 +49,25 @@ def url(eng: Engine) -> str:
     return eng.api.url
 
 
+#: Where the engine leaves its control token (named so in the README and the 401 answer).
+TOKEN_FILE = "control.token"
+
+
+def token() -> str:
+    """The running engine's token, read as the CLI reads it."""
+    return (state_dir() / TOKEN_FILE).read_text(encoding="utf-8").strip()
+
+
+#: Names a DNS-rebinding page could make a browser send in Host; none of them is loopback.
+REBINDING_HOSTS = [
+    "127.evil.com",
+    "127.0.0.1.nip.io",
+    "127.0.0.1.evil.com",
+    "localhost.evil",
+    "evil.example",
+]
+
+
 def test_status_and_mode_switch(certs: Certs) -> None:
     async def main() -> None:
         async with api_engine(certs) as eng:
@@ -54,12 +79,13 @@ def test_status_and_mode_switch(certs: Certs) -> None:
                 ("http", http_port(eng)),
             }
             assert st["rules"]["user"] == 2 and st["rules"]["proxy"] >= 290
-            r = await request(url(eng), "POST", "/mode", json.dumps({"mode": "direct"}).encode())
+            body = json.dumps({"mode": "direct"}).encode()
+            r = await request(url(eng), "POST", "/mode", body, token=token())
             assert r.json() == {"mode": "direct", "previous": "smart"}
             assert eng.mode is Mode.DIRECT
-            r = await request(url(eng), "POST", "/mode?mode=global")
+            r = await request(url(eng), "POST", "/mode?mode=global", token=token())
             assert r.status == 200 and eng.mode.value == "global"
-            r = await request(url(eng), "POST", "/mode", b'{"mode": "sideways"}')
+            r = await request(url(eng), "POST", "/mode", b'{"mode": "sideways"}', token=token())
             assert r.status == 400 and eng.mode.value == "global"
             assert (await request(url(eng), "GET", "/mode")).json() == {"mode": "global"}
 
@@ -133,7 +159,8 @@ def test_batch_resolve_streams_progress_and_warms_the_cache(certs: Certs) -> Non
             api_engine(certs, local, public) as eng,
         ):
             lines: list[dict[str, Any]] = []
-            status = await stream_lines(url(eng), "POST", "/resolve?list=proxy", lines.append)
+            path = "/resolve?list=proxy"
+            status = await stream_lines(url(eng), "POST", path, lines.append, token=token())
             assert status == 200
             total = lines[0]["total"]
             assert total >= 290 and len(lines) == total + 2
@@ -149,8 +176,8 @@ def test_bad_requests(certs: Certs) -> None:
     async def main() -> None:
         async with api_engine(certs) as eng:
             assert (await request(url(eng), "GET", "/nope")).status == 404
-            assert (await request(url(eng), "DELETE", "/status")).status == 405
-            assert (await request(url(eng), "POST", "/proxy.pac")).status == 405
+            assert (await request(url(eng), "DELETE", "/status", token=token())).status == 405
+            assert (await request(url(eng), "POST", "/proxy.pac", token=token())).status == 405
             huge = {"X-Filler": "a" * 20_000}
             assert (await request(url(eng), "GET", "/status", headers=huge)).status == 431
             r = await request(url(eng), "POST", "/mode", b"x" * 70_000)
@@ -205,10 +232,13 @@ def test_a_client_leaving_a_streamed_resolve_does_not_break_the_engine(certs: Ce
             api_engine(certs, local, public) as eng,
         ):
             assert eng.api is not None
-            reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
-            writer.write(
-                b"POST /resolve?list=proxy&concurrency=5 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            head = (
+                f"POST /resolve?list=proxy&concurrency=5 HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{eng.api.bound_port}\r\n"
+                f"Authorization: Bearer {token()}\r\n\r\n"
             )
+            reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
+            writer.write(head.encode())
             await reader.readuntil(b"\r\n\r\n")
             assert json.loads(await reader.readline())["total"] >= 290
             writer.close()  # leave early
@@ -255,22 +285,200 @@ def test_status_counts_traffic_and_the_cli_prints_it(certs: Certs) -> None:
 
 
 def test_web_pages_cannot_drive_the_control_api(certs: Certs) -> None:
-    """CSRF and DNS rebinding: a browser's cross-site POST, or a request naming a foreign host,
-    is refused; the PAC files stay available to browsers."""
+    """CSRF: a browser's cross-site or opaque-origin POST is refused even with the token (a
+    page cannot have it, but the checks stand on their own); the PAC files stay available to
+    browsers, which fetch them with no Origin."""
 
     async def main() -> None:
         async with api_engine(certs) as eng:
-            csrf = await request(
-                url(eng), "POST", "/mode?mode=direct", headers={"Origin": "https://evil.example"}
-            )
-            assert csrf.status == 403 and eng.mode is Mode.SMART
-            rebound = await request(url(eng), "GET", "/status", headers={"Host": "evil.example"})
-            assert rebound.status == 403
-            fetch = await request(
-                url(eng), "POST", "/mode?mode=direct", headers={"Sec-Fetch-Site": "cross-site"}
-            )
-            assert fetch.status == 403 and eng.mode is Mode.SMART
+            assert eng.api is not None
+            own = f"http://127.0.0.1:{eng.api.bound_port}"
+            for headers in (
+                {"Origin": "https://evil.example"},
+                {"Origin": "null"},
+                {"Origin": "http://127.0.0.1:1"},
+                {"Sec-Fetch-Site": "cross-site"},
+                {"Sec-Fetch-Site": "same-site", "Origin": own},
+            ):
+                for authorized in (None, token()):
+                    r = await request(
+                        url(eng), "POST", "/mode?mode=direct", headers=headers, token=authorized
+                    )
+                    assert r.status == 403, headers
+                    assert eng.mode is Mode.SMART
+            r = await request(url(eng), "GET", "/status", headers={"Origin": "null"})
+            assert r.status == 403
+            r = await request(url(eng), "GET", "/status", headers={"Sec-Fetch-Site": "same-site"})
+            assert r.status == 403
+            # Not even the PAC files answer an opaque origin (a sandboxed frame, a file: page).
             pac = await request(url(eng), "GET", "/proxy.pac", headers={"Origin": "null"})
-            assert pac.status == 200
+            assert pac.status == 403
+            # A browser's own PAC fetch: Chromium 156 sends Host 127.0.0.1:PORT and no Origin
+            # or Fetch Metadata (tests/e2e/test_chromium_pac.py fetches it for real); a
+            # user-typed URL carries Sec-Fetch-Site: none.
+            for headers in ({}, {"Sec-Fetch-Site": "none"}):
+                pac = await request(url(eng), "GET", "/proxy.pac", headers=headers)
+                assert pac.status == 200 and b"FindProxyForURL" in pac.body
+            # Our own origin may change the mode, with the token.
+            r = await request(
+                url(eng),
+                "POST",
+                "/mode?mode=direct",
+                headers={"Origin": own, "Sec-Fetch-Site": "same-origin"},
+                token=token(),
+            )
+            assert r.status == 200 and eng.mode.value == "direct"
+
+    run(main())
+
+
+def test_rebinding_hosts_are_refused_on_every_route(certs: Certs) -> None:
+    """DNS rebinding: a page whose name now resolves to 127.0.0.1 makes the browser send its
+    own name in Host; no route answers it, the PAC files included."""
+
+    async def main() -> None:
+        async with api_engine(certs) as eng:
+            assert eng.api is not None
+            port = eng.api.bound_port
+            for name in REBINDING_HOSTS:
+                for path in ("/status", "/proxy.pac", "/smart.pac", "/mode", "/route?host=a.b"):
+                    r = await request(url(eng), "GET", path, headers={"Host": f"{name}:{port}"})
+                    assert r.status == 421, (name, path, r.status)
+                    assert r.body.count(b"\n") == 1 and name in r.json()["error"]
+                r = await request(
+                    url(eng), "POST", "/mode?mode=direct", headers={"Host": f"{name}:{port}"}
+                )
+                assert r.status == 421 and eng.mode is Mode.SMART
+            # A loopback address with another port is not us either; no port means port 80.
+            for host in (f"127.0.0.1:{port + 1}", "127.0.0.1", "localhost"):
+                r = await request(url(eng), "GET", "/status", headers={"Host": host})
+                assert r.status == 421, host
+            # What browsers send for http://127.0.0.1:PORT/proxy.pac and its spellings.
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+                for path in ("/status", "/proxy.pac"):
+                    r = await request(url(eng), "GET", path, headers={"Host": host})
+                    assert r.status == 200, (host, path)
+
+    run(main())
+
+
+def test_state_changes_need_the_token(certs: Certs) -> None:
+    """POST /mode and POST /resolve without the token, or with a wrong one: 401 naming the
+    token file, and nothing changes."""
+
+    async def main() -> None:
+        async with (
+            dns_server() as local,
+            dns_server() as public,
+            api_engine(certs, local, public) as eng,
+        ):
+            r = await request(url(eng), "POST", "/mode?mode=direct")
+            assert r.status == 401 and eng.mode is Mode.SMART
+            assert str(state_dir() / TOKEN_FILE) in r.json()["error"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            for wrong in ("", "x" * 43, token()[:-1], token() + "x"):
+                r = await request(url(eng), "POST", "/mode?mode=direct", token=wrong)
+                assert r.status == 401 and eng.mode is Mode.SMART
+            basic = {"Authorization": f"Basic {token()}"}
+            r = await request(url(eng), "POST", "/mode?mode=direct", headers=basic)
+            assert r.status == 401 and eng.mode is Mode.SMART
+            lines: list[dict[str, Any]] = []
+            status = await stream_lines(url(eng), "POST", "/resolve?list=all", lines.append)
+            assert status == 401 and "control token" in lines[0]["error"]
+            assert local.queries == [] and public.queries == []
+            # Reads need none.
+            for path in ("/status", "/mode", "/route?host=a.b", "/proxy.pac"):
+                assert (await request(url(eng), "GET", path)).status == 200, path
+            r = await request(url(eng), "POST", "/mode?mode=direct", token=token())
+            assert r.status == 200 and eng.mode.value == "direct"
+
+    run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "umask"), reason="POSIX file modes")
+def test_the_token_file_is_private_new_at_each_start_and_never_logged(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    state = state_dir()
+    state.mkdir(parents=True)
+    # A leftover from an old run, readable by everyone: replaced, not reused.
+    (state / TOKEN_FILE).write_text("old-token\n")
+    (state / TOKEN_FILE).chmod(0o644)
+
+    async def main() -> list[str]:
+        tokens = []
+        for _ in range(2):
+            old_umask = os.umask(0)  # the file's mode must not depend on the umask
+            try:
+                async with api_engine(certs) as eng:
+                    os.umask(old_umask)
+                    info = (state / TOKEN_FILE).stat()
+                    assert stat.S_IMODE(info.st_mode) == 0o600
+                    assert info.st_uid == os.getuid()
+                    tokens.append(token())
+                    assert len(tokens[-1]) >= 43  # 32 random bytes
+                    r = await request(url(eng), "POST", "/mode?mode=direct", token="old-token")
+                    assert r.status == 401
+                    if len(tokens) == 2:  # the first engine's token is gone with it
+                        r = await request(url(eng), "POST", "/mode?mode=direct", token=tokens[0])
+                        assert r.status == 401
+                    r = await request(url(eng), "POST", "/mode?mode=direct", token=tokens[-1])
+                    assert r.status == 200
+                    st = (await request(url(eng), "GET", "/status")).json()
+                    assert tokens[-1] not in json.dumps(st)
+            finally:
+                os.umask(old_umask)
+            assert not (state / TOKEN_FILE).exists()
+        return tokens
+
+    tokens = run(main())
+    assert tokens[0] != tokens[1]
+    assert [p.name for p in state.iterdir() if p.name.startswith(".")] == []  # no temp files
+    for tok in tokens:
+        assert tok not in caplog.text
+
+
+def test_control_hosts_are_accepted_with_the_bound_port(certs: Certs) -> None:
+    async def main() -> None:
+        cfg = engine_config(certs)
+        cfg.routing = RoutingConfig(default_lists=False, hosts_file=None, dns_local=[])
+        cfg.control = "127.0.0.1:0"
+        cfg.control_hosts = ["autovpn.test"]
+        async with Engine(cfg) as eng:
+            assert eng.api is not None
+            port = eng.api.bound_port
+            ok = await request(
+                eng.api.url, "GET", "/status", headers={"Host": f"autovpn.test:{port}"}
+            )
+            assert ok.status == 200
+            r = await request(
+                eng.api.url, "GET", "/status", headers={"Host": f"x.autovpn.test:{port}"}
+            )
+            assert r.status == 421
+
+    run(main())
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_an_ipv6_control_api_takes_the_clients_bracketed_host(certs: Certs) -> None:
+    async def main() -> None:
+        cfg = engine_config(certs, mode=Mode.SMART)
+        cfg.routing = RoutingConfig(default_lists=False, hosts_file=None, dns_local=[])
+        cfg.control = "[::1]:0"
+        async with Engine(cfg) as eng:
+            assert eng.api is not None and eng.api.url.startswith("http://[::1]:")
+            assert (await request(eng.api.url, "GET", "/proxy.pac")).status == 200
+            r = await request(eng.api.url, "POST", "/mode?mode=direct", token=token())
+            assert r.status == 200 and eng.mode is Mode.DIRECT
 
     run(main())
