@@ -40,25 +40,24 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from autovpn.monitor.client import CONTROL_TOKEN_FILE, read_control_token
 from autovpn.monitor.guard import ControlPolicy, check_request, is_pac_path
-from autovpn.proxy.listener import ListenerKind
+from autovpn.proxy.listener import ListenerKind, ProxyListener
+from autovpn.routing.dns import SplitResolver
 from autovpn.routing.pac import render_pac
-from autovpn.routing.router import Mode
-
-if TYPE_CHECKING:
-    from autovpn.engine import Engine
+from autovpn.routing.router import Mode, Router
 
 __all__ = [
     "CONTROL_STATE_FILE",
+    "EngineView",
     "CONTROL_TOKEN_FILE",
     "ControlAPI",
     "PacCache",
@@ -68,6 +67,26 @@ __all__ = [
     "request",
     "stream_lines",
 ]
+
+
+class EngineView(Protocol):
+    """What the control API needs of the engine.  ``autovpn.engine.Engine`` is one; the API
+    depends on this, not on the engine, which is what builds the API (no import circle)."""
+
+    @property
+    def router(self) -> Router: ...
+    @property
+    def resolver(self) -> SplitResolver: ...
+    @property
+    def listeners(self) -> Sequence[ProxyListener]: ...
+    @property
+    def mode(self) -> Mode: ...
+    def set_mode(self, mode: Mode | str) -> None: ...
+    def status(self) -> dict[str, object]: ...
+    def list_names(self, which: str = "proxy") -> list[str]: ...
+    async def explain(
+        self, host: str, port: int, *, resolve: bool = False
+    ) -> dict[str, object]: ...
 
 log = logging.getLogger("autovpn.api")
 
@@ -102,7 +121,7 @@ class PacCache:
         self.generations = 0
         self.clock = clock
 
-    def get(self, engine: Engine, mode: Mode) -> PacFile:
+    def get(self, engine: EngineView, mode: Mode) -> PacFile:
         http_port, socks_port = _proxy_ports(engine)
         router = engine.router
         # The router's mode matters only for /proxy.pac (``mode`` is resolved before this), but
@@ -122,7 +141,7 @@ class PacCache:
         return pac
 
 
-def _proxy_ports(engine: Engine) -> tuple[int, int]:
+def _proxy_ports(engine: EngineView) -> tuple[int, int]:
     http = next((lst for lst in engine.listeners if lst.kind is ListenerKind.HTTP), None)
     socks = next((lst for lst in engine.listeners if lst.kind is ListenerKind.SOCKS5), None)
     if http is None or socks is None:
@@ -190,7 +209,7 @@ def _write_private_file(path: Path, text: str) -> None:
 class ControlAPI:
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineView,
         address: str,
         state: Path | None = None,
         hosts: Iterable[str] = (),
