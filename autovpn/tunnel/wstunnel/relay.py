@@ -84,13 +84,19 @@ class WsSide(asyncio.BufferedProtocol):
         self.local.transport = transport
         if early:
             self.send_data(early)
+        if self.local.early:  # read before the relay started (``LocalSide.buffer_updated``)
+            self.send_data(bytes(self.local.early))
+            self.local.early = bytearray()
         held, self._held = self._held, b""
         if held:
             self._receive(held)
         if self.closed or self.transport is None:
             transport.close()
             return
-        transport.resume_reading()
+        if self.local.early_eof:
+            self.local_eof()
+        else:
+            transport.resume_reading()
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -206,16 +212,19 @@ class WsSide(asyncio.BufferedProtocol):
 class LocalSide(asyncio.BufferedProtocol):
     """The local socket of one tunnel: each read is one frame."""
 
-    __slots__ = ("ws", "transport", "closed")
+    __slots__ = ("ws", "transport", "closed", "early", "early_eof")
 
     def __init__(self, ws: WsSide) -> None:
         self.ws = ws
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.early = bytearray()  # read before the WebSocket was started
+        self.early_eof = False  # and the EOF that followed them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A destination dialled before the 101: hold its bytes (an SSH banner, say) in the
-        # kernel until ``attach_local`` starts the relay.
+        # kernel until ``attach_local`` starts the relay (uvloop reads once anyway: see
+        # ``buffer_updated``).
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()
 
@@ -223,10 +232,20 @@ class LocalSide(asyncio.BufferedProtocol):
         return _LOCAL_READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.ws.transport is None:
+            # uvloop reads once ``connection_made`` returns, although it paused reading: keep
+            # the bytes (one read at most) for ``attach_local`` instead of dropping them.
+            self.early += _LOCAL_READ_BUFFER[:nbytes]
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         self.ws.send_data(bytes(_LOCAL_READ_BUFFER[:nbytes]))
 
     def eof_received(self) -> bool:
-        self.ws.local_eof()
+        if self.ws.transport is None:
+            self.early_eof = True  # after the early bytes, once the relay starts
+        else:
+            self.ws.local_eof()
         return True  # keep writing what the peer still sends until its Close
 
     def pause_writing(self) -> None:
