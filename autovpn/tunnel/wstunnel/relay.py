@@ -9,6 +9,11 @@ Backpressure both ways: when the local socket's write buffer passes its high-wat
 WebSocket stops being read, and when the WebSocket's does, the local socket stops being read.
 EOF on either side ends the whole tunnel (wstunnel has no half-close): local EOF sends
 Close(1000) and waits (bounded) for the peer's Close; a peer Close is answered and ends it.
+
+Only that exchange is a clean end.  A WebSocket lost without the peer's Close (the peer died,
+its local socket failed: we then drop the connection rather than send Close), or a Close with
+an error code, resets the local socket (``reset_transport``): the application must not take a
+transfer cut short for a complete one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.net import reset_transport
 from autovpn.wire.wstunnel import FrameSplitter, Session, SessionState
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
@@ -28,6 +34,9 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 _LOCAL_READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 #: How long to wait for the peer's Close after ours before dropping the connection.
 CLOSE_TIMEOUT: Final = 5.0
+#: Close codes that end a tunnel normally (RFC 6455 section 7.4.1); 1005 is a Close without a
+#: code.  Any other code (1002 protocol error, 1011 internal error...) is a failure.
+CLEAN_CLOSE_CODES: Final = frozenset({1000, 1005})
 WS_HIGH_WATER: Final = 4 << 20
 WS_LOW_WATER: Final = 1 << 20
 
@@ -126,6 +135,12 @@ class WsSide(asyncio.BufferedProtocol):
         if self.session.state is SessionState.CLOSED:
             self.finish()
 
+    @property
+    def ended_cleanly(self) -> bool:
+        """The peer's Close arrived, with a code that says the tunnel ended normally."""
+        session = self.session
+        return session.state is SessionState.CLOSED and session.close_code in CLEAN_CLOSE_CODES
+
     def eof_received(self) -> bool:
         return False
 
@@ -134,10 +149,10 @@ class WsSide(asyncio.BufferedProtocol):
         self._cancel_timers()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            if exc is not None and self.session.state is SessionState.OPEN:
-                local.abort()
-            else:
+            if self.ended_cleanly:
                 local.close()
+            else:  # lost without the peer's Close, EOF or not: the transfer may be cut short
+                reset_transport(local)
         if not self.done.done():
             self.done.set_result(None)
         if self._on_closed is not None:
@@ -193,14 +208,19 @@ class WsSide(asyncio.BufferedProtocol):
             self.transport.close()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            local.close()
+            if self.session.state is not SessionState.CLOSED or self.ended_cleanly:
+                local.close()
+            else:  # the peer's Close reports an error
+                reset_transport(local)
 
     def abort(self) -> None:
+        """The tunnel failed: drop the WebSocket (the peer sees no Close) and reset the local
+        socket."""
         if self.transport is not None:
             self.transport.abort()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            local.abort()
+            reset_transport(local)
 
     def _cancel_timers(self) -> None:
         for handle in (self._ping_handle, self._close_handle):

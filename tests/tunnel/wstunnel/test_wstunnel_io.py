@@ -650,6 +650,42 @@ def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
     run(main())
 
 
+def test_server_http2_stream_reset_or_lost_resets_the_target() -> None:
+    """END_STREAM ends the destination socket cleanly; RST_STREAM, or the HTTP/2 connection
+    lost, resets it: an upload cut short must not look complete there."""
+
+    async def main() -> None:
+        ends: asyncio.Queue[str] = asyncio.Queue()
+
+        async def record(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.read(1 << 16):
+                    pass
+            except ConnectionResetError:
+                ends.put_nowait("reset")
+            else:
+                ends.put_nowait("eof")
+
+        async with autovpn_server() as (server, _), tcp_server(record) as target:
+            jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", target))
+            for how in ("end", "rst_stream", "connection lost"):
+                t = await peer.H2Tunnel.open(server.port, jwt)
+                assert t.status == 200
+                await t.send(os.urandom(100_000))
+                if how == "end":
+                    await t.end()
+                elif how == "rst_stream":
+                    t.conn.reset_stream(t.stream_id)
+                    t.writer.write(t.conn.data_to_send())
+                else:
+                    t.writer.transport.abort()
+                async with asyncio.timeout(10):
+                    assert await ends.get() == ("eof" if how == "end" else "reset"), how
+                t.close()
+
+    run(main())
+
+
 def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> None:
     import time
 
