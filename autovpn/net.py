@@ -7,6 +7,8 @@ import errno
 import functools
 import ipaddress
 import socket
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -16,6 +18,10 @@ from autovpn.errors import InvalidHostName, ResetReason, StreamError
 #: (255 octets on the wire), both counted on the ASCII (IDNA) form, without a trailing dot.
 MAX_LABEL_LENGTH: Final = 63
 MAX_NAME_LENGTH: Final = 253
+
+#: ``struct linger {on, 0}``: closing the socket then sends RST and drops unsent bytes.  Two
+#: u_shorts on Windows, two ints elsewhere.
+_LINGER_RESET: Final = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
 
 
 def reset_reason_for(exc: BaseException) -> ResetReason:
@@ -58,6 +64,26 @@ def check_host_name(host: str) -> None:
     for label in name.split("."):
         if not 0 < len(label) <= MAX_LABEL_LENGTH:
             raise InvalidHostName(f"a label of {len(label)} characters (1 to {MAX_LABEL_LENGTH})")
+
+
+def reset_transport(transport: asyncio.Transport) -> None:
+    """Abort ``transport`` so that its peer sees a connection *reset*, not a clean end.
+
+    For a stream that failed (its tunnel died, its other side was reset).  ``abort()`` alone
+    closes the socket with a FIN on asyncio and uvloop alike, after the kernel has sent what
+    it holds: an application reading to end-of-stream (a body without a length, a SOCKS5 or
+    CONNECT stream) would take a truncated transfer for a complete one.  With SO_LINGER {on,
+    0} the close sends RST, and the peer's read fails with ECONNRESET.  Transports without a
+    TCP socket (pipes, Unix sockets, our virtual ports) are just aborted.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, ValueError):
+            pass  # already closed (uvloop raises ValueError for fd -1): nothing to reset
+    transport.abort()
 
 
 async def resolve_target(

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from autovpn.errors import BindError, StreamError
+from autovpn.net import reset_transport
 from autovpn.proxy.dialer import TunnelOpener, Upstream
 from autovpn.tunnel.wstunnel.client import WstunnelClient, WsUpstream
 from autovpn.wire import wstunnel
@@ -72,7 +73,7 @@ class _Accepted(asyncio.Protocol):
         except (StreamError, OSError, TimeoutError) as exc:
             self.listener.failed += 1
             log.info("forward %s: %s", self.listener.spec, exc)
-            self.transport.abort()
+            reset_transport(self.transport)  # no reply to give: a reset says it failed
             return
         if self.transport.is_closing():
             return

@@ -39,6 +39,7 @@ import logging
 from typing import Any, cast
 
 from autovpn.errors import StreamError
+from autovpn.net import reset_transport
 from autovpn.proxy.dialer import Upstream
 from autovpn.wire import http_proxy
 from autovpn.wire.auth import parse_basic_proxy_authorization
@@ -294,7 +295,7 @@ class HttpForwarder(asyncio.Protocol):
                 self.phase = Phase.CLOSED
                 self._cancel_timer()
                 self._drop_port()
-                self.transport.abort()
+                reset_transport(self.transport)
             raise
 
     # -- client transport callbacks ------------------------------------------------------------
@@ -671,12 +672,12 @@ class HttpForwarder(asyncio.Protocol):
         self._close()
 
     def _abort(self, why: str) -> None:
-        """The response cannot be completed: a reset, so the client cannot take the
-        truncated body for a complete one."""
+        """The response cannot be completed: a reset (RST, not abort's FIN), so the client
+        cannot take the truncated body for a complete one."""
         log.info("http client %s: %s", self.peer, why)
         self.phase = Phase.CLOSED
         self._drop_port()
-        self.transport.abort()
+        reset_transport(self.transport)
 
     def _close(self) -> None:
         self.phase = Phase.CLOSED

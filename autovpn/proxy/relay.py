@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Final, cast
 
+from autovpn.net import reset_transport
+
 #: Read buffer shared by every pipe: ``buffer_updated`` copies out of it synchronously.
 _READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 
@@ -87,17 +89,18 @@ class Pipe(asyncio.BufferedProtocol):
             self.registry.discard(self)
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
-            if exc is not None:
-                peer.transport.abort()
+            if exc is not None:  # an error here is a reset there, never a clean end
+                reset_transport(peer.transport)
             else:
                 peer.transport.close()
 
 
 def abort_all(pipes: set[Pipe]) -> None:
-    """Abort every pipe of ``pipes`` (their peers follow): an engine that stops ends them."""
+    """Reset every pipe of ``pipes`` (their peers follow): an engine that stops ends them, and
+    a transfer cut short must not look complete to either side."""
     for pipe in list(pipes):
         if pipe.transport is not None and not pipe.closed:
-            pipe.transport.abort()
+            reset_transport(pipe.transport)
     pipes.clear()
 
 

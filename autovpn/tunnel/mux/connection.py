@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason, StreamError
+from autovpn.net import reset_transport
 from autovpn.wire import frames
 from autovpn.wire.frames import (
     FLAG_ACK,
@@ -420,7 +421,7 @@ class MuxConnection(asyncio.BufferedProtocol):
             self.reset_stream(sid, ResetReason.GENERAL_FAILURE, "internal error")
         if ep is not None and ep.transport is not None:
             ep.done = True
-            ep.transport.abort()
+            reset_transport(ep.transport)
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Own ``task`` (say, dialling for a stream): it is cancelled if the connection dies."""
@@ -602,8 +603,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             transport.writelines(self.held)
             self.held = None
             self._grant()  # those bytes have left us: the peer may need the credit back
-        if self.done:
-            transport.abort()
+        if self.done:  # reset before its socket was attached
+            reset_transport(transport)
             return
         if self.fin_in:
             self._write_eof()
@@ -648,7 +649,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         if not self.done:
             self.done = True
             if not (self.fin_in and self.fin_out) and not self.conn.closed:
-                self.conn.reset_stream(self.sid, ResetReason.CANCELLED, "peer socket closed")
+                # The far end resets its socket too (``on_reset``): a socket that failed here
+                # must not look like a clean end there.
+                why = f"socket failed: {exc}" if exc is not None else "socket closed"
+                self.conn.reset_stream(self.sid, ResetReason.CANCELLED, why)
             else:
                 self.conn.forget(self.sid)
         if self.opened is not None and not self.opened.done():
@@ -748,16 +752,17 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         if self.opened is not None and not self.opened.done():
             self.opened.set_exception(StreamError(reason, message or reason.name.lower()))
         elif not already and self.transport is not None:
-            # An error after the stream was open: abort, so the application sees a reset
-            # rather than a clean end of data it could mistake for a complete response.
-            self.transport.abort()
+            # An error after the stream was open: a TCP reset (not abort's FIN), so the
+            # application sees an error rather than a clean end of data it could mistake for
+            # a complete response or upload.
+            reset_transport(self.transport)
 
 
 def open_ok(ep: StreamEndpoint) -> None:
     """The socket for ``ep`` is connected: tell the peer, before any byte is relayed."""
     if ep.done:  # the peer gave up while we were connecting
         if ep.transport is not None:
-            ep.transport.close()
+            reset_transport(ep.transport)  # early data may have gone out: not a clean end
         return
     ep.conn.send_frame(frames.frame(FrameType.OPEN_OK, ep.sid, frames.U32.pack(ep.conn.window)))
     ep.on_connect = None

@@ -6,7 +6,8 @@ same checks as the WebSocket transport (minus the upgrade headers), the destinat
 before answering, then ``200`` with the request's ``content-type`` and a streaming body both
 ways.  Every DATA chunk from the target goes out as it is read, within the peer's flow-control
 window (the target is paused while the window is shut); received DATA is acknowledged once
-written.  END_STREAM (or a reset) ends the tunnel, as Close does on WebSocket.
+written.  END_STREAM ends the tunnel, as Close does on WebSocket; RST_STREAM, or the HTTP/2
+connection lost, resets the target socket (an error must not look like a clean end there).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import h2.events
 import h2.exceptions
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.net import reset_transport
 from autovpn.wire import wstunnel
 from autovpn.wire.handshake import HttpHead
 from autovpn.wire.wstunnel import Kind, WstunnelRejected
@@ -121,9 +123,11 @@ class H2Tunnels(asyncio.Protocol):
             self.early.pop(event.stream_id, None)
             if target is not None and target.transport is not None:
                 target.ended = True
-                target.transport.close()  # no half-close: the tunnel ends (section 3.6)
                 if isinstance(event, h2.events.StreamEnded):
+                    target.transport.close()  # no half-close: the tunnel ends (section 3.6)
                     self._end(event.stream_id)
+                else:  # the client reset the stream: the transfer failed
+                    reset_transport(target.transport)
         elif isinstance(event, h2.events.WindowUpdated):
             for target in list(self.targets.values()):
                 if event.stream_id in (0, target.stream_id):
@@ -250,7 +254,7 @@ class H2Tunnels(asyncio.Protocol):
         targets, self.targets = self.targets, {}
         for target in targets.values():
             if target.transport is not None:
-                target.transport.abort()
+                reset_transport(target.transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -9,6 +9,11 @@ Backpressure both ways: when the local socket's write buffer passes its high-wat
 WebSocket stops being read, and when the WebSocket's does, the local socket stops being read.
 EOF on either side ends the whole tunnel (wstunnel has no half-close): local EOF sends
 Close(1000) and waits (bounded) for the peer's Close; a peer Close is answered and ends it.
+
+Only that exchange is a clean end.  A WebSocket lost without the peer's Close (the peer died,
+its local socket failed: we then drop the connection rather than send Close), or a Close with
+an error code, resets the local socket (``reset_transport``): the application must not take a
+transfer cut short for a complete one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.net import reset_transport
 from autovpn.wire.wstunnel import FrameSplitter, Session, SessionState
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
@@ -28,6 +34,9 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 _LOCAL_READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 #: How long to wait for the peer's Close after ours before dropping the connection.
 CLOSE_TIMEOUT: Final = 5.0
+#: Close codes that end a tunnel normally (RFC 6455 section 7.4.1); 1005 is a Close without a
+#: code.  Any other code (1002 protocol error, 1011 internal error...) is a failure.
+CLEAN_CLOSE_CODES: Final = frozenset({1000, 1005})
 WS_HIGH_WATER: Final = 4 << 20
 WS_LOW_WATER: Final = 1 << 20
 
@@ -84,13 +93,19 @@ class WsSide(asyncio.BufferedProtocol):
         self.local.transport = transport
         if early:
             self.send_data(early)
+        if self.local.early:  # read before the relay started (``LocalSide.buffer_updated``)
+            self.send_data(bytes(self.local.early))
+            self.local.early = bytearray()
         held, self._held = self._held, b""
         if held:
             self._receive(held)
         if self.closed or self.transport is None:
             transport.close()
             return
-        transport.resume_reading()
+        if self.local.early_eof:
+            self.local_eof()
+        else:
+            transport.resume_reading()
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -120,6 +135,12 @@ class WsSide(asyncio.BufferedProtocol):
         if self.session.state is SessionState.CLOSED:
             self.finish()
 
+    @property
+    def ended_cleanly(self) -> bool:
+        """The peer's Close arrived, with a code that says the tunnel ended normally."""
+        session = self.session
+        return session.state is SessionState.CLOSED and session.close_code in CLEAN_CLOSE_CODES
+
     def eof_received(self) -> bool:
         return False
 
@@ -128,10 +149,10 @@ class WsSide(asyncio.BufferedProtocol):
         self._cancel_timers()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            if exc is not None and self.session.state is SessionState.OPEN:
-                local.abort()
-            else:
+            if self.ended_cleanly:
                 local.close()
+            else:  # lost without the peer's Close, EOF or not: the transfer may be cut short
+                reset_transport(local)
         if not self.done.done():
             self.done.set_result(None)
         if self._on_closed is not None:
@@ -187,14 +208,19 @@ class WsSide(asyncio.BufferedProtocol):
             self.transport.close()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            local.close()
+            if self.session.state is not SessionState.CLOSED or self.ended_cleanly:
+                local.close()
+            else:  # the peer's Close reports an error
+                reset_transport(local)
 
     def abort(self) -> None:
+        """The tunnel failed: drop the WebSocket (the peer sees no Close) and reset the local
+        socket."""
         if self.transport is not None:
             self.transport.abort()
         local = self.local.transport
         if local is not None and not self.local.closed:
-            local.abort()
+            reset_transport(local)
 
     def _cancel_timers(self) -> None:
         for handle in (self._ping_handle, self._close_handle):
@@ -206,16 +232,19 @@ class WsSide(asyncio.BufferedProtocol):
 class LocalSide(asyncio.BufferedProtocol):
     """The local socket of one tunnel: each read is one frame."""
 
-    __slots__ = ("ws", "transport", "closed")
+    __slots__ = ("ws", "transport", "closed", "early", "early_eof")
 
     def __init__(self, ws: WsSide) -> None:
         self.ws = ws
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.early = bytearray()  # read before the WebSocket was started
+        self.early_eof = False  # and the EOF that followed them
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A destination dialled before the 101: hold its bytes (an SSH banner, say) in the
-        # kernel until ``attach_local`` starts the relay.
+        # kernel until ``attach_local`` starts the relay (uvloop reads once anyway: see
+        # ``buffer_updated``).
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()
 
@@ -223,10 +252,20 @@ class LocalSide(asyncio.BufferedProtocol):
         return _LOCAL_READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.ws.transport is None:
+            # uvloop reads once ``connection_made`` returns, although it paused reading: keep
+            # the bytes (one read at most) for ``attach_local`` instead of dropping them.
+            self.early += _LOCAL_READ_BUFFER[:nbytes]
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         self.ws.send_data(bytes(_LOCAL_READ_BUFFER[:nbytes]))
 
     def eof_received(self) -> bool:
-        self.ws.local_eof()
+        if self.ws.transport is None:
+            self.early_eof = True  # after the early bytes, once the relay starts
+        else:
+            self.ws.local_eof()
         return True  # keep writing what the peer still sends until its Close
 
     def pause_writing(self) -> None:

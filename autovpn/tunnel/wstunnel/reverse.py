@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from autovpn.errors import ConfigError, RemoteProtocolError, StreamError
+from autovpn.net import reset_transport
 from autovpn.tunnel.mux.reverse import MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.tunnel.wstunnel.relay import LocalSide
 from autovpn.tunnel.wstunnel.restrictions import Verdict
@@ -115,14 +116,15 @@ class _Listener:
             held.transport.abort()
             return
         held.transport.pause_reading()
+        # From here a SOCKS5 client was told it succeeded: failing it is a reset, not an EOF.
         if self.closed:  # closed during the SOCKS5 handshake: nobody will take it
-            held.transport.abort()
+            reset_transport(held.transport)
             return
         item = Accepted(held.transport, bytes(held.buffer), cookie)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            held.transport.abort()
+            reset_transport(held.transport)
 
     async def _socks5(self, held: _Held) -> str:
         assert held.transport is not None
@@ -185,7 +187,7 @@ class _Listener:
             self.owner.release(self.client)
         self.closed = True
         while not self.queue.empty():
-            self.queue.get_nowait().transport.abort()
+            reset_transport(self.queue.get_nowait().transport)
         if self.server is not None:
             self.server.close()
             self.owner.closing.append(self.server)

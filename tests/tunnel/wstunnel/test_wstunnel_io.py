@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -22,8 +23,11 @@ from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
 from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.tls import client_context, server_context
 from autovpn.tunnel.wstunnel.client import WstunnelClient, WstunnelClientSettings
+from autovpn.tunnel.wstunnel.relay import WsSide
 from autovpn.tunnel.wstunnel.server import WstunnelServerOptions, WstunnelService
 from autovpn.wire.socks5 import Socks5Error
+from autovpn.wire.websocket import Opcode, encode_close, encode_header
+from autovpn.wire.wstunnel import Session
 from tests.conftest import (
     SECRET,
     Certs,
@@ -646,6 +650,42 @@ def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
     run(main())
 
 
+def test_server_http2_stream_reset_or_lost_resets_the_target() -> None:
+    """END_STREAM ends the destination socket cleanly; RST_STREAM, or the HTTP/2 connection
+    lost, resets it: an upload cut short must not look complete there."""
+
+    async def main() -> None:
+        ends: asyncio.Queue[str] = asyncio.Queue()
+
+        async def record(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+            try:
+                while await reader.read(1 << 16):
+                    pass
+            except ConnectionResetError:
+                ends.put_nowait("reset")
+            else:
+                ends.put_nowait("eof")
+
+        async with autovpn_server() as (server, _), tcp_server(record) as target:
+            jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", target))
+            for how in ("end", "rst_stream", "connection lost"):
+                t = await peer.H2Tunnel.open(server.port, jwt)
+                assert t.status == 200
+                await t.send(os.urandom(100_000))
+                if how == "end":
+                    await t.end()
+                elif how == "rst_stream":
+                    t.conn.reset_stream(t.stream_id)
+                    t.writer.write(t.conn.data_to_send())
+                else:
+                    t.writer.transport.abort()
+                async with asyncio.timeout(10):
+                    assert await ends.get() == ("eof" if how == "end" else "reset"), how
+                t.close()
+
+    run(main())
+
+
 def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> None:
     import time
 
@@ -671,5 +711,48 @@ def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> Non
                 upstream = await client.open_upstream("127.0.0.1", echo)
                 assert client.opened == 1
                 upstream.ws.abort()
+
+    run(main())
+
+
+def test_destination_bytes_read_before_the_relay_starts_are_kept() -> None:
+    """The server dials the destination before its 101; a destination that speaks first (an
+    SSH banner) may be read by then: uvloop starts reading after ``connection_made`` whatever
+    it asked.  Those bytes are the first frame, not dropped, and an EOF read with them still
+    ends the tunnel with Close(1000) after them."""
+    banner = b"SSH-2.0-speaks-first\r\n"
+    close = encode_header(Opcode.CLOSE, 2) + encode_close(1000)
+
+    async def one(said: bytes) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def speak_first(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(said)
+            writer.write_eof()
+            await writer.drain()
+
+        async with tcp_server(speak_first) as port:
+            ws = WsSide(Session(client=False), ping_interval=0)
+            local, _ = await loop.create_connection(lambda: ws.local, "127.0.0.1", port)
+            await asyncio.sleep(0.1)  # the bytes arrive while the upgrade is answered
+            ours, theirs = socket.socketpair()
+            with theirs:
+                ws_transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+                ws.start(ws_transport)
+                ws.attach_local(local)
+                theirs.setblocking(False)
+                expected = close
+                if said:
+                    expected = Session(client=False).data_header(len(said)) + said + close
+                got = b""
+                async with asyncio.timeout(10):
+                    while len(got) < len(expected):
+                        got += await loop.sock_recv(theirs, 4096)
+                assert got == expected
+                ws.abort()
+
+    async def main() -> None:
+        await one(banner)  # a banner, then EOF
+        await one(b"")  # EOF at once
 
     run(main())
