@@ -30,6 +30,7 @@ from autovpn.config import (
     Config,
     ListenSpec,
     ServerConfig,
+    ServerURL,
     check_keepalive,
     load_file,
     read_secret,
@@ -46,8 +47,8 @@ from autovpn.monitor.client import (
     request,
     stream_lines,
 )
+from autovpn.policy import AllowEntry
 from autovpn.routing.router import Mode
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
 log = logging.getLogger("autovpn")
@@ -263,9 +264,6 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     if args.path_prefix is not None:
         sc.path_prefix = args.path_prefix
     if args.allow:
-        # The policy's parser checks each entry now (not when the server starts).
-        from autovpn.tunnel.policy import AllowEntry
-
         for entry in args.allow:
             AllowEntry.parse(entry)
         sc.allow = list(sc.allow) + list(args.allow)

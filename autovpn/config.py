@@ -37,19 +37,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from autovpn.errors import ConfigError
+from autovpn.monitor.guard import normalize_host_name, parse_host
+from autovpn.net import is_loopback
+from autovpn.policy import AllowEntry
 from autovpn.routing.hosts import default_hosts_path
-from autovpn.routing.router import Action, ListSpec, Mode, Router
-from autovpn.tunnel.mux.client import ServerURL
-from autovpn.tunnel.mux.reverse import (
-    DEFAULT_REVERSE_BINDS,
-    MAX_REVERSE_LISTENERS_PER_CLIENT,
-    ReverseSpec,
-)
-from autovpn.tunnel.wstunnel.server import WstunnelServerOptions
-from autovpn.wire.wstunnel import WstunnelClientOptions
+from autovpn.routing.lists import ListFormat
+from autovpn.routing.router import Action, ListSpec, Mode, Router, parse_user_rule
+from autovpn.routing.rules import RuleError
+from autovpn.routing.upstream import Upstream
 
 T = TypeVar("T")
 
@@ -59,6 +57,86 @@ DEFAULT_CONTROL = "127.0.0.1:9090"
 LISTEN_SCHEMES = ("socks5", "http", "udp", "tcp", "unix", "stdio")
 #: Schemes that forward to one fixed target: ``udp://[BIND:]PORT:HOST:PORT`` (wstunnel's form).
 FORWARD_SCHEMES = ("udp", "tcp")
+#: Binds a client may ask for when the server says nothing else: its own loopback only.
+DEFAULT_REVERSE_BINDS = ("127.0.0.0/8", "::1/128")
+#: Reverse listeners one client may hold at once, native and wstunnel alike (each a socket and
+#: a port on the server): a client is a native user, or a wstunnel client's certificate CN or
+#: else its address.  Without it one anonymous client opened 300 listeners in 4 s.
+MAX_REVERSE_LISTENERS_PER_CLIENT = 16
+#: wstunnel's ``--websocket-ping-frequency`` default, on both sides.
+DEFAULT_PING_INTERVAL = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerURL:
+    """``wss://host:port`` (TLS) or ``ws://host:port`` (plain, e.g. to a local nginx)."""
+
+    tls: bool
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "server") -> ServerURL:
+        parts = urlsplit(text)
+        if parts.scheme not in ("ws", "wss"):
+            raise ConfigError(key, f"{text!r}: the scheme must be wss:// or ws://")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(key, f"{text!r}: {exc}") from None
+        if not parts.hostname:
+            raise ConfigError(key, f"{text!r}: no host")
+        tls = parts.scheme == "wss"
+        return cls(tls, parts.hostname, port or (443 if tls else 80))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReverseSpec:
+    """One native ``-R``: listen on the server's ``bind_host:bind_port``, deliver to our target."""
+
+    bind_host: str
+    bind_port: int
+    target_host: str
+    target_port: int
+
+    def __str__(self) -> str:
+        return f"server {self.bind_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
+
+
+@dataclass(slots=True)
+class WstunnelClientOptions:
+    """The client's wstunnel-protocol settings (``client.protocol = "wstunnel"``)."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    headers_file: str | None = None
+    credentials: str | None = None
+    min_idle: int = 0
+    max_backoff: float = 300.0
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    sni_disable: bool = False
+    remote_to_local: tuple[str, ...] = ()  # -R specs
+    reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff
+
+
+@dataclass(slots=True)
+class WstunnelServerOptions:
+    """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
+
+    #: Serve stock wstunnel clients on the tunnel port (``--no-wstunnel`` turns it off).
+    enabled: bool = True
+    restrict_to: tuple[str, ...] = ()
+    restrict_path_prefixes: tuple[str, ...] = ()
+    restrict_config: Path | None = None
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    connect_timeout: float = 10.0
+    #: ``--remote-to-local-server-idle-timeout``: a reverse listener nobody waits on closes.
+    reverse_idle_timeout: float = 180.0
 
 
 def _split_endpoints(text: str, key: str, original: str) -> list[str]:
@@ -625,8 +703,6 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
             if "allow" in server:
                 allow = c.take("server.allow", _expect, server["allow"], list, "server.allow")
                 if allow is not None:
-                    from autovpn.tunnel.policy import AllowEntry
-
                     for i, entry in enumerate(allow):
                         key = f"server.allow[{i}]"
                         if c.take(key, _rekeyed(AllowEntry.parse, key), str(entry)) is not None:
@@ -729,8 +805,6 @@ def parse_control(value: Any) -> str | None:
     host = host.strip("[]")
     if not sep or not port.isdecimal() or not 0 <= int(port) < 65536:
         raise ConfigError("control", f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_CONTROL}")
-    from autovpn.proxy.listener import is_loopback
-
     if not is_loopback(host):
         raise ConfigError("control", f"{text!r}: the control API listens on loopback only")
     return text
@@ -738,8 +812,6 @@ def parse_control(value: Any) -> str | None:
 
 def parse_control_host(text: str, key: str = "control_hosts") -> str:
     """A name for ``control_hosts``: as a browser sends it in Host, without the port."""
-    from autovpn.monitor.guard import normalize_host_name, parse_host
-
     parsed = parse_host(text if ":" not in text or text.startswith("[") else f"[{text}]")
     if parsed is None or parsed[1] is not None:
         raise ConfigError(key, f"{text!r}: expected a host name or address without a port")
@@ -761,11 +833,6 @@ def _str_list(value: Any, key: str, errors: list[ConfigError]) -> list[str]:
 
 def parse_routing(data: Any, base: Path, errors: list[ConfigError]) -> RoutingConfig:
     """The ``[routing]`` table; every problem is appended to ``errors`` with its key."""
-    from autovpn.routing.dns import Upstream
-    from autovpn.routing.lists import ListFormat
-    from autovpn.routing.router import parse_user_rule
-    from autovpn.routing.rules import RuleError
-
     rc = RoutingConfig()
     if not isinstance(data, dict):
         errors.append(ConfigError("routing", "must be a table"))

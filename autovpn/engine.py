@@ -27,22 +27,24 @@ from autovpn.config import (
     Config,
     ListenSpec,
     ServerConfig,
+    ServerURL,
     state_dir,
 )
 from autovpn.monitor.api import ControlAPI
+from autovpn.policy import DestinationPolicy
 from autovpn.proxy.dialer import Dialer, TunnelOpener
 from autovpn.proxy.forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.proxy.udp_relay import UdpRelay
 from autovpn.proxy.wstunnel_udp import WstunnelUdpRelay
-from autovpn.routing.dns import ResolveError, SplitResolver, Upstream
+from autovpn.routing.dns import ResolveError, SplitResolver
 from autovpn.routing.hosts import parse_hosts
 from autovpn.routing.router import Action, Mode, Router
 from autovpn.routing.rules import RuleKind
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
-from autovpn.tunnel.mux.client import ClientSettings, ServerURL, TunnelClient
+from autovpn.routing.upstream import Upstream
+from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
 from autovpn.tunnel.wstunnel.client import WstunnelClient, client_settings
 from autovpn.tunnel.wstunnel.server import WstunnelService

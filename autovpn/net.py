@@ -1,8 +1,8 @@
-"""Small helpers shared by the parts that dial sockets (the tunnel server, direct routes)."""
+"""Small helpers shared by the parts that dial sockets (the tunnel server, direct routes) and
+the config (``is_loopback``), which is why asyncio is imported only where it is used."""
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import ipaddress
@@ -10,9 +10,12 @@ import socket
 import struct
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from autovpn.errors import InvalidHostName, ResetReason, StreamError
+
+if TYPE_CHECKING:
+    import asyncio
 
 #: RFC 1035 section 2.3.4: a label has 1-63 octets, a name at most 253 characters in text form
 #: (255 octets on the wire), both counted on the ASCII (IDNA) form, without a trailing dot.
@@ -103,6 +106,10 @@ async def resolve_target(
     check_host_name(host)
     if lookup is not None:
         return await lookup(host, port)
+    # asyncio here, not at the top: autovpn.config imports this module (is_loopback) and must
+    # stay light.  Past the IP-literal return, so the server's per-stream path never pays it.
+    import asyncio
+
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(
             host,
@@ -124,3 +131,13 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal: reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

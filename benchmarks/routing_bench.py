@@ -89,8 +89,9 @@ def run_routing_bench() -> list[tuple[str, float]]:
 
 async def _batch_resolution(latency: float = 0.05) -> list[tuple[str, float]]:
     from autovpn.engine import Engine, embedded_config
-    from autovpn.routing.dns import SplitResolver, Upstream
+    from autovpn.routing.dns import SplitResolver
     from autovpn.routing.lists import load_default_lists
+    from autovpn.routing.upstream import Upstream
     from tests.routing.dnsserver import dns_server  # the same loopback server the tests use
 
     names = sorted({r.value.lstrip(".") for r in load_default_lists().proxy.rules})

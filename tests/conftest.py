@@ -19,11 +19,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig, ServerURL
 from autovpn.engine import Engine
 from autovpn.eventloop import run as run_on_loop
 from autovpn.routing.router import Mode
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.tls import make_private_ca
 from autovpn.wire import socks5
 

@@ -16,7 +16,7 @@ PURE = [
     "autovpn/wire/frames.py",
     "autovpn/wire/websocket.py",
     "autovpn/wire/handshake.py",
-    "autovpn/tunnel/policy.py",
+    "autovpn/policy.py",
     "autovpn/wire/socks5.py",
     "autovpn/wire/http_proxy.py",
     "autovpn/wire/auth.py",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import ipaddress
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from autovpn.errors import BindError, ConfigError, ResetReason, StreamError
+from autovpn.net import is_loopback
 from autovpn.proxy.dialer import Dialer, Upstream, discard
 from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation, UdpRelayStats
 from autovpn.wire import socks5
@@ -29,15 +29,6 @@ HANDSHAKE_TIMEOUT = 30.0
 class ListenerKind(enum.Enum):
     SOCKS5 = "socks5"
     HTTP = "http"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ProxyListener:

@@ -49,6 +49,7 @@ from autovpn.errors import ResetReason, StreamError
 from .dns_cache import CacheEntry, DnsCache, Outcome
 from .router import Action, Decision, Router
 from .rules import normalize_host, parse_ip
+from .upstream import Upstream
 
 __all__ = [
     "DEFAULT_PUBLIC",
@@ -56,7 +57,6 @@ __all__ = [
     "ResolveError",
     "SplitResolver",
     "StreamOpener",
-    "Upstream",
 ]
 
 log = logging.getLogger("autovpn.dns")
@@ -67,37 +67,6 @@ StreamOpener = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asynci
 MAX_DNS_TCP_MESSAGE = 65_535  # RFC 1035 section 4.2.2: a two-byte length prefix
 _LEN = struct.Struct("!H")
 _TYPES = (("AAAA", dns.rdatatype.AAAA), ("A", dns.rdatatype.A))  # IPv6 first (RFC 6724)
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """One DNS server: ``8.8.8.8``, ``127.0.0.1:5353``, ``[2001:db8::1]:53``."""
-
-    host: str
-    port: int = 53
-
-    @classmethod
-    def parse(cls, text: str) -> Upstream:
-        t = text.strip()
-        host, port = t, 53
-        if t.startswith("["):
-            host, _, rest = t[1:].partition("]")
-            if rest:
-                if not rest.startswith(":"):
-                    raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
-                port = int(rest[1:])
-        elif t.count(":") == 1:
-            host, _, p = t.partition(":")
-            port = int(p)
-        if parse_ip(host) is None:
-            raise ValueError(f"{text!r}: a DNS server must be an IP address (no name to resolve)")
-        if not 0 < port < 65536:
-            raise ValueError(f"{text!r}: port out of range")
-        return cls(host, port)
-
-    def __str__(self) -> str:
-        h = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{h}:{self.port}"
 
 
 DEFAULT_PUBLIC = (Upstream("8.8.8.8"), Upstream("1.1.1.1"))

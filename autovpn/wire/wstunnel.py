@@ -63,7 +63,6 @@ BEARER_PREFIX: Final = "authorization.bearer."
 MAX_JWT_SIZE: Final = 8192
 #: A tunnel is aborted when a ping tick finds this many pings unanswered (section 3.5).
 MAX_PINGS_IN_FLIGHT: Final = 3
-DEFAULT_PING_INTERVAL: Final = 30.0
 #: Local reads start at 64 KiB and may grow to 32 MiB per frame (section 3.3).
 MAX_SEND_FRAME: Final = 32 << 20
 #: jsonwebtoken's known algorithms: a header naming another (or "none") fails to decode.
@@ -702,23 +701,6 @@ def parse_duration(text: str) -> float:
     if seconds < 0 or seconds != seconds:
         raise ValueError(f"bad duration {text!r}")
     return seconds
-
-
-@dataclass(slots=True)
-class WstunnelClientOptions:
-    """The client's wstunnel-protocol settings (``client.protocol = "wstunnel"``)."""
-
-    headers: tuple[tuple[str, str], ...] = ()
-    headers_file: str | None = None
-    credentials: str | None = None
-    min_idle: int = 0
-    max_backoff: float = 300.0
-    ping_interval: float = DEFAULT_PING_INTERVAL
-    tls_certificate: str | None = None
-    tls_private_key: str | None = None
-    sni_disable: bool = False
-    remote_to_local: tuple[str, ...] = ()  # -R specs
-    reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff
 
 
 # -- whole frames, for UDP (one datagram per frame, section 3.2) ---------------------------------

@@ -27,9 +27,9 @@ import pytest
 
 from autovpn.config import RoutingConfig
 from autovpn.engine import Engine
+from autovpn.policy import DestinationPolicy
 from autovpn.routing.router import Mode
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 from tests.conftest import SECRET, Certs, engine_config, env_without_proxies, run
 from tests.routing.dnsserver import dns_server
 

@@ -28,10 +28,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from autovpn.config import ClientConfig, Config, ListenSpec
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerURL
 from autovpn.engine import Engine
 from autovpn.eventloop import loop_factory
-from autovpn.tunnel.mux.client import ServerURL
 from tests.conftest import SECRET, Certs, free_port
 
 pytestmark = [

@@ -17,9 +17,10 @@ import pytest
 
 from autovpn.errors import StreamError
 from autovpn.proxy.dialer import Dialer, happy_eyeballs
-from autovpn.routing.dns import SplitResolver, Upstream
+from autovpn.routing.dns import SplitResolver
 from autovpn.routing.router import Mode, Router
 from autovpn.routing.scoring import ScoreBook
+from autovpn.routing.upstream import Upstream
 from tests.conftest import echo_handler, run, tcp_server
 from tests.routing.dnsserver import dns_server
 

@@ -11,15 +11,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from autovpn.routing.dns import (
-    ResolveError,
-    SplitResolver,
-    StreamOpener,
-    Upstream,
-)
+from autovpn.routing.dns import ResolveError, SplitResolver, StreamOpener
 from autovpn.routing.dns_cache import DnsCache
 from autovpn.routing.lists import load_default_lists
 from autovpn.routing.router import Action, Mode, Router
+from autovpn.routing.upstream import Upstream
 from tests.conftest import Certs, engine, run
 from tests.routing.dnsserver import FakeDns, dns_server
 

@@ -16,11 +16,10 @@ import asyncio
 import json
 import sys
 
-from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerConfig, ServerURL
 from autovpn.engine import Engine
 from autovpn.eventloop import run
 from autovpn.routing.router import Mode
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.wire.socks5 import Socks5Error
 from tests.conftest import SECRET, socks_open, socks_port
 

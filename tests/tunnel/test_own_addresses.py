@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from autovpn.ifaddrs import HostAddresses, IPAddress
+from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 SETUP = (

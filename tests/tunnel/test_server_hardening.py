@@ -14,14 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from autovpn.config import load_file, parse_reverse
+from autovpn.config import (
+    MAX_REVERSE_LISTENERS_PER_CLIENT,
+    WstunnelServerOptions,
+    load_file,
+    parse_reverse,
+)
 from autovpn.engine import Engine
 from autovpn.errors import InvalidHostName, ResetReason, StreamError
 from autovpn.net import check_host_name
 from autovpn.routing.router import Mode
-from autovpn.tunnel.mux.reverse import MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.wstunnel.server import WstunnelServerOptions, WstunnelService
+from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire import socks5, wstunnel
 from tests.conftest import (
     SECRET,

@@ -24,49 +24,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
-from urllib.parse import urlsplit
 
+from autovpn.config import ReverseSpec, ServerURL
 from autovpn.errors import (
-    ConfigError,
     RemoteProtocolError,
     ResetReason,
     StreamError,
     TunnelUnavailable,
 )
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
-from autovpn.tunnel.mux.reverse import ReverseClient, ReverseSpec
+from autovpn.tunnel.mux.reverse import ReverseClient
 from autovpn.tunnel.tls import client_context
 from autovpn.wire import frames, handshake
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.client")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerURL:
-    """``wss://host:port`` (TLS) or ``ws://host:port`` (plain, e.g. to a local nginx)."""
-
-    tls: bool
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, *, key: str = "server") -> ServerURL:
-        parts = urlsplit(text)
-        if parts.scheme not in ("ws", "wss"):
-            raise ConfigError(key, f"{text!r}: the scheme must be wss:// or ws://")
-        try:
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(key, f"{text!r}: {exc}") from None
-        if not parts.hostname:
-            raise ConfigError(key, f"{text!r}: no host")
-        tls = parts.scheme == "wss"
-        return cls(tls, parts.hostname, port or (443 if tls else 80))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
 
 @dataclass(slots=True)

@@ -22,35 +22,14 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Final
 
+from autovpn.config import DEFAULT_REVERSE_BINDS, MAX_REVERSE_LISTENERS_PER_CLIENT, ReverseSpec
 from autovpn.errors import ResetReason
 from autovpn.net import reset_reason_for
 from autovpn.tunnel.mux.connection import MuxConnection, StreamEndpoint, open_ok
 from autovpn.wire import frames
 
 log = logging.getLogger("autovpn.tunnel.reverse")
-
-#: Binds a client may ask for when the server says nothing else: its own loopback only.
-DEFAULT_REVERSE_BINDS = ("127.0.0.0/8", "::1/128")
-#: Reverse listeners one client may hold at once, native and wstunnel alike (each a socket and
-#: a port on the server): a client is a native user, or a wstunnel client's certificate CN or
-#: else its address.  Without it one anonymous client opened 300 listeners in 4 s.
-MAX_REVERSE_LISTENERS_PER_CLIENT: Final = 16
-
-
-@dataclass(frozen=True, slots=True)
-class ReverseSpec:
-    """One ``-R``: listen on the server's ``bind_host:bind_port``, deliver to our target."""
-
-    bind_host: str
-    bind_port: int
-    target_host: str
-    target_port: int
-
-    def __str__(self) -> str:
-        return f"server {self.bind_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
 
 
 async def dial_into(ep: StreamEndpoint, host: str, port: int, within: float) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from autovpn.config import DEFAULT_REVERSE_BINDS, MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.errors import (
     AuthenticationFailed,
     BindError,
@@ -28,14 +29,10 @@ from autovpn.errors import (
 )
 from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
+from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
-from autovpn.tunnel.mux.reverse import (
-    DEFAULT_REVERSE_BINDS,
-    MAX_REVERSE_LISTENERS_PER_CLIENT,
-    ReverseListeners,
-)
+from autovpn.tunnel.mux.reverse import ReverseListeners
 from autovpn.tunnel.mux.udp import UdpFlows
-from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.wire import handshake
 from autovpn.wire.frames import StreamKind
 

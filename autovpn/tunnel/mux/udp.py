@@ -20,8 +20,8 @@ from typing import cast
 
 from autovpn.errors import RemoteProtocolError
 from autovpn.net import resolve_target
+from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.connection import MuxConnection
-from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
 from autovpn.wire import frames
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from autovpn.config import DEFAULT_PING_INTERVAL, ServerURL
 from autovpn.errors import RemoteProtocolError, ResetReason, StreamError, TunnelUnavailable
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.relay import WsSide
 from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
@@ -54,7 +54,7 @@ class WstunnelClientSettings:
     min_idle: int = 0  # -c/--connection-min-idle
     max_backoff: float = 300.0  # --connection-retry-max-backoff
     connect_timeout: float = 10.0
-    ping_interval: float = wstunnel.DEFAULT_PING_INTERVAL
+    ping_interval: float = DEFAULT_PING_INTERVAL
     proxy_protocol: bool = False
     reverse: tuple[str, ...] = ()  # -R specs, each kept pending by a ReverseRunner
     reverse_max_backoff: float = 1.0

@@ -27,9 +27,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from autovpn.config import MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.errors import ConfigError, RemoteProtocolError, StreamError
 from autovpn.net import reset_transport
-from autovpn.tunnel.mux.reverse import MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.tunnel.wstunnel.relay import LocalSide
 from autovpn.tunnel.wstunnel.restrictions import Verdict
 from autovpn.wire import socks5, wstunnel

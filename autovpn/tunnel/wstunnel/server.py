@@ -21,13 +21,12 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.net import resolve_target
-from autovpn.tunnel.policy import DestinationPolicy
+from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
 from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
 from autovpn.tunnel.wstunnel.restrictions import Restrictions
@@ -39,21 +38,6 @@ if TYPE_CHECKING:
     from autovpn.tunnel.mux.server import TunnelServer
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
-
-
-@dataclass(slots=True)
-class WstunnelServerOptions:
-    """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
-
-    #: Serve stock wstunnel clients on the tunnel port (``--no-wstunnel`` turns it off).
-    enabled: bool = True
-    restrict_to: tuple[str, ...] = ()
-    restrict_path_prefixes: tuple[str, ...] = ()
-    restrict_config: Path | None = None
-    ping_interval: float = wstunnel.DEFAULT_PING_INTERVAL
-    connect_timeout: float = 10.0
-    #: ``--remote-to-local-server-idle-timeout``: a reverse listener nobody waits on closes.
-    reverse_idle_timeout: float = 180.0
 
 
 def _client_cn(transport: asyncio.BaseTransport) -> str | None:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from autovpn.config import ClientConfig, Config, ListenSpec
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerURL
 from autovpn.engine import Engine
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.wire import socks5
 from tests.conftest import (
     SECRET,

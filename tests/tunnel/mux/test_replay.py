@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from autovpn.tunnel.mux.client import ClientSettings, ServerURL, TunnelClient
+from autovpn.config import ServerURL
+from autovpn.policy import DestinationPolicy
+from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 from tests.conftest import SECRET, env_without_proxies, free_port, run, tcp_server
 
 #: What a refused replay that got past the upgrade reads: the WebSocket close frame with code

@@ -314,7 +314,7 @@ def test_silent_dead_tunnel_is_detected_by_keepalive(certs: Certs) -> None:
                 up_writer.close()
 
         async with tcp_server(relay) as relay_port, tcp_server(echo_handler) as echo:
-            from autovpn.tunnel.mux.client import ServerURL
+            from autovpn.config import ServerURL
 
             cfg.client.server = ServerURL(True, "127.0.0.1", relay_port)
             cfg.client.keepalive_interval = 0.3

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from autovpn import cli
-from autovpn.config import ClientConfig, Config, ListenSpec
+from autovpn.config import ClientConfig, Config, ListenSpec, ServerURL
 from autovpn.engine import Engine
-from autovpn.tunnel.mux.client import ServerURL
+from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire import wstunnel
 from tests.conftest import SECRET, echo_handler, env_without_proxies, run, tcp_server

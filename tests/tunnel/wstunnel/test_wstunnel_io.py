@@ -15,16 +15,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import cast
 
+from autovpn.config import ServerURL, WstunnelServerOptions
+from autovpn.policy import DestinationPolicy
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.router import Mode, Router
-from autovpn.tunnel.mux.client import ServerURL
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.policy import DestinationPolicy
 from autovpn.tunnel.tls import client_context, server_context
 from autovpn.tunnel.wstunnel.client import WstunnelClient, WstunnelClientSettings
 from autovpn.tunnel.wstunnel.relay import WsSide
-from autovpn.tunnel.wstunnel.server import WstunnelServerOptions, WstunnelService
+from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire.socks5 import Socks5Error
 from autovpn.wire.websocket import Opcode, encode_close, encode_header
 from autovpn.wire.wstunnel import Session

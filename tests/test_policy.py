@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autovpn.errors import ConfigError
-from autovpn.tunnel.policy import (
+from autovpn.policy import (
     BLOCKED_BY_DEFAULT,
     AllowEntry,
     DestinationPolicy,
