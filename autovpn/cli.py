@@ -206,6 +206,8 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         secret = base.secret
     cc = base if base is not None else ClientConfig(server, secret)
     cc.server, cc.secret = server, secret
+    if args.secret_file:
+        cc.secret_file = args.secret_file
     if args.listen:
         cc.listen = [ListenSpec.parse(spec, "-L") for spec in args.listen]
     if args.udp_src or args.udp_dst:
@@ -257,6 +259,8 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         users[DEFAULT_USER] = secret_from(args.secret_file, "--secret-file")
     sc = base if base is not None else ServerConfig(listen, users)
     sc.listen, sc.users = listen, users
+    if args.secret_file:
+        sc.secret_file = args.secret_file
     if args.tls_certificate:
         sc.tls_certificate = args.tls_certificate
     if args.tls_private_key:

@@ -1,7 +1,13 @@
 """Configuration: typed values, parsed from a TOML file and/or command-line flags.
 
-Everything the flags say, the file can say (flags win).  ``load_file`` collects *every* error
-with the key it belongs to, so ``autovpn check-config`` reports them all at once.
+Everything the flags say, the file can say (flags win).  Each table of the file is a dataclass
+here whose fields carry their key, parser and doc (``toml(...)``; the checker is
+``autovpn.toml_tables``), so a new key is one field plus its test.  ``load_file`` collects
+*every* error with its full key, so ``autovpn check-config`` reports them all at once.
+
+This module is pure data and validation: it imports no tunnel, proxy or engine code, and stays
+light to import.  The objects that run (tunnel settings, listeners, the resolver) are built from
+these values where they are used.
 
 Example::
 
@@ -33,10 +39,9 @@ import math
 import os
 import sys
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from autovpn.errors import ConfigError
@@ -46,10 +51,27 @@ from autovpn.policy import AllowEntry
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.lists import ListFormat
 from autovpn.routing.router import Action, ListSpec, Mode, Router, parse_user_rule
-from autovpn.routing.rules import RuleError
 from autovpn.routing.upstream import Upstream
-
-T = TypeVar("T")
+from autovpn.toml_tables import (
+    Found,
+    Parser,
+    Where,
+    boolean,
+    checked,
+    choice,
+    false_or,
+    file_path,
+    integer,
+    list_of,
+    mapped,
+    not_in_file,
+    number,
+    table,
+    table_of,
+    text,
+    toml,
+    walk,
+)
 
 DEFAULT_USER = "default"
 SECRET_ENV = "AUTOVPN_SECRET"
@@ -160,25 +182,6 @@ def _split_endpoints(text: str, key: str, original: str) -> list[str]:
         raise ConfigError(key, f"{original!r}: unbalanced '['")
     parts.append(current)
     return [p[1:-1] if p.startswith("[") and p.endswith("]") else p for p in parts]
-
-
-def _rekeyed(parse: Callable[[str], T], key: str) -> Callable[[str], T]:
-    """``parse`` with its ConfigError reported under ``key`` (the config file's own key)."""
-
-    def wrapped(text: str) -> T:
-        try:
-            return parse(text)
-        except ConfigError as exc:
-            raise ConfigError(key, exc.reason) from None
-
-    return wrapped
-
-
-def _cidr(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a CIDR string, got {value!r}")
-    ipaddress.ip_network(value, strict=False)  # ValueError names the problem
-    return value
 
 
 def parse_reverse(text: str, key: str = "-R") -> ReverseSpec:
@@ -301,45 +304,410 @@ def _local_forward(
     )
 
 
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def read_secret(path: Path, key: str) -> bytes:
+    try:
+        secret = path.expanduser().read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(secret) < 8:
+        raise ConfigError(key, f"{path}: the secret must be at least 8 bytes")
+    return secret
+
+
+def secret_from(secret_file: str | Path | None, key: str) -> bytes:
+    """The secret from ``secret_file`` or the AUTOVPN_SECRET environment variable."""
+    if secret_file:
+        return read_secret(Path(secret_file), key)
+    env = os.environ.get(SECRET_ENV, "").strip()
+    if env:
+        if len(env) < 8:
+            raise ConfigError(SECRET_ENV, "the secret must be at least 8 bytes")
+        return env.encode()
+    raise ConfigError(key, f"no secret: use --secret-file FILE or set {SECRET_ENV}")
+
+
+# -- parsers of this file's values --------------------------------------------------------------
+
+
+def parse_control(value: str | bool, key: str = "control") -> str | None:
+    """``control = "127.0.0.1:9090"`` (loopback only: other machines have no business there;
+    browsers on this one are kept out by ``monitor.guard``), or ``false`` to turn it off."""
+    if value is False:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected HOST:PORT or false, got {value!r}")
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not (port.isascii() and port.isdecimal()) or not 0 <= int(port) < 65536:
+        raise ConfigError(key, f"{value!r}: expected HOST:PORT, e.g. {DEFAULT_CONTROL}")
+    if not is_loopback(host):
+        raise ConfigError(key, f"{value!r}: the control API listens on loopback only")
+    return value
+
+
+def parse_control_host(text: str, key: str = "control_hosts") -> str:
+    """A name for ``control_hosts``: as a browser sends it in Host, without the port.  Parsed
+    by the guard's own Host parser, so what is accepted here is what the guard matches."""
+    parsed = parse_host(text if ":" not in text or text.startswith("[") else f"[{text}]")
+    if parsed is None or parsed[1] is not None:
+        raise ConfigError(key, f"{text!r}: expected a host name or address without a port")
+    return normalize_host_name(parsed[0])
+
+
+# The keepalive pair (docs/protocol.md, Liveness), from [client] or [server] or from the flags.
+_INTERVAL_EXPECTS = "seconds, 0 (off) or more"
+_TIMEOUT_EXPECTS = "seconds, more than 0"
+
+
+def _check_interval(interval: float, key: str) -> float:
+    if not math.isfinite(interval) or interval < 0:
+        raise ConfigError(key, f"{interval!r}: {_INTERVAL_EXPECTS}")
+    return float(interval)
+
+
+def _check_timeout(timeout: float, key: str) -> float:
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(key, f"{timeout!r}: {_TIMEOUT_EXPECTS}")
+    return float(timeout)
+
+
+def _check_keepalive_order(interval: float, timeout: float, timeout_key: str) -> None:
+    """The timeout must leave a PING time to be answered (``interval`` 0: keepalive is off)."""
+    if interval > 0 and timeout <= interval:
+        raise ConfigError(
+            timeout_key,
+            f"{timeout:g} s is not longer than the keepalive interval ({interval:g} s): "
+            "use about three intervals",
+        )
+
+
+def check_keepalive(interval: float, timeout: float, interval_key: str, timeout_key: str) -> None:
+    """The keepalive pair as the flags give it: each value, then the timeout past the interval."""
+    _check_interval(interval, interval_key)
+    _check_timeout(timeout, timeout_key)
+    _check_keepalive_order(interval, timeout, timeout_key)
+
+
+def _geoip(value: str | bool, where: Where) -> bool | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool):
+        return value
+    raise where.error(f'expected "auto", true or false, got {value!r}')
+
+
+def _cidr(text: str) -> None:
+    ipaddress.ip_network(text, strict=False)  # ValueError names the problem
+
+
+MODE = mapped(choice(*(m.value for m in Mode)), lambda value, where: Mode(value))
+SERVER_URL = Parser(
+    "a wss:// or ws:// URL",
+    frozenset({"string"}),
+    lambda value, where: ServerURL.parse(value, key=where.key),
+)
+LISTENER = Parser(
+    "a listener URL (socks5://, http://, tcp://, udp://, unix://, stdio://)",
+    frozenset({"string"}),
+    lambda value, where: ListenSpec.parse(value, where.key),
+)
+CONTROL = false_or(
+    Parser(
+        '"HOST:PORT" on loopback',
+        frozenset({"string"}),
+        lambda value, where: parse_control(value, where.key),
+    )
+)
+GEOIP = Parser('"auto", true or false', frozenset({"string", "boolean"}), _geoip)
+ALLOW_ENTRY = checked(AllowEntry.parse, "a CIDR, an IP or a host name, each with :PORT or not")
+CIDR = checked(_cidr, "a CIDR (an address with /PREFIX)")
+DNS_SERVER = checked(Upstream.parse, "a DNS server's IP address, with :PORT or not")
+RULE = checked(parse_user_rule, "a rule, e.g. domain:corp.example=direct")
+DOMAIN_NAME = text()
+CONTROL_HOST = Parser(
+    "a host name or address without a port",
+    frozenset({"string"}),
+    lambda value, where: parse_control_host(value, where.key),
+)
+KEEPALIVE_INTERVAL = Parser(
+    _INTERVAL_EXPECTS,
+    frozenset({"integer", "float"}),
+    lambda value, where: _check_interval(value, where.key),
+)
+KEEPALIVE_TIMEOUT = Parser(
+    _TIMEOUT_EXPECTS,
+    frozenset({"integer", "float"}),
+    lambda value, where: _check_timeout(value, where.key),
+)
+
+
+# -- the tables ---------------------------------------------------------------------------------
+
+
 @dataclass(slots=True)
 class ClientConfig:
-    server: ServerURL
-    secret: bytes
-    user: str = DEFAULT_USER
-    tls_ca: Path | None = None
-    insecure: bool = False
-    sni: str | None = None
-    path_prefix: str = "autovpn"
-    pool_size: int = 1
-    listen: list[ListenSpec] = field(default_factory=list)
-    allow_open: bool = False
-    keepalive_interval: float = 15.0  # PING after this long without hearing from the server
-    keepalive_timeout: float = 45.0  # a connection silent this long is dead
-    #: "autovpn" (our mux) or "wstunnel" (a stock wstunnel v10 server; no secret needed)
-    protocol: str = "autovpn"
-    wstunnel: WstunnelClientOptions = field(default_factory=WstunnelClientOptions)
-    #: Native reverse tunnels (-R tcp://[BIND:]PORT:HOST:PORT): listen on the server.
-    reverse: list[ReverseSpec] = field(default_factory=list)
+    """The ``[client]`` table: the local listeners and the tunnel server they use."""
+
+    server: ServerURL = field(
+        metadata=toml(
+            SERVER_URL, "the tunnel server, e.g. wss://vpn.example.net:443", required=True
+        )
+    )
+    secret: bytes = field(
+        metadata=not_in_file("the shared secret, read from secret_file or AUTOVPN_SECRET")
+    )
+    secret_file: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(),
+            "the file holding the secret (at least 8 bytes); without it, the AUTOVPN_SECRET"
+            " environment variable (a stock wstunnel server needs neither)",
+        ),
+    )
+    user: str = field(
+        default=DEFAULT_USER, metadata=toml(text(), "the user name the secret belongs to")
+    )
+    tls_ca: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(must_exist=True),
+            "trust this CA (a private CA or a pinned certificate); omit for the system store",
+        ),
+    )
+    insecure: bool = field(
+        default=False,
+        metadata=toml(boolean(), "do NOT verify the server certificate (anyone can intercept)"),
+    )
+    sni: str | None = field(
+        default=None, metadata=toml(text(), "the TLS server name to send (--tls-sni-override)")
+    )
+    path_prefix: str = field(
+        default="autovpn", metadata=toml(text(), "the HTTP upgrade path prefix (-P)")
+    )
+    pool_size: int = field(
+        default=1, metadata=toml(integer(1, 64), "tunnel connections to keep open")
+    )
+    listen: list[ListenSpec] = field(
+        default_factory=list,
+        metadata=toml(
+            list_of(LISTENER),
+            'the local listeners, as wstunnel writes -L: ["socks5://127.0.0.1:1080",'
+            ' "http://127.0.0.1:8080?login=u&password=p", "udp://51820:10.0.0.1:51820"]',
+        ),
+    )
+    allow_open: bool = field(
+        default=False,
+        metadata=toml(boolean(), "allow listeners on non-loopback addresses without credentials"),
+    )
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=toml(
+            KEEPALIVE_INTERVAL, "PING after this many seconds without hearing from the server"
+        ),
+    )
+    keepalive_timeout: float = field(
+        default=45.0,
+        metadata=toml(
+            KEEPALIVE_TIMEOUT,
+            "a tunnel connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    protocol: str = field(
+        default="autovpn",
+        metadata=toml(
+            choice("autovpn", "wstunnel"),
+            "autovpn (our multiplexed tunnel) or wstunnel (a stock wstunnel v10 server)",
+        ),
+    )
+    wstunnel: WstunnelClientOptions = field(
+        default_factory=WstunnelClientOptions,
+        metadata=not_in_file("the wstunnel protocol's flags (-H, -c, --http-upgrade-credentials)"),
+    )
+    reverse: list[ReverseSpec] = field(
+        default_factory=list,
+        metadata=not_in_file("native reverse tunnels, -R tcp://[BIND:]PORT:HOST:PORT"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """One user of ``[server.users]``: ``alice = { secret_file = "alice.secret" }``."""
+
+    secret_file: Path = field(
+        metadata=toml(file_path(), "the file holding the user's secret", required=True)
+    )
+
+
+USER = mapped(
+    table(UserEntry, expects='{ secret_file = "FILE" }'),
+    lambda user, where: read_secret(user.secret_file, where.at("secret_file").key),
+)
 
 
 @dataclass(slots=True)
 class ServerConfig:
-    listen: ServerURL
-    users: dict[str, bytes]
-    tls_certificate: Path | None = None
-    tls_private_key: Path | None = None
-    path_prefix: str = "autovpn"
-    allow: list[str] = field(default_factory=list)
-    allow_all: bool = False  # the embedded server: the user's own machine, no SSRF boundary
-    tls_client_ca_certs: Path | None = None  # mTLS: clients must present a certificate
-    wstunnel: WstunnelServerOptions = field(default_factory=WstunnelServerOptions)
-    keepalive_interval: float = 15.0  # PING after this long without hearing from a client
-    keepalive_timeout: float = 45.0  # a connection silent this long is dead
-    #: Addresses native reverse tunnels may bind on this server (default: loopback only).
-    reverse_binds: list[str] = field(default_factory=lambda: list(DEFAULT_REVERSE_BINDS))
-    #: Reverse listeners (native and wstunnel) one client may hold at once: a native user, or a
-    #: wstunnel client's certificate CN, else its address.
-    max_reverse_listeners_per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT
+    """The ``[server]`` table: the tunnel server and who may use it."""
+
+    listen: ServerURL = field(
+        metadata=toml(
+            SERVER_URL,
+            "where to serve: wss://0.0.0.0:8443, or ws:// behind a TLS-terminating proxy",
+            required=True,
+        )
+    )
+    users: dict[str, bytes] = field(
+        metadata=toml(
+            table_of(USER),
+            "the users and their secrets; without it, secret_file is user"
+            f" {DEFAULT_USER!r}'s secret",
+        )
+    )
+    tls_certificate: Path | None = field(
+        default=None,
+        metadata=toml(file_path(must_exist=True), "the server's certificate chain (PEM)"),
+    )
+    tls_private_key: Path | None = field(
+        default=None, metadata=toml(file_path(must_exist=True), "its private key (PEM)")
+    )
+    path_prefix: str = field(
+        default="autovpn", metadata=toml(text(), "the HTTP upgrade path prefix")
+    )
+    allow: list[str] = field(
+        default_factory=list,
+        metadata=toml(
+            list_of(ALLOW_ENTRY),
+            "destinations the default policy refuses (private, loopback, this host) to open",
+        ),
+    )
+    allow_all: bool = field(
+        default=False,
+        metadata=not_in_file("the embedded server: the user's own machine, no SSRF boundary"),
+    )
+    tls_client_ca_certs: Path | None = field(
+        default=None,
+        metadata=not_in_file("--tls-client-ca-certs: clients must present a certificate (mTLS)"),
+    )
+    wstunnel: WstunnelServerOptions = field(
+        default_factory=WstunnelServerOptions,
+        metadata=not_in_file("the flags for stock wstunnel clients (--restrict-to, ...)"),
+    )
+    reverse_binds: list[str] = field(
+        default_factory=lambda: list(DEFAULT_REVERSE_BINDS),
+        metadata=toml(
+            list_of(CIDR), "addresses native reverse tunnels may bind on (default: loopback)"
+        ),
+    )
+    max_reverse_listeners_per_client: int = field(
+        default=MAX_REVERSE_LISTENERS_PER_CLIENT,
+        metadata=toml(
+            integer(0),
+            "reverse listeners (native and wstunnel) one client may hold at once: a native"
+            " user, or a wstunnel client's certificate CN, else its address (0: no reverse"
+            " tunnels)",
+        ),
+    )
+    keepalive_interval: float = field(
+        default=15.0,
+        metadata=toml(
+            KEEPALIVE_INTERVAL, "PING after this many seconds without hearing from a client"
+        ),
+    )
+    keepalive_timeout: float = field(
+        default=45.0,
+        metadata=toml(
+            KEEPALIVE_TIMEOUT,
+            "a client connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    secret_file: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(),
+            f"user {DEFAULT_USER!r}'s secret when there is no [server.users]; without it,"
+            " the AUTOVPN_SECRET environment variable",
+        ),
+    )
+
+
+def _finish_keepalive(t: Found[ClientConfig] | Found[ServerConfig]) -> None:
+    """The keepalive timeout must be longer than the interval (each value is checked by its
+    parser; a refused one is already reported, so the pair is not checked again)."""
+    if t.failed("keepalive_interval") or t.failed("keepalive_timeout"):
+        return
+    try:
+        _check_keepalive_order(
+            t.current("keepalive_interval"),
+            t.current("keepalive_timeout"),
+            t.key("keepalive_timeout"),
+        )
+    except ConfigError as exc:
+        t.errors.append(exc)
+
+
+def _finish_client(t: Found[ClientConfig]) -> None:
+    """The secret: from secret_file, else AUTOVPN_SECRET; a stock wstunnel server needs none.
+    The keepalive pair."""
+    _finish_keepalive(t)
+    if t.failed("secret_file"):
+        return
+    secret_file = t.values.get("secret_file")
+    if secret_file is None and t.values.get("protocol") == "wstunnel":
+        t.values["secret"] = b""
+    else:
+        t.attempt("secret", lambda: secret_from(secret_file, t.key("secret_file")))
+
+
+def _finish_server(t: Found[ServerConfig]) -> None:
+    """Without [server.users], one user: "default", with secret_file's secret (or
+    AUTOVPN_SECRET).  wss:// needs a certificate and its key.  The keepalive pair."""
+    _finish_keepalive(t)
+    if not t.values.get("users") and not t.failed("users") and not t.failed("secret_file"):
+        secret_file = t.values.get("secret_file")
+        t.attempt("users", lambda: {DEFAULT_USER: secret_from(secret_file, t.key("secret_file"))})
+    listen = t.values.get("listen")
+    if listen is not None and listen.tls:
+        if not {"tls_certificate", "tls_private_key"} <= t.given:
+            t.error("listen", "wss:// needs tls_certificate and tls_private_key")
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    """One entry of ``[routing] lists``, as a table (a bare ``"FILE"`` is its path)."""
+
+    path: Path = field(metadata=toml(file_path(must_exist=True), "the list file", required=True))
+    action: str = field(
+        default="proxy",
+        metadata=toml(choice("proxy", "direct", "reject"), "what a name on the list gets"),
+    )
+    format: str = field(
+        default="auto",
+        metadata=toml(
+            choice("auto", *sorted(f.value for f in ListFormat)),
+            "the list's format; auto detects it",
+        ),
+    )
+    name: str | None = field(
+        default=None, metadata=toml(text(), 'shown in the reasons; default "<action> list"')
+    )
+
+
+_LIST_TABLE = table(ListEntry)
+_LIST_SHAPE = '"FILE" or { path = "FILE", action = ... }'
+
+
+def _list_entry(value: str | dict[str, Any], where: Where) -> ListSpec:
+    spec = {"path": value} if isinstance(value, str) else value
+    if "path" not in spec:  # not a list entry at all: one error, not one per key
+        raise where.error(f"expected {_LIST_SHAPE}")
+    entry = _LIST_TABLE(spec, where)
+    fmt = None if entry.format == "auto" else ListFormat(entry.format)
+    return ListSpec(entry.path, Action(entry.action), fmt, entry.name)
+
+
+LIST_ENTRY = Parser(_LIST_SHAPE, frozenset({"string", "table"}), _list_entry, _LIST_TABLE.tables)
 
 
 @dataclass(slots=True)
@@ -366,20 +734,84 @@ class RoutingConfig:
         warm_at_start = false             # resolve the lists when the engine starts
     """
 
-    default: str = "proxy"
-    rules: list[str] = field(default_factory=list)
-    lists: list[ListSpec] = field(default_factory=list)
-    default_lists: bool = True
-    proxy_add: list[str] = field(default_factory=list)
-    direct_add: list[str] = field(default_factory=list)
-    remove: list[str] = field(default_factory=list)
-    geoip: bool | None = None  # None: auto
-    dns_local: list[str] | None = None  # None: the system's
-    dns_public: list[str] = field(default_factory=lambda: ["8.8.8.8", "1.1.1.1"])
-    hosts_file: Path | None = field(default_factory=default_hosts_path)
-    dns_timeout: float = 5.0
-    concurrency: int = 50
-    warm_at_start: bool = False
+    default: str = field(
+        default="proxy",
+        metadata=toml(choice("proxy", "direct"), "what smart mode does when no rule matches"),
+    )
+    rules: list[str] = field(
+        default_factory=list,
+        metadata=toml(list_of(RULE), "the user's rules, checked first: KIND:VALUE=ACTION"),
+    )
+    lists: list[ListSpec] = field(
+        default_factory=list,
+        metadata=toml(
+            list_of(LIST_ENTRY),
+            "extra list files (AutoProxy/gfwlist, v2fly, Clash, dnsmasq, plain)",
+        ),
+    )
+    default_lists: bool = field(
+        default=True, metadata=toml(boolean(), "load the shipped proxy and direct lists")
+    )
+    proxy_add: list[str] = field(
+        default_factory=list,
+        metadata=toml(list_of(DOMAIN_NAME), "names added to the shipped proxy list"),
+    )
+    direct_add: list[str] = field(
+        default_factory=list,
+        metadata=toml(list_of(DOMAIN_NAME), "names added to the shipped direct list"),
+    )
+    remove: list[str] = field(
+        default_factory=list,
+        metadata=toml(list_of(DOMAIN_NAME), "names dropped from the shipped lists"),
+    )
+    geoip: bool | None = field(
+        default=None,
+        metadata=toml(GEOIP, "load the country database; auto: if a rule needs it"),
+    )
+    dns_local: list[str] | None = field(
+        default=None,
+        metadata=toml(
+            list_of(DNS_SERVER),
+            "the resolvers of direct names; omit for the system's",
+            key="dns.local",
+        ),
+    )
+    dns_public: list[str] = field(
+        default_factory=lambda: ["8.8.8.8", "1.1.1.1"],
+        metadata=toml(
+            list_of(DNS_SERVER),
+            "the resolvers of proxied names, asked through the tunnel (DNS over TCP)",
+            key="dns.public",
+        ),
+    )
+    hosts_file: Path | None = field(
+        default_factory=default_hosts_path,
+        metadata=toml(
+            false_or(file_path()),
+            "the hosts file, read first; false to ignore it",
+            key="dns.hosts_file",
+        ),
+    )
+    dns_timeout: float = field(
+        default=5.0,
+        metadata=toml(
+            number(above=0, at_most=60), "seconds to wait for a DNS answer", key="dns.timeout"
+        ),
+    )
+    concurrency: int = field(
+        default=50,
+        metadata=toml(
+            integer(1, 1000),
+            "names in flight in a batch (autovpn resolve)",
+            key="dns.concurrency",
+        ),
+    )
+    warm_at_start: bool = field(
+        default=False,
+        metadata=toml(
+            boolean(), "resolve the lists when the engine starts", key="dns.warm_at_start"
+        ),
+    )
 
     def build_router(self, mode: Mode) -> Router:
         """The router this table describes (list-file problems land in ``router.errors``)."""
@@ -389,6 +821,7 @@ class RoutingConfig:
         )
         if wants_geo:
             try:
+                # Optional and slow to load: only when a rule needs the country database.
                 from autovpn.routing.geoip import geoip2fast_lookup
 
                 geo = geoip2fast_lookup()
@@ -409,344 +842,54 @@ class RoutingConfig:
 
 @dataclass(slots=True)
 class Config:
-    client: ClientConfig | None = None
-    server: ServerConfig | None = None
-    mode: Mode = Mode.GLOBAL
-    log_level: str = "info"
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    #: The control API (``autovpn mode``, PAC files): ``HOST:PORT`` on loopback, None for off.
-    control: str | None = DEFAULT_CONTROL
-    #: Host names (besides loopback addresses and ``localhost``) the control API answers to,
-    #: e.g. a name the hosts file maps to 127.0.0.1; any other name in Host is refused.
-    control_hosts: list[str] = field(default_factory=list)
+    """The whole file: its top-level keys and its tables."""
 
-
-def parse_mode(value: object, key: str = "mode") -> Mode:
-    choices = ", ".join(m.value for m in Mode)
-    if not isinstance(value, str) or value not in {m.value for m in Mode}:
-        raise ConfigError(key, f"{value!r} is not a mode: use one of {choices}")
-    return Mode(value)
-
-
-def read_secret(path: Path, key: str) -> bytes:
-    try:
-        secret = path.expanduser().read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(secret) < 8:
-        raise ConfigError(key, f"{path}: the secret must be at least 8 bytes")
-    return secret
-
-
-def secret_from(secret_file: str | Path | None, key: str) -> bytes:
-    """The secret from ``secret_file`` or the AUTOVPN_SECRET environment variable."""
-    if secret_file:
-        return read_secret(Path(secret_file), key)
-    env = os.environ.get(SECRET_ENV, "").strip()
-    if env:
-        if len(env) < 8:
-            raise ConfigError(SECRET_ENV, "the secret must be at least 8 bytes")
-        return env.encode()
-    raise ConfigError(key, f"no secret: use --secret-file FILE or set {SECRET_ENV}")
-
-
-class _Collector:
-    """Gathers ConfigErrors so that every bad key is reported, not only the first."""
-
-    def __init__(self) -> None:
-        self.errors: list[ConfigError] = []
-
-    def unknown_keys(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
-        for key in table:
-            if key not in known:
-                self.errors.append(ConfigError(f"{prefix}{key}", "unknown key"))
-
-    def take(self, key: str, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except ConfigError as exc:
-            self.errors.append(exc)
-        except (TypeError, ValueError) as exc:
-            self.errors.append(ConfigError(key, str(exc)))
-        return None
-
-
-def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(key, f"expected {names}, got {type(value).__name__} {value!r}")
-    return value
-
-
-_TOP_KEYS = {"mode", "log_level", "client", "server", "routing", "control", "control_hosts"}
-_CLIENT_KEYS = {
-    "protocol",
-    "server",
-    "user",
-    "secret_file",
-    "tls_ca",
-    "insecure",
-    "sni",
-    "path_prefix",
-    "pool_size",
-    "listen",
-    "allow_open",
-    "keepalive_interval",
-    "keepalive_timeout",
-}
-_SERVER_KEYS = {
-    "reverse_binds",
-    "max_reverse_listeners_per_client",
-    "listen",
-    "tls_certificate",
-    "tls_private_key",
-    "path_prefix",
-    "allow",
-    "secret_file",
-    "users",
-    "keepalive_interval",
-    "keepalive_timeout",
-}
-
-
-def check_keepalive(interval: float, timeout: float, interval_key: str, timeout_key: str) -> None:
-    """The keepalive pair (docs/protocol.md, Liveness): ``interval`` 0 turns it off; otherwise
-    the timeout must leave the PING time to be answered."""
-    if not math.isfinite(interval) or interval < 0:
-        raise ConfigError(interval_key, f"{interval!r}: seconds, 0 (off) or more")
-    if not math.isfinite(timeout) or timeout <= 0:
-        raise ConfigError(timeout_key, f"{timeout!r}: seconds, more than 0")
-    if interval > 0 and timeout <= interval:
-        raise ConfigError(
-            timeout_key,
-            f"{timeout:g} s is not longer than the keepalive interval ({interval:g} s): "
-            "use about three intervals",
-        )
-
-
-def _keepalive_keys(
-    table: dict[str, Any], target: ClientConfig | ServerConfig, prefix: str, c: _Collector
-) -> None:
-    """``keepalive_interval`` and ``keepalive_timeout`` of the client or server table."""
-    for key in ("keepalive_interval", "keepalive_timeout"):
-        value = table.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            c.errors.append(ConfigError(prefix + key, f"expected seconds, got {value!r}"))
-        else:
-            setattr(target, key, float(value))
-    c.take(
-        prefix + "keepalive_timeout",
-        check_keepalive,
-        target.keepalive_interval,
-        target.keepalive_timeout,
-        prefix + "keepalive_interval",
-        prefix + "keepalive_timeout",
+    client: ClientConfig | None = field(
+        default=None,
+        metadata=toml(
+            table(ClientConfig, finish=_finish_client),
+            "run the local listeners and the tunnel client",
+        ),
+    )
+    server: ServerConfig | None = field(
+        default=None,
+        metadata=toml(table(ServerConfig, finish=_finish_server), "run the tunnel server"),
+    )
+    mode: Mode = field(
+        default=Mode.GLOBAL,
+        metadata=toml(
+            MODE,
+            "global: everything through the tunnel; smart: the routing decides; direct: none",
+        ),
+    )
+    log_level: str = field(
+        default="info", metadata=toml(choice("debug", "info", "warning", "error"), "log level")
+    )
+    routing: RoutingConfig = field(
+        default_factory=RoutingConfig,
+        metadata=toml(table(RoutingConfig), "smart mode's rules and lists, and the DNS"),
+    )
+    control: str | None = field(
+        default=DEFAULT_CONTROL,
+        metadata=toml(
+            CONTROL, "the control API (autovpn mode, route, PAC files): HOST:PORT, or false"
+        ),
+    )
+    control_hosts: list[str] = field(
+        default_factory=list,
+        metadata=toml(
+            list_of(CONTROL_HOST),
+            "host names (besides loopback addresses and localhost) the control API answers to,"
+            " e.g. a name the hosts file maps to 127.0.0.1; any other name in Host is refused",
+        ),
     )
 
 
 def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigError]]:
-    """Build a Config from parsed TOML; relative paths are relative to ``base``."""
-    c = _Collector()
-    cfg = Config()
-    c.unknown_keys(data, _TOP_KEYS, "")
-
-    def path(value: Any, key: str) -> Path:
-        p = Path(_expect(value, str, key)).expanduser()
-        return p if p.is_absolute() else base / p
-
-    if "mode" in data:
-        cfg.mode = c.take("mode", parse_mode, data["mode"]) or cfg.mode
-    if "log_level" in data:
-        level = data["log_level"]
-        if level not in ("debug", "info", "warning", "error"):
-            c.errors.append(ConfigError("log_level", "must be debug, info, warning or error"))
-        else:
-            cfg.log_level = level
-
-    client = data.get("client")
-    if client is not None:
-        if not isinstance(client, dict):
-            c.errors.append(ConfigError("client", "must be a table"))
-        else:
-            c.unknown_keys(client, _CLIENT_KEYS, "client.")
-            server = c.take(
-                "client.server",
-                lambda: ServerURL.parse(
-                    _expect(client.get("server"), str, "client.server"), key="client.server"
-                ),
-            )
-            wstunnel_protocol = client.get("protocol") == "wstunnel"
-            secret = (
-                b""
-                if wstunnel_protocol and "secret_file" not in client
-                else c.take(
-                    "client.secret_file",
-                    lambda: secret_from(
-                        path(client["secret_file"], "client.secret_file")
-                        if "secret_file" in client
-                        else None,
-                        "client.secret_file",
-                    ),
-                )
-            )
-            listen = []
-            for i, spec in enumerate(client.get("listen", [])):
-                got = c.take(
-                    f"client.listen[{i}]",
-                    lambda s=spec, i=i: ListenSpec.parse(
-                        _expect(s, str, f"client.listen[{i}]"), f"client.listen[{i}]"
-                    ),
-                )
-                if got is not None:
-                    listen.append(got)
-            cc = ClientConfig(server or ServerURL(True, "invalid", 443), secret or b"")
-            cc.listen = listen
-            for key, kind in (
-                ("user", str),
-                ("sni", str),
-                ("path_prefix", str),
-                ("insecure", bool),
-                ("pool_size", int),
-                ("allow_open", bool),
-                ("protocol", str),
-            ):
-                if key in client:
-                    value = c.take(f"client.{key}", _expect, client[key], kind, f"client.{key}")
-                    if value is not None:
-                        setattr(cc, key, value)
-            if cc.protocol not in ("autovpn", "wstunnel"):
-                c.errors.append(ConfigError("client.protocol", 'must be "autovpn" or "wstunnel"'))
-            if "tls_ca" in client:
-                cc.tls_ca = c.take("client.tls_ca", path, client["tls_ca"], "client.tls_ca")
-                if cc.tls_ca is not None and not cc.tls_ca.is_file():
-                    c.errors.append(ConfigError("client.tls_ca", f"{cc.tls_ca}: no such file"))
-            if not 1 <= cc.pool_size <= 64:
-                c.errors.append(ConfigError("client.pool_size", "must be between 1 and 64"))
-            _keepalive_keys(client, cc, "client.", c)
-            cfg.client = cc
-
-    server = data.get("server")
-    if server is not None:
-        if not isinstance(server, dict):
-            c.errors.append(ConfigError("server", "must be a table"))
-        else:
-            c.unknown_keys(server, _SERVER_KEYS, "server.")
-            listen_url = c.take(
-                "server.listen",
-                lambda: ServerURL.parse(
-                    _expect(server.get("listen"), str, "server.listen"), key="server.listen"
-                ),
-            )
-            users: dict[str, bytes] = {}
-            table = c.take("server.users", _expect, server.get("users", {}), dict, "server.users")
-            for name, entry in (table or {}).items():
-                key = f"server.users.{name}"
-                if isinstance(entry, dict) and "secret_file" in entry:
-                    got = c.take(
-                        key,
-                        lambda e=entry, k=key: read_secret(
-                            path(e["secret_file"], k + ".secret_file"), k + ".secret_file"
-                        ),
-                    )
-                    if got is not None:
-                        users[name] = got
-                else:
-                    c.errors.append(ConfigError(key, 'expected { secret_file = "FILE" }'))
-            if not users:
-                got = c.take(
-                    "server.secret_file",
-                    lambda: secret_from(
-                        path(server["secret_file"], "server.secret_file")
-                        if "secret_file" in server
-                        else None,
-                        "server.secret_file",
-                    ),
-                )
-                if got is not None:
-                    users[DEFAULT_USER] = got
-            sc = ServerConfig(listen_url or ServerURL(True, "0.0.0.0", 8443), users)
-            if "tls_certificate" in server:
-                sc.tls_certificate = c.take(
-                    "server.tls_certificate",
-                    path,
-                    server["tls_certificate"],
-                    "server.tls_certificate",
-                )
-            if "tls_private_key" in server:
-                sc.tls_private_key = c.take(
-                    "server.tls_private_key",
-                    path,
-                    server["tls_private_key"],
-                    "server.tls_private_key",
-                )
-            for key in ("tls_certificate", "tls_private_key"):
-                p = getattr(sc, key)
-                if p is not None and not p.is_file():
-                    c.errors.append(ConfigError(f"server.{key}", f"{p}: no such file"))
-            if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
-                c.errors.append(
-                    ConfigError("server.listen", "wss:// needs tls_certificate and tls_private_key")
-                )
-            if "path_prefix" in server:
-                sc.path_prefix = (
-                    c.take(
-                        "server.path_prefix",
-                        _expect,
-                        server["path_prefix"],
-                        str,
-                        "server.path_prefix",
-                    )
-                    or sc.path_prefix
-                )
-            if "allow" in server:
-                allow = c.take("server.allow", _expect, server["allow"], list, "server.allow")
-                if allow is not None:
-                    for i, entry in enumerate(allow):
-                        key = f"server.allow[{i}]"
-                        if c.take(key, _rekeyed(AllowEntry.parse, key), str(entry)) is not None:
-                            sc.allow.append(str(entry))
-            if "reverse_binds" in server:
-                binds = c.take(
-                    "server.reverse_binds",
-                    _expect,
-                    server["reverse_binds"],
-                    list,
-                    "server.reverse_binds",
-                )
-                if binds is not None:
-                    sc.reverse_binds = []
-                    for i, entry in enumerate(binds):
-                        if c.take(f"server.reverse_binds[{i}]", _cidr, entry) is not None:
-                            sc.reverse_binds.append(str(entry))
-            _keepalive_keys(server, sc, "server.", c)
-            if "max_reverse_listeners_per_client" in server:
-                key = "server.max_reverse_listeners_per_client"
-                value = server[key.removeprefix("server.")]
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    sc.max_reverse_listeners_per_client = value
-                else:
-                    c.errors.append(
-                        ConfigError(
-                            key,
-                            f"expected a whole number, 0 or more (0: no reverse tunnels), "
-                            f"got {value!r}",
-                        )
-                    )
-            cfg.server = sc
-    if "routing" in data:
-        cfg.routing = parse_routing(data["routing"], base, c.errors)
-    if "control" in data:
-        cfg.control = c.take("control", parse_control, data["control"])
-    if "control_hosts" in data:
-        names = c.take("control_hosts", _expect, data["control_hosts"], list, "control_hosts")
-        for i, name in enumerate(names or []):
-            key = f"control_hosts[{i}]"
-            host = c.take(key, lambda n=name, k=key: parse_control_host(_expect(n, str, k), k))
-            if host is not None:
-                cfg.control_hosts.append(host)
-    return cfg, c.errors
+    """Build a Config from parsed TOML; relative paths are relative to ``base``.  A table with
+    an error is left at its default; the errors say why."""
+    found = walk(Config, data, Where("", base))
+    return Config(**found.values), found.errors
 
 
 def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
@@ -776,176 +919,3 @@ def state_dir() -> Path:
     if sys.platform == "darwin":
         return home / "Library" / "Application Support" / "autovpn"
     return Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "autovpn"
-
-
-# -- [routing] and control --------------------------------------------------------------------
-
-_ROUTING_KEYS = {
-    "default",
-    "rules",
-    "lists",
-    "default_lists",
-    "proxy_add",
-    "direct_add",
-    "remove",
-    "geoip",
-    "dns",
-}
-_DNS_KEYS = {"local", "public", "hosts_file", "timeout", "concurrency", "warm_at_start"}
-_LIST_KEYS = {"path", "action", "format", "name"}
-
-
-def parse_control(value: Any) -> str | None:
-    """``control = "127.0.0.1:9090"`` (loopback only: other machines have no business there;
-    browsers on this one are kept out by ``monitor.guard``), or ``false`` to turn it off."""
-    if value is False:
-        return None
-    text: str = _expect(value, str, "control")
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdecimal() or not 0 <= int(port) < 65536:
-        raise ConfigError("control", f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_CONTROL}")
-    if not is_loopback(host):
-        raise ConfigError("control", f"{text!r}: the control API listens on loopback only")
-    return text
-
-
-def parse_control_host(text: str, key: str = "control_hosts") -> str:
-    """A name for ``control_hosts``: as a browser sends it in Host, without the port."""
-    parsed = parse_host(text if ":" not in text or text.startswith("[") else f"[{text}]")
-    if parsed is None or parsed[1] is not None:
-        raise ConfigError(key, f"{text!r}: expected a host name or address without a port")
-    return normalize_host_name(parsed[0])
-
-
-def _str_list(value: Any, key: str, errors: list[ConfigError]) -> list[str]:
-    if not isinstance(value, list):
-        errors.append(ConfigError(key, f"expected a list of strings, got {type(value).__name__}"))
-        return []
-    out = []
-    for i, item in enumerate(value):
-        if isinstance(item, str):
-            out.append(item)
-        else:
-            errors.append(ConfigError(f"{key}[{i}]", f"expected a string, got {item!r}"))
-    return out
-
-
-def parse_routing(data: Any, base: Path, errors: list[ConfigError]) -> RoutingConfig:
-    """The ``[routing]`` table; every problem is appended to ``errors`` with its key."""
-    rc = RoutingConfig()
-    if not isinstance(data, dict):
-        errors.append(ConfigError("routing", "must be a table"))
-        return rc
-    for key in data:
-        if key not in _ROUTING_KEYS:
-            errors.append(ConfigError(f"routing.{key}", "unknown key"))
-    if "default" in data:
-        if data["default"] in ("proxy", "direct"):
-            rc.default = data["default"]
-        else:
-            errors.append(ConfigError("routing.default", 'must be "proxy" or "direct"'))
-    rc.rules = _str_list(data.get("rules", []), "routing.rules", errors)
-    for i, text in enumerate(rc.rules):
-        try:
-            parse_user_rule(text)
-        except RuleError as exc:
-            errors.append(ConfigError(f"routing.rules[{i}]", str(exc)))
-    for key in ("proxy_add", "direct_add", "remove"):
-        setattr(rc, key, _str_list(data.get(key, []), f"routing.{key}", errors))
-    if "default_lists" in data:
-        if isinstance(data["default_lists"], bool):
-            rc.default_lists = data["default_lists"]
-        else:
-            errors.append(ConfigError("routing.default_lists", "expected true or false"))
-    if "geoip" in data:
-        g = data["geoip"]
-        if g == "auto" or isinstance(g, bool):
-            rc.geoip = None if g == "auto" else g
-        else:
-            errors.append(ConfigError("routing.geoip", 'expected "auto", true or false'))
-    lists = data.get("lists", [])
-    if not isinstance(lists, list):
-        errors.append(ConfigError("routing.lists", "expected a list"))
-        lists = []
-    formats = {f.value: f for f in ListFormat}
-    for i, entry in enumerate(lists):
-        key = f"routing.lists[{i}]"
-        spec = {"path": entry} if isinstance(entry, str) else entry
-        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
-            errors.append(ConfigError(key, 'expected "FILE" or { path = "FILE", action = ... }'))
-            continue
-        bad = False
-        for k in spec:
-            if k not in _LIST_KEYS:
-                errors.append(ConfigError(f"{key}.{k}", "unknown key"))
-                bad = True
-        action = spec.get("action", "proxy")
-        if action not in ("proxy", "direct", "reject"):
-            errors.append(ConfigError(f"{key}.action", "must be proxy, direct or reject"))
-            bad = True
-        fmt = spec.get("format", "auto")
-        if fmt != "auto" and fmt not in formats:
-            errors.append(
-                ConfigError(f"{key}.format", "must be auto, " + ", ".join(sorted(formats)))
-            )
-            bad = True
-        path = Path(spec["path"]).expanduser()
-        path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            errors.append(ConfigError(f"{key}.path", f"{path}: no such file"))
-            bad = True
-        name = spec.get("name")
-        if not bad:
-            rc.lists.append(
-                ListSpec(
-                    path,
-                    Action(action),
-                    None if fmt == "auto" else formats[fmt],
-                    name if isinstance(name, str) else None,
-                )
-            )
-    dns = data.get("dns", {})
-    if not isinstance(dns, dict):
-        errors.append(ConfigError("routing.dns", "must be a table"))
-        return rc
-    for key in dns:
-        if key not in _DNS_KEYS:
-            errors.append(ConfigError(f"routing.dns.{key}", "unknown key"))
-    for key, attr in (("local", "dns_local"), ("public", "dns_public")):
-        if key not in dns:
-            continue
-        servers = _str_list(dns[key], f"routing.dns.{key}", errors)
-        for i, text in enumerate(servers):
-            try:
-                Upstream.parse(text)
-            except ValueError as exc:
-                errors.append(ConfigError(f"routing.dns.{key}[{i}]", str(exc)))
-        setattr(rc, attr, servers)
-    if "hosts_file" in dns:
-        h = dns["hosts_file"]
-        if h is False:
-            rc.hosts_file = None
-        elif isinstance(h, str):
-            p = Path(h).expanduser()
-            rc.hosts_file = p if p.is_absolute() else base / p
-        else:
-            errors.append(ConfigError("routing.dns.hosts_file", "expected a path or false"))
-    if "timeout" in dns:
-        t = dns["timeout"]
-        if isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 60:
-            rc.dns_timeout = float(t)
-        else:
-            errors.append(ConfigError("routing.dns.timeout", "seconds, between 0 and 60"))
-    if "concurrency" in dns:
-        n = dns["concurrency"]
-        if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 1000:
-            rc.concurrency = n
-        else:
-            errors.append(ConfigError("routing.dns.concurrency", "between 1 and 1000"))
-    if "warm_at_start" in dns:
-        if isinstance(dns["warm_at_start"], bool):
-            rc.warm_at_start = dns["warm_at_start"]
-        else:
-            errors.append(ConfigError("routing.dns.warm_at_start", "expected true or false"))
-    return rc
