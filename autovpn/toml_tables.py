@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -32,6 +32,7 @@ from autovpn.errors import ConfigError
 
 T = TypeVar("T")
 U = TypeVar("U")
+K = TypeVar("K", str, int)
 
 _META = "autovpn.toml"
 
@@ -225,22 +226,27 @@ def false_or(parser: Parser[T]) -> Parser[T | None]:
     return Parser(expects, parser.types | {"boolean"}, convert, parser.tables, parser.nest)
 
 
+def _each(item: Parser[T], entries: Iterable[tuple[K, Any]], where: Where) -> list[tuple[K, T]]:
+    """``item`` on every entry; Invalid with every bad one's error, each under its own key."""
+    out: list[tuple[K, T]] = []
+    errors: list[ConfigError] = []
+    for part, entry in entries:
+        try:
+            out.append((part, item(entry, where.at(part))))
+        except ConfigError as exc:
+            errors.append(exc)
+        except Invalid as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise Invalid(errors)
+    return out
+
+
 def list_of(item: Parser[T]) -> Parser[list[T]]:
     """An array; every bad item is reported, each with its index."""
 
     def convert(value: list[Any], where: Where) -> list[T]:
-        out: list[T] = []
-        errors: list[ConfigError] = []
-        for i, entry in enumerate(value):
-            try:
-                out.append(item(entry, where.at(i)))
-            except ConfigError as exc:
-                errors.append(exc)
-            except Invalid as exc:
-                errors.extend(exc.errors)
-        if errors:
-            raise Invalid(errors)
-        return out
+        return [parsed for _, parsed in _each(item, enumerate(value), where)]
 
     expects = f"an array, each {item.expects}"
     return Parser(expects, frozenset({"array"}), convert, item.tables, "[]" + item.nest)
@@ -250,18 +256,7 @@ def table_of(item: Parser[T]) -> Parser[dict[str, T]]:
     """A table of NAME = value, any names; every bad value is reported, each with its name."""
 
     def convert(value: dict[str, Any], where: Where) -> dict[str, T]:
-        out: dict[str, T] = {}
-        errors: list[ConfigError] = []
-        for name, entry in value.items():
-            try:
-                out[name] = item(entry, where.at(name))
-            except ConfigError as exc:
-                errors.append(exc)
-            except Invalid as exc:
-                errors.extend(exc.errors)
-        if errors:
-            raise Invalid(errors)
-        return out
+        return dict(_each(item, value.items(), where))
 
     expects = f"a table, each NAME = {item.expects}"
     return Parser(expects, frozenset({"table"}), convert, item.tables, ".NAME" + item.nest)
