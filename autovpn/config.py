@@ -45,8 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from autovpn.errors import ConfigError
-from autovpn.monitor.guard import normalize_host_name, parse_host
-from autovpn.net import is_loopback
+from autovpn.net import is_loopback, normalize_host_name, parse_host
 from autovpn.policy import AllowEntry
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.lists import ListFormat

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from autovpn.config import Config, ListenSpec, load_file, parse_config
 from autovpn.errors import ConfigError
 from autovpn.routing.lists import ListFormat
-from tests.imports import ROOT, imports_of, package_of
+from tests.imports import ROOT
 
 SECRET = b"config-test-secret-0123"
 
@@ -232,39 +232,6 @@ def test_an_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
 #: What the engine loads and the config must not: the resolver, the event loop, TLS, the
 #: wstunnel and HTTP/2 stacks, YAML (wstunnel restrictions).
 HEAVY = ("dns", "asyncio", "ssl", "cryptography", "websockets", "h2", "yaml")
-ABOVE_CONFIG = (
-    "autovpn.tunnel",
-    "autovpn.proxy",
-    "autovpn.engine",
-    "autovpn.monitor",
-    "autovpn.cli",
-)
-
-
-#: Below the layers, though in their packages: the control API's request guard is pure (it
-#: imports nothing of autovpn), and the config checks control_hosts with its Host parser.
-LEAVES = ("autovpn.monitor.guard",)
-
-
-@pytest.mark.parametrize("relative", ["autovpn/config.py", "autovpn/toml_tables.py"])
-def test_config_imports_nothing_from_the_layers_that_use_it(relative: str) -> None:
-    source = (ROOT / relative).read_text("utf-8")
-    found = [
-        f"line {imp.line}: {imp.module}"
-        for imp in imports_of(source, package_of(relative))
-        if any(imp.module == m or imp.module.startswith(m + ".") for m in ABOVE_CONFIG)
-        and imp.module not in LEAVES
-    ]
-    assert found == []
-
-
-@pytest.mark.parametrize("module", LEAVES)
-def test_the_leaves_the_config_imports_import_nothing_of_autovpn(module: str) -> None:
-    relative = module.replace(".", "/") + ".py"
-    imports = imports_of((ROOT / relative).read_text("utf-8"), package_of(relative))
-    assert [imp.module for imp in imports if imp.module.startswith("autovpn")] == []
-
-
 def test_importing_the_config_loads_no_heavy_module() -> None:
     code = "import sys, autovpn.config; print(*sorted({m.split('.')[0] for m in sys.modules}))"
     done = subprocess.run(

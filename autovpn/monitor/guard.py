@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
+from autovpn.net import normalize_host_name, parse_host
+
 __all__ = [
     "ControlPolicy",
     "Refusal",
     "check_request",
     "is_pac_path",
-    "normalize_host_name",
-    "parse_host",
 ]
 
 #: Methods that only read.  Everything else changes the engine's state and needs the token.
@@ -93,46 +93,6 @@ class ControlPolicy:
         if bound and bound not in ("0.0.0.0", "::") and not _is_loopback_name(bound):
             names.add(bound)
         return cls(port, token, token_file, frozenset(n for n in names if n))
-
-
-def normalize_host_name(name: str) -> str:
-    """Lower case, brackets off, IP addresses in their canonical text (``::0:1`` -> ``::1``)."""
-    name = name.strip().lower()
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        return name
-
-
-def parse_host(value: str) -> tuple[str, int | None] | None:
-    """``Host`` (RFC 9110 section 7.2: uri-host [":" port]) as (normalized name, port or None);
-    None when it is not one.  An IPv6 address must be in brackets, as in a URL."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        inside, sep, rest = value[1:].partition("]")
-        try:
-            ipaddress.IPv6Address(inside)
-        except ValueError:
-            return None
-        if not sep or (rest and not rest.startswith(":")):
-            return None
-        name, port_text = str(ipaddress.IPv6Address(inside)), rest[1:] if rest else None
-    else:
-        name, sep, port_text_or_empty = value.partition(":")
-        if ":" in port_text_or_empty:
-            return None  # an unbracketed IPv6 address, or garbage
-        port_text = port_text_or_empty if sep else None
-        if not name or not name.isascii() or not all(c.isalnum() or c in "-._" for c in name):
-            return None
-        name = normalize_host_name(name)
-    if port_text is None:
-        return name, None
-    if not (port_text.isdecimal() and port_text.isascii() and len(port_text) <= 5):
-        return None
-    port = int(port_text)
-    return (name, port) if 0 < port < 65536 else None
 
 
 def _is_loopback_name(name: str) -> bool:

@@ -7,7 +7,8 @@ from http import HTTPStatus
 
 import pytest
 
-from autovpn.monitor.guard import ControlPolicy, Refusal, check_request, parse_host
+from autovpn.monitor.guard import ControlPolicy, Refusal, check_request
+from autovpn.net import parse_host
 
 PORT = 9090
 TOKEN = "t0ken-" + "x" * 37
