@@ -651,6 +651,7 @@ def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> 
 
 async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:
     """No engine running: start the tunnel (no listeners, no control API) and resolve here."""
+    # The engine only when no running engine answered.
     from autovpn.engine import Engine, embedded_config
 
     if cfg.client is None and cfg.server is None:

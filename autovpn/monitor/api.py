@@ -51,7 +51,7 @@ from urllib.parse import parse_qs, urlsplit
 from autovpn.monitor.client import CONTROL_TOKEN_FILE, read_control_token
 from autovpn.monitor.guard import ControlPolicy, check_request, is_pac_path
 from autovpn.proxy.listener import ListenerKind, ProxyListener
-from autovpn.routing.dns import SplitResolver
+from autovpn.routing.dns import Resolution, SplitResolver
 from autovpn.routing.pac import render_pac
 from autovpn.routing.router import Mode, Router
 
@@ -493,8 +493,6 @@ class ControlAPI:
 
         async def progress(name: str, result: object) -> None:
             nonlocal failed
-            from autovpn.routing.dns import Resolution
-
             if isinstance(result, Resolution):
                 line = {"name": name, "addresses": list(result.addresses)}
             else:

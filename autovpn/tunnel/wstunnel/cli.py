@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autovpn.config import parse_reverse
 from autovpn.errors import ConfigError
 from autovpn.wire import wstunnel
 
@@ -135,10 +136,10 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
         w.tls_private_key = str(args.tls_private_key or args.tls_certificate)
     w.sni_disable = w.sni_disable or args.tls_sni_disable
     if args.remote_to_local and cc.protocol != "wstunnel":
-        from autovpn.config import parse_reverse
-
         cc.reverse = [*cc.reverse, *(parse_reverse(spec) for spec in args.remote_to_local)]
     elif args.remote_to_local:
+        # The wstunnel reverse machinery (asyncio and all) only when -R is given: this module
+        # is imported by every CLI command, which must start fast.
         from autovpn.tunnel.wstunnel.reverse import ReverseSpec
 
         for spec in args.remote_to_local:

@@ -27,12 +27,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from autovpn.config import MAX_REVERSE_LISTENERS_PER_CLIENT
+from autovpn.config import MAX_REVERSE_LISTENERS_PER_CLIENT, ListenSpec
 from autovpn.errors import ConfigError, RemoteProtocolError, StreamError
 from autovpn.net import reset_transport
 from autovpn.tunnel.wstunnel.relay import LocalSide
 from autovpn.tunnel.wstunnel.restrictions import Verdict
 from autovpn.wire import socks5, wstunnel
+from autovpn.wire.auth import Credentials
 from autovpn.wire.wstunnel import Claims, Kind, LocalProtocol, TunnelRequest, WstunnelRejected
 
 if TYPE_CHECKING:
@@ -130,8 +131,6 @@ class _Listener:
         assert held.transport is not None
         creds = None
         if self.credentials is not None:
-            from autovpn.wire.auth import Credentials
-
             creds = Credentials({self.credentials[0]: self.credentials[1]})
         parser = socks5.Socks5ServerHandshake(creds)
         async with asyncio.timeout(SOCKS_HANDSHAKE_TIMEOUT):
@@ -312,7 +311,6 @@ class ReverseSpec:
 
     @classmethod
     def parse(cls, text: str) -> ReverseSpec:
-        from autovpn.config import ListenSpec
 
         scheme = text.partition("://")[0]
         if scheme == "unix":

@@ -30,6 +30,7 @@ from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
 from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
 from autovpn.tunnel.wstunnel.restrictions import Restrictions
+from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
 from autovpn.wire.handshake import HttpHead
 from autovpn.wire.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
@@ -116,8 +117,6 @@ class WstunnelService:
                     "--restrict-config", "conflicts with --restrict-to and -r (as in wstunnel)"
                 )
             self._load_restrictions()
-        from autovpn.tunnel.wstunnel.reverse import ReverseListeners
-
         self.reverse = ReverseListeners(
             self.options.reverse_idle_timeout, server.settings.max_reverse_listeners_per_client
         )
