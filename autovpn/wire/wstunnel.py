@@ -686,23 +686,6 @@ def proxy_v2_header(source: tuple[str, int], destination: tuple[str, int]) -> by
 # -- command-line values -------------------------------------------------------------------------
 
 
-def parse_duration(text: str) -> float:
-    """A duration as wstunnel's CLI parses it: ``30s``, ``5m``, ``1h`` or bare seconds."""
-    value = text.strip().lower()
-    scale = 1.0
-    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
-        if value.endswith(suffix):
-            value, scale = value[: -len(suffix)], factor
-            break
-    try:
-        seconds = float(value) * scale
-    except ValueError:
-        raise ValueError(f"bad duration {text!r} (use 30s, 5m, 1h or seconds)") from None
-    if seconds < 0 or seconds != seconds:
-        raise ValueError(f"bad duration {text!r}")
-    return seconds
-
-
 # -- whole frames, for UDP (one datagram per frame, section 3.2) ---------------------------------
 
 #: A UDP tunnel's frames carry one datagram each: at most 64 KiB, plus the header.

@@ -16,15 +16,31 @@ from typing import TYPE_CHECKING
 
 from autovpn.config import parse_reverse
 from autovpn.errors import ConfigError
-from autovpn.wire import wstunnel
 
 if TYPE_CHECKING:
     from autovpn.config import ClientConfig, ServerConfig
 
 
+def parse_duration(text: str) -> float:
+    """A duration as wstunnel's CLI parses it: ``30s``, ``5m``, ``1h`` or bare seconds."""
+    value = text.strip().lower()
+    scale = 1.0
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if value.endswith(suffix):
+            value, scale = value[: -len(suffix)], factor
+            break
+    try:
+        seconds = float(value) * scale
+    except ValueError:
+        raise ValueError(f"bad duration {text!r} (use 30s, 5m, 1h or seconds)") from None
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"bad duration {text!r}")
+    return seconds
+
+
 def _duration(text: str) -> float:
     try:
-        return wstunnel.parse_duration(text)
+        return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -106,6 +122,10 @@ def add_client_arguments(c: argparse.ArgumentParser) -> None:
 
 def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[str]:
     """Copy the wstunnel flags into ``cc``; returns notes for the user."""
+    # wstunnel's codec (and websockets with it) only when a client command runs: this module
+    # is imported by every CLI command, which must start fast.
+    from autovpn.wire.wstunnel import parse_header_line
+
     notes: list[str] = []
     if args.protocol:
         cc.protocol = args.protocol
@@ -114,7 +134,7 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
     w = cc.wstunnel
     headers = list(w.headers)
     for text in args.http_headers:
-        parsed = wstunnel.parse_header_line(text)
+        parsed = parse_header_line(text)
         if parsed is None:
             raise ConfigError("-H", f"{text!r}: expected 'Name: value'")
         headers.append(parsed)

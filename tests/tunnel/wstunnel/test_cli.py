@@ -18,11 +18,12 @@ from autovpn.config import ClientConfig, Config, ListenSpec, ServerURL
 from autovpn.engine import Engine
 from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
+from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire import wstunnel
 from tests.conftest import SECRET, echo_handler, env_without_proxies, run, tcp_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @asynccontextmanager
@@ -181,12 +182,12 @@ def test_seed_proxy_mode_command_line_serves_with_listener_credentials() -> None
 
 
 def test_flags_durations_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert wstunnel.parse_duration("30s") == 30
-    assert wstunnel.parse_duration("5m") == 300
-    assert wstunnel.parse_duration("1h") == 3600
-    assert wstunnel.parse_duration("45") == 45
+    assert wstunnel_cli.parse_duration("30s") == 30
+    assert wstunnel_cli.parse_duration("5m") == 300
+    assert wstunnel_cli.parse_duration("1h") == 3600
+    assert wstunnel_cli.parse_duration("45") == 45
     with pytest.raises(ValueError):
-        wstunnel.parse_duration("soon")
+        wstunnel_cli.parse_duration("soon")
     monkeypatch.setenv("WSTUNNEL_HTTP_UPGRADE_PATH_PREFIX", "from-env")
     headers = tmp_path / "h"
     headers.write_text("X-A: 1\n")
