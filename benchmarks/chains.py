@@ -256,10 +256,17 @@ def _start_autovpn_pair(
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """``autovpn server wss://… --allow 127.0.0.0/8`` and ``autovpn client -L LISTEN wss://…``
     as two processes (the secret in AUTOVPN_SECRET); returns (server, client) once the server
-    listens.  The caller waits for the client's own port."""
+    listens.  The caller waits for the client's own port.
+
+    Their state (engine records, IP scores) stays in the chain's work directory: never the
+    user's own state directory, whose engines' records it would mix with."""
     server_port = free_port()
-    env = dict(os.environ, AUTOVPN_SECRET=SECRET, PYTHONPATH=str(autovpn_source()))
-    env.pop("AUTOVPN_STATE_DIR", None)
+    env = dict(
+        os.environ,
+        AUTOVPN_SECRET=SECRET,
+        PYTHONPATH=str(autovpn_source()),
+        AUTOVPN_STATE_DIR=str(work.path / f"{log_name}-state"),
+    )
     py = [sys.executable, "-m", "autovpn", "--log-level", "warning"]
     server = _popen(
         [

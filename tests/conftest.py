@@ -75,7 +75,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test, and every subprocess it starts with the inherited environment, keeps its
+    state in its own temporary directory: AUTOVPN_STATE_DIR, and a HOME of its own (so that
+    a process that loses AUTOVPN_STATE_DIR still writes nothing in the user's home)."""
     monkeypatch.setenv("AUTOVPN_STATE_DIR", str(tmp_path / "state"))
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("AUTOVPN_SECRET", raising=False)
     yield
 

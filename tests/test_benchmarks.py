@@ -61,3 +61,25 @@ def test_harness_udp_rows_at_low_rates() -> None:
     assert any(r[0].startswith("UDP datagrams/s") for r in rows)
     assert not any(r[0].startswith("download") for r in rows)  # the TCP group did not run
     assert any("UDP relay ≥ 80% of socat" in line for line in target_checks(results))
+
+
+def test_a_chain_writes_only_in_its_work_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's autovpn processes keep their state in the chain's temporary directory,
+    never in the user's (HOME here is a fresh directory that must stay empty)."""
+    from benchmarks import chains
+
+    home = tmp_path / "chain-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    work = chains.make_certs(tmp_path / "work")
+    run = chains.start_autovpn(work)
+    try:
+        run.check()
+    finally:
+        run.stop()
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
+    assert any((tmp_path / "work").glob("*state*"))
