@@ -37,16 +37,9 @@ from autovpn.config import (
     secret_from,
     state_dir,
 )
-from autovpn.errors import AutovpnError, ConfigError
-from autovpn.monitor.client import (
-    CONTROL_TOKEN_FILE,
-    ControlUnreachable,
-    Reply,
-    read_control_state,
-    read_control_token,
-    request,
-    stream_lines,
-)
+from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError
+from autovpn.monitor.client import ControlUnreachable, Reply, request, stream_lines
+from autovpn.monitor.engines import ENGINES_DIR, ROLES, EngineRecord, choose, live_records
 from autovpn.policy import AllowEntry
 from autovpn.routing.router import Mode
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
@@ -93,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         type=str.lower,
     )
+    p.add_argument(
+        "--auto-port",
+        action="store_true",
+        help="a taken proxy or control port: use the next free one (also: client --auto-port)",
+    )
     sub = p.add_subparsers(dest="command")
 
     c = sub.add_parser("client", help="run the local listeners and the tunnel client")
@@ -123,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-open",
         action="store_true",
         help="allow listeners on non-loopback addresses without credentials",
+    )
+    c.add_argument(
+        "--auto-port",
+        action="store_true",
+        # SUPPRESS: unset here leaves ``autovpn --auto-port client ...`` as it was.
+        default=argparse.SUPPRESS,
+        help="a taken socks5/http or control port: use the next free one (of 20)",
     )
     c.add_argument("--udp", action="store_true", help="with --udp-src/--udp-dst: a UDP relay")
     c.add_argument(
@@ -173,6 +178,11 @@ def _routing_parsers(sub: Any) -> None:
     control = argparse.ArgumentParser(add_help=False)
     control.add_argument(
         "--control", metavar="URL", help="the running engine's control API (default: found)"
+    )
+    control.add_argument(
+        "--role",
+        choices=ROLES,
+        help="when several engines run here: the one of this role",
     )
     m = sub.add_parser("mode", parents=[control], help="show or switch the running engine's mode")
     m.add_argument("mode", nargs="?", choices=[m.value for m in Mode])
@@ -383,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if embedded:
             cfg = embedded_config(state_dir())
+        cfg.auto_port = cfg.auto_port or args.auto_port
         _configure_logging(args.log_level or cfg.log_level)
         run(_serve(cfg, embedded))
     except KeyboardInterrupt:
@@ -391,6 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"autovpn: configuration error: {exc}", file=sys.stderr)
         return 2
+    except EngineChoiceError as exc:
+        print(
+            f"autovpn: {exc} on the state directory {state_dir()}; choose one with --role ROLE"
+            " or --control URL:",
+            file=sys.stderr,
+        )
+        for line in exc.engines:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except BindError as exc:
+        print(f"autovpn: {exc}{_bind_remedy(exc, args)}", file=sys.stderr)
+        return 1
     except AutovpnError as exc:
         print(f"autovpn: {exc}", file=sys.stderr)
         return 1
@@ -400,31 +423,76 @@ def main(argv: list[str] | None = None) -> int:
 # -- routing commands: talk to the running engine, or answer from the config ------------------
 
 
-def _control_urls(args: argparse.Namespace, cfg: Config) -> list[str]:
+def _bind_remedy(exc: BindError, args: argparse.Namespace) -> str:
+    """What this command can do about a taken port, in its own flags (the embedded default
+    has no -L, the server no --auto-port); empty when it has nothing to offer."""
+    if not exc.in_use:
+        return ""
+    # An engine of this state directory holds it (one left running, say): say which, and how
+    # to stop it; nothing is stopped here.
+    ours = next((r for r in live_records(state_dir()) if r.pid == exc.holder), None)
+    if ours is not None:
+        return (
+            f"; that is this state directory's {ours.role} engine ({ours.url}):"
+            f" stop it first (kill -TERM {ours.pid}), or use another port"
+        )
+    config = f" in {args.config}" if args.config is not None else ""
+    proxy = exc.what in ("socks5 listener", "http listener", "control API")
+    if exc.what == "tunnel server":
+        if args.command == "server":
+            return "; give another port in the listen URL"
+        return f"; change server.listen{config}" if config else ""
+    remedies = []
+    if args.command == "client":
+        remedies.append("pick another port with -L")
+    elif config:
+        remedies.append(f"change the port{config}")
+    if proxy and not args.auto_port:
+        if args.command == "client" or config:
+            remedies.append("add --auto-port to take the next free one")
+        else:
+            remedies.append("start it with `autovpn --auto-port` to take the next free one")
+    return "; " + ", or ".join(remedies) if remedies else ""
+
+
+def _target(
+    args: argparse.Namespace, cfg: Config, *, read_only: bool
+) -> tuple[list[str], EngineRecord | None]:
+    """The control URL to ask, and the record of the engine it belongs to (for its token).
+
+    ``--control URL``: that one.  Else the engines running on this state directory
+    (``monitor/engines.py``): the only one, or the one of ``--role``; for a read-only command
+    (status, route, pac, mode without an argument) the only one with local proxies (role
+    client or embedded); else ``EngineChoiceError`` (exit 2, listing them).  When none runs:
+    the configured control address (an engine of another state directory may be there)."""
+    records = live_records(state_dir())
     if args.control:
-        return [args.control]
-    urls = []
-    found = read_control_state(state_dir())
-    if found:
-        urls.append(found)
+        found = next((r for r in records if r.url == args.control.rstrip("/")), None)
+        return [args.control], found
+    chosen = choose(records, role=args.role, read_only=read_only)
+    if chosen is not None:
+        return [chosen.url], chosen
     if cfg.control:
         host, _, port = cfg.control.rpartition(":")
-        urls.append(f"http://{host}:{port}")
-    return list(dict.fromkeys(urls))
+        return [f"http://{host}:{port}"], None
+    return [], None
 
 
-def _auth() -> dict[str, str]:
-    """The running engine's control token (``control.token`` in the state directory), as the
+def _auth(engine: EngineRecord | None) -> dict[str, str]:
+    """The engine's control token (in its record's ``.token`` file, mode 0600), as the
     header that state-changing requests carry."""
-    token = read_control_token(state_dir())
+    token = engine.read_token() if engine is not None else None
     return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
-def _refused(error: object) -> str:
+def _refused(error: object, engine: EngineRecord | None) -> str:
     """The engine's error, and where this CLI looked for the token when it found none."""
     text = f"autovpn: {error}"
-    if "control token" in str(error) and read_control_token(state_dir()) is None:
-        text += f" (no token at {state_dir() / CONTROL_TOKEN_FILE})"
+    if "control token" in str(error):
+        if engine is None:
+            text += f" (no engine in {state_dir() / ENGINES_DIR} has this address: no token)"
+        elif engine.read_token() is None:
+            text += f" (no token at {engine.token_path})"
     return text
 
 
@@ -445,19 +513,21 @@ def _ask(
 
 
 def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
-    urls = _control_urls(args, cfg)
+    # Read-only commands may pick the one client among several engines; changes may not.
+    changes = args.command == "resolve" or (args.command == "mode" and args.mode is not None)
+    urls, engine = _target(args, cfg, read_only=not changes)
     if args.command == "mode":
         if args.mode is None:
             reply = _ask(urls, "GET", "/mode")
         else:
             body = json.dumps({"mode": args.mode}).encode()
-            reply = _ask(urls, "POST", "/mode", body, _auth())
+            reply = _ask(urls, "POST", "/mode", body, _auth(engine))
         if reply is None:
             print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
             return 1
         data = reply.json()
         if reply.status != 200:
-            print(_refused(data.get("error")), file=sys.stderr)
+            print(_refused(data.get("error"), engine), file=sys.stderr)
             return 1
         if args.mode is None:
             print(data["mode"])
@@ -484,7 +554,7 @@ def _routing_command(args: argparse.Namespace, cfg: Config) -> int:
             explained = run(_explain_offline(cfg, args.host, args.port, args.resolve))
         _print_route(explained, args.json)
         return 0
-    return _resolve_command(args, cfg, urls)
+    return _resolve_command(args, cfg, urls, engine)
 
 
 async def _explain_offline(cfg: Config, host: str, port: int, resolve: bool) -> dict[str, Any]:
@@ -500,7 +570,7 @@ async def _explain_offline(cfg: Config, host: str, port: int, resolve: bool) -> 
 
 
 def _status_command(args: argparse.Namespace, cfg: Config) -> int:
-    urls = _control_urls(args, cfg)
+    urls, _ = _target(args, cfg, read_only=True)
     reply = _ask(urls, "GET", "/status")
     if reply is None or reply.status != 200:
         print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
@@ -608,7 +678,9 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> int:
+def _resolve_command(
+    args: argparse.Namespace, cfg: Config, urls: list[str], engine: EngineRecord | None
+) -> int:
     path = f"/resolve?list={args.list}"
     if args.concurrency:
         path += f"&concurrency={args.concurrency}"
@@ -629,13 +701,13 @@ def _resolve_command(args: argparse.Namespace, cfg: Config, urls: list[str]) -> 
 
     for url in urls:
         try:
-            status = stream_lines(url, "POST", path, on_line, _auth())
+            status = stream_lines(url, "POST", path, on_line, _auth(engine))
         except ControlUnreachable:
             continue
         if progress is not None:
             progress.end()
         if status != 200:
-            print(_refused(summary.get("error")), file=sys.stderr)
+            print(_refused(summary.get("error"), engine), file=sys.stderr)
             return 1
         print(
             f"resolved {summary.get('done', 0)} names from the {args.list} list in "

@@ -882,6 +882,14 @@ class Config:
             " e.g. a name the hosts file maps to 127.0.0.1; any other name in Host is refused",
         ),
     )
+    auto_port: bool = field(
+        default=False,
+        metadata=toml(
+            boolean(),
+            "a taken SOCKS5/HTTP listener or control API port: bind the next free one (of 20);"
+            " status, the PAC files and the banner report the port bound",
+        ),
+    )
 
 
 def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigError]]:

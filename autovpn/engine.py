@@ -32,6 +32,7 @@ from autovpn.config import (
 )
 from autovpn.monitor.api import ControlAPI
 from autovpn.policy import DestinationPolicy
+from autovpn.ports import bind_with_auto_port
 from autovpn.proxy.dialer import Dialer, TunnelOpener
 from autovpn.proxy.forward import FORWARD_LISTENER_SCHEMES, ForwardListener, StdioForward
 from autovpn.proxy.listener import ListenerKind, ProxyListener
@@ -107,6 +108,14 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def role(self) -> str:
+        """``client``, ``server`` or ``embedded`` (both in this process): the name of this
+        engine's record in the state directory, by which ``autovpn --role`` chooses it."""
+        if self.config.client is not None and self.config.server is not None:
+            return "embedded"
+        return "server" if self.config.server is not None else "client"
 
     @property
     def mode(self) -> Mode:
@@ -295,11 +304,16 @@ class Engine:
                 if spec.scheme in FORWARD_LISTENER_SCHEMES:
                     await self._start_forward(spec, self.tunnel)
                     continue
-                listener = _make_listener(spec, dialer, client.allow_open)
-                await listener.start()
-                self.listeners.append(listener)
+                await self._start_listener(spec, dialer, client.allow_open)
         if cfg.control is not None:
-            self.api = ControlAPI(self, cfg.control, state_dir(), cfg.control_hosts)
+            self.api = ControlAPI(
+                self,
+                cfg.control,
+                state_dir(),
+                cfg.control_hosts,
+                role=self.role,
+                auto_port=cfg.auto_port,
+            )
             await self.api.start()
         if cfg.routing.warm_at_start:
             self._warm = asyncio.get_running_loop().create_task(
@@ -328,9 +342,23 @@ class Engine:
                 await wrelay.start()
                 self.udp_relays.append(wrelay)
                 continue
-            listener = _make_listener(spec, dialer, client.allow_open)
+            await self._start_listener(spec, dialer, client.allow_open)
+
+    async def _start_listener(self, spec: ListenSpec, dialer: Dialer, allow_open: bool) -> None:
+        """A SOCKS5 or HTTP proxy listener; with ``auto_port``, on the next free port if its
+        own is taken (status, the PAC files and the banner report the bound one).
+
+        Only these move: a forward's or UDP relay's port is written in another program's
+        configuration (an ssh command, a WireGuard Endpoint), which a moved port would break
+        without a word, while browsers and the system find the proxies through the PAC."""
+
+        async def start(port: int) -> ProxyListener:
+            listener = _make_listener(dataclasses.replace(spec, port=port), dialer, allow_open)
             await listener.start()
-            self.listeners.append(listener)
+            return listener
+
+        listener = await bind_with_auto_port(start, spec.port, self.config.auto_port)
+        self.listeners.append(listener)
 
     async def _start_forward(self, spec: ListenSpec, opener: TunnelOpener) -> None:
         forward: ForwardListener | StdioForward

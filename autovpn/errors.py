@@ -29,7 +29,36 @@ class ConfigError(LocalError):
 
 
 class BindError(LocalError):
-    """A listener could not bind its address (taken port, missing permission)."""
+    """A listener could not bind its address (taken port, missing permission).
+
+    ``in_use``: the port is taken, which ``auto_port`` or another port would fix (the CLI
+    adds the remedy its command has; the message itself names no flag)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        what: str = "",
+        host: str = "",
+        port: int = 0,
+        in_use: bool = False,
+        holder: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.what = what  # "socks5 listener", "udp relay", "tunnel server"...
+        self.host = host
+        self.port = port
+        self.in_use = in_use
+        self.holder = holder  # the pid holding the port, when the system shows it
+
+
+class EngineChoiceError(LocalError):
+    """Several engines run on this state directory and the command did not say which (or none
+    of the role it asked for runs).  ``engines``: one line per running engine."""
+
+    def __init__(self, message: str, engines: list[str]) -> None:
+        super().__init__(message)
+        self.engines = engines
 
 
 class ResetReason(enum.IntEnum):

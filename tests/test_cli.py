@@ -8,6 +8,7 @@ terminal sends on Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import socket
@@ -276,7 +277,11 @@ def test_taken_port_is_one_clear_line(tmp_path: Path, certs: Certs) -> None:
         assert "Traceback" not in err
         errors = [line for line in err.splitlines() if line.startswith("autovpn:")]
         assert len(errors) == 1, err
-        assert f"127.0.0.1:{port}" in errors[0] and "another program" in errors[0]
+        assert f"127.0.0.1:{port}" in errors[0]
+        # The holder (this test process) where /proc shows it; the remedies client has.
+        named = f"pid {os.getpid()} (" if sys.platform == "linux" else "another program"
+        assert f"port in use by {named}" in errors[0], errors[0]
+        assert "-L" in errors[0] and "--auto-port" in errors[0]
 
     run(main())
 
@@ -311,8 +316,8 @@ def test_keepalive_flags_on_client_and_server(monkeypatch: pytest.MonkeyPatch) -
 def test_mode_and_resolve_reach_a_running_engine_with_its_token(
     tmp_path: Path, certs: Certs
 ) -> None:
-    """``autovpn mode`` and ``autovpn resolve`` read the token the engine left (0600) in the
-    state directory; a CLI without it is refused and told where the token is."""
+    """``autovpn mode`` and ``autovpn resolve`` read the token the engine left (0600) next to
+    its record in the state directory; a CLI without it is refused and told where it is."""
     import json
     import stat
 
@@ -336,7 +341,9 @@ def test_mode_and_resolve_reach_a_running_engine_with_its_token(
 
     async def main() -> None:
         async with autovpn("--config", str(config), env=env, ready="control api") as proc:
-            token_file = state / "control.token"
+            (record,) = (state / "engines").glob("*.json")
+            assert record.name.startswith("server-127.0.0.1-")
+            token_file = record.with_suffix(".token")
             assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
             token = token_file.read_text().strip()
             rc, out, err = await run_cli("mode", "direct", env=env)
@@ -346,7 +353,7 @@ def test_mode_and_resolve_reach_a_running_engine_with_its_token(
             rc, out, err = await run_cli("resolve", "--list", "all", env=env)
             assert rc == 0 and "the running engine's cache is warm" in out, err
             # Another user, or another state directory: no token, no switch.
-            url = json.loads((state / "control.json").read_text())["url"]
+            url = json.loads(record.read_text())["url"]
             other = clean_env(tmp_path, AUTOVPN_STATE_DIR=str(tmp_path / "other"))
             for args in (["mode", "global"], ["resolve"]):
                 rc, out, err = await run_cli(*args, "--control", url, env=other)
@@ -363,6 +370,68 @@ def test_mode_and_resolve_reach_a_running_engine_with_its_token(
             code, rest = await stop(proc)
             assert code in (0, 130) and "Traceback" not in rest, rest
             assert token not in rest
-        assert not (state / "control.token").exists()
+        assert list((state / "engines").iterdir()) == []
 
     run(main())
+
+
+# --- nothing written outside the state directory ----------------------------------
+
+
+def _engine_toml(tmp_path: Path, certs: Certs, socks: int) -> Path:
+    """A server and a client in one process, direct mode, ``scored.test`` in its hosts file
+    (so a direct connection to it is resolved and scored)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 scored.test\n")
+    server_port = free_port()
+    config = tmp_path / "engine.toml"
+    config.write_text(
+        'mode = "direct"\n'
+        'control = "127.0.0.1:0"\n'
+        "[server]\n"
+        f'listen = "wss://127.0.0.1:{server_port}"\n'
+        f'tls_certificate = "{certs.cert}"\n'
+        f'tls_private_key = "{certs.key}"\n'
+        "[client]\n"
+        f'server = "wss://127.0.0.1:{server_port}"\n'
+        f'tls_ca = "{certs.ca}"\n'
+        f'listen = ["socks5://127.0.0.1:{socks}"]\n'
+        "[routing]\n"
+        "default_lists = false\n"
+        "[routing.dns]\n"
+        'local = ["127.0.0.1:9"]\n'
+        'public = ["127.0.0.1:9"]\n'
+        f'hosts_file = "{hosts}"\n'
+    )
+    return config
+
+
+@posix_only
+def test_commands_write_nothing_under_home(tmp_path: Path, certs: Certs) -> None:
+    """With AUTOVPN_STATE_DIR set, the commands and an engine's whole run leave HOME as it was
+    (empty): the state directory and the paths given are all they write."""
+    state = tmp_path / "state"
+    env = clean_env(tmp_path, AUTOVPN_STATE_DIR=str(state), AUTOVPN_SECRET=SECRET.decode())
+    env.pop("XDG_STATE_HOME")
+    home = Path(env["HOME"])
+    config = _engine_toml(tmp_path, certs, free_port())
+
+    async def main() -> None:
+        for args in (
+            ["check-config", str(config)],
+            ["--config", str(config), "pac"],
+            ["--config", str(config), "route", "scored.test", "80"],
+            ["status"],
+            ["wg", "keys"],
+            ["cert", str(tmp_path / "made"), "--name", "localhost"],
+        ):
+            rc, out, err = await run_cli(*args, env=env)
+            assert "Traceback" not in err, (args, err)
+        async with autovpn("--config", str(config), env=env, ready="control api"):
+            for args in (["status"], ["mode", "smart"], ["route", "scored.test"], ["pac"]):
+                rc, out, err = await run_cli(*args, env=env)
+                assert rc == 0, (args, err)
+
+    run(main())
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
+    assert state.is_dir()

@@ -19,10 +19,10 @@ The API listens on loopback only (``config.parse_control`` refuses anything else
 the Host must be a loopback address, ``localhost`` or a ``control_hosts`` name with the bound
 port (DNS rebinding), a browser's Origin must be our own (CSRF), and every state-changing
 request (``POST /mode``, ``POST /resolve``) carries ``Authorization: Bearer TOKEN``.  The
-token is new at each start and written to ``control.token`` (mode 0600) in the state
-directory; it is never logged.  If the configured port is taken the API binds an ephemeral
-port instead, logs it, and writes ``control.json`` (its URL) in the state directory, where
-``autovpn mode`` looks first.
+token is new at each start and written (mode 0600) next to the engine's record in the state
+directory (``engines/<role>-<host>-<port>.token``, ``monitor/engines.py``); it is never
+logged.  If the configured port is taken the API binds the next free one with ``auto_port``,
+else an ephemeral port; it logs which, and its record (its URL) is where the CLI finds it.
 
 Requests are read with named limits (``MAX_HEAD``, ``MAX_BODY``); every response closes the
 connection (the clients are one-shot: the CLI, a PAC fetch).
@@ -32,12 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
-import hmac
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,22 +45,25 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from autovpn.monitor.client import CONTROL_TOKEN_FILE, read_control_token
+from autovpn.monitor.engines import (
+    ENGINES_DIR,
+    EngineRecord,
+    record_stem,
+    remove_record,
+    write_record,
+)
 from autovpn.monitor.guard import ControlPolicy, check_request, is_pac_path
+from autovpn.ports import AUTO_PORT_TRIES, bind_error, port_holder, port_in_use
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.dns import Resolution, SplitResolver
 from autovpn.routing.pac import render_pac
 from autovpn.routing.router import Mode, Router
 
 __all__ = [
-    "CONTROL_STATE_FILE",
     "EngineView",
-    "CONTROL_TOKEN_FILE",
     "ControlAPI",
     "PacCache",
     "Reply",
-    "read_control_state",
-    "read_control_token",
     "request",
     "stream_lines",
 ]
@@ -93,7 +93,6 @@ log = logging.getLogger("autovpn.api")
 MAX_HEAD = 16 * 1024  # request line + headers
 MAX_BODY = 64 * 1024  # POST bodies are tiny JSON objects
 READ_TIMEOUT = 10.0
-CONTROL_STATE_FILE = "control.json"
 PAC_TYPE = "application/x-ns-proxy-autoconfig"
 
 
@@ -166,46 +165,6 @@ def _fresh(headers: dict[str, str], pac: PacFile) -> bool:
     return False
 
 
-def read_control_state(state: Path) -> str | None:
-    """The control URL a running engine wrote in ``state/control.json``, if its process lives."""
-    try:
-        data = json.loads((state / CONTROL_STATE_FILE).read_text(encoding="utf-8"))
-        url, pid = data["url"], int(data["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(url, str):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except OSError:
-        pass  # exists, not ours to signal
-    return url
-
-
-def _write_private_file(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``, readable by its owner only from the first byte on.
-
-    The new file is created under a temporary name with O_EXCL and mode 0600 (never another
-    mode, whatever the umask, and never someone else's file or symlink planted at that name),
-    then renamed over ``path``: a reader sees the old token or the new, never a partial one.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        with open(fd, "w", encoding="utf-8", closefd=True) as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o600)  # a umask may take bits away, never add them
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 class ControlAPI:
     def __init__(
         self,
@@ -213,6 +172,9 @@ class ControlAPI:
         address: str,
         state: Path | None = None,
         hosts: Iterable[str] = (),
+        *,
+        role: str = "embedded",
+        auto_port: bool = False,
     ) -> None:
         host, _, port = address.rpartition(":")
         self.engine = engine
@@ -221,41 +183,62 @@ class ControlAPI:
         self.bound_port = 0
         self.state = state
         self.hosts = tuple(hosts)  # config ``control_hosts``: names accepted in Host
+        self.role = role  # the engine's: client, server or embedded (in its record's name)
+        self.auto_port = auto_port
         # New at every start, so a token read from an old file stops working; never logged.
         self.token = secrets.token_urlsafe(32)
         self.policy: ControlPolicy | None = None
-        self._wrote_token = False
+        #: This engine's record in the state directory while it runs (``monitor/engines.py``).
+        self.record: EngineRecord | None = None
         self.pacs = PacCache()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()  # owned here: cancelled by close()
-        self._wrote_state = False
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.bound_port}"
 
+    async def _bind(self) -> asyncio.Server:
+        """The configured port; if taken, the next free ones with ``auto_port``, then any
+        port (the engine's record in the state directory says which, for the CLI)."""
+        tries = AUTO_PORT_TRIES if self.auto_port and self.port else 1
+        for port in range(self.port, min(self.port + tries, 65536)):
+            try:
+                server = await asyncio.start_server(self._handle, self.host, port, limit=MAX_HEAD)
+            except OSError as exc:
+                if not port_in_use(exc) or self.port == 0:
+                    raise bind_error("control API", self.host, port, exc) from exc
+                continue
+            if port != self.port:
+                log.warning(
+                    "control API: %s:%d is taken (by %s); auto_port: using port %d instead",
+                    self.host,
+                    self.port,
+                    port_holder(self.port) or "another program",
+                    port,
+                )
+            return server
+        server = await asyncio.start_server(self._handle, self.host, 0, limit=MAX_HEAD)
+        log.warning(
+            "control API: %s:%d is taken (by %s)%s; listening on port %d instead (the CLI finds"
+            " it through the state directory)",
+            self.host,
+            self.port,
+            port_holder(self.port) or "another program",
+            f", and so are the next {tries - 1}" if tries > 1 else "",
+            server.sockets[0].getsockname()[1],
+        )
+        return server
+
     async def start(self) -> None:
-        try:
-            self._server = await asyncio.start_server(
-                self._handle, self.host, self.port, limit=MAX_HEAD
-            )
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or self.port == 0:
-                raise
-            self._server = await asyncio.start_server(self._handle, self.host, 0, limit=MAX_HEAD)
-            log.warning(
-                "control API: %s:%d is taken; listening on %s:%d instead (autovpn mode finds it"
-                " through %s)",
-                self.host,
-                self.port,
-                self.host,
-                self._server.sockets[0].getsockname()[1],
-                CONTROL_STATE_FILE,
-            )
+        self._server = await self._bind()
         self.bound_port = self._server.sockets[0].getsockname()[1]
-        token_file = self.state / CONTROL_TOKEN_FILE if self.state is not None else None
+        token_file = None
+        if self.state is not None:
+            stem = record_stem(self.role, self.host, self.bound_port)
+            token_file = self.state / ENGINES_DIR / f"{stem}.token"
         # Set before the loop runs again: no request is served without a policy.
         self.policy = ControlPolicy.build(
             self.bound_port,
@@ -266,24 +249,17 @@ class ControlAPI:
         )
         if self.state is not None:
             try:
-                self.state.mkdir(parents=True, exist_ok=True)
-                # The token first: when control.json names this API, its token is readable.
-                _write_private_file(self.state / CONTROL_TOKEN_FILE, self.token)
-                self._wrote_token = True
+                self.record = write_record(
+                    self.state, self.role, self.host, self.bound_port, self.url, self.token
+                )
             except OSError as exc:
                 log.warning(
-                    "control API: cannot write %s (%s): mode switches and batch resolves"
-                    " through the API will be refused",
-                    CONTROL_TOKEN_FILE,
+                    "control API: cannot write this engine's record in %s (%s): the CLI will"
+                    " not find it, and mode switches and batch resolves through the API will"
+                    " be refused",
+                    self.state / ENGINES_DIR,
                     exc,
                 )
-            try:
-                (self.state / CONTROL_STATE_FILE).write_text(
-                    json.dumps({"url": self.url, "pid": os.getpid()}), encoding="utf-8"
-                )
-                self._wrote_state = True
-            except OSError as exc:
-                log.warning("control API: cannot write %s: %s", CONTROL_STATE_FILE, exc)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -296,19 +272,10 @@ class ControlAPI:
             await asyncio.gather(*handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
-        if self._wrote_state and self.state is not None:
-            with contextlib.suppress(OSError, ValueError):
-                path = self.state / CONTROL_STATE_FILE
-                if json.loads(path.read_text(encoding="utf-8")).get("url") == self.url:
-                    path.unlink()
-            self._wrote_state = False
-        if self._wrote_token and self.state is not None:
-            # Only our own token: another engine on this state directory may have replaced it.
-            found = read_control_token(self.state)
-            if found is not None and hmac.compare_digest(found.encode(), self.token.encode()):
-                with contextlib.suppress(OSError):
-                    (self.state / CONTROL_TOKEN_FILE).unlink()
-            self._wrote_token = False
+        if self.record is not None:
+            # Only our own files: a record is never another engine's (its port is ours).
+            remove_record(self.record, self.token)
+            self.record = None
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -578,7 +545,7 @@ async def request(
 ) -> Reply:
     """One request to a control API at ``url`` (``http://127.0.0.1:9090``); the caller
     bounds the time (``asyncio.timeout``).  ``token``: the engine's control token, which
-    state-changing requests need (``read_control_token``)."""
+    state-changing requests need (``EngineRecord.read_token``)."""
     headers = _auth(token, headers)
     reader, writer, status, got = await _open_request(url, method, path, body, headers)
     try:

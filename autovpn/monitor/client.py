@@ -3,26 +3,19 @@
 Standard library only (``http.client``), and blocking: a CLI command makes one or two requests,
 and importing asyncio and the engine would cost it more than the requests themselves (the
 start-up budget of ``autovpn status`` is about 120 ms; docs/benchmarks.md has the figures).
+Which engine to ask, and its token, are in ``monitor/engines.py``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from autovpn.errors import AutovpnError
-
-#: The file a running engine writes in its state directory: its control URL and pid.
-CONTROL_STATE_FILE = "control.json"
-#: The engine's control token, next to it (mode 0600): state-changing requests send it as
-#: ``Authorization: Bearer TOKEN`` (``monitor/guard.py``).
-CONTROL_TOKEN_FILE = "control.token"
 
 #: Longest answer head or body line read from a control API (it is ours, but may be anything
 #: when the port holds another program).
@@ -47,33 +40,6 @@ class Reply:
                 f"the control API answered HTTP {self.status} with a body that is not JSON "
                 "(is another program listening on that port?)"
             ) from None
-
-
-def read_control_state(state: Path) -> str | None:
-    """The control URL a running engine wrote in ``state/control.json``, if its process lives."""
-    try:
-        data = json.loads((state / CONTROL_STATE_FILE).read_text(encoding="utf-8"))
-        url, pid = data["url"], int(data["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(url, str):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except OSError:
-        pass  # exists, not ours to signal
-    return url
-
-
-def read_control_token(state: Path) -> str | None:
-    """The token a running engine wrote in ``state/control.token``, if this user may read it."""
-    try:
-        token = (state / CONTROL_TOKEN_FILE).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return token or None
 
 
 def split_url(url: str) -> tuple[str, int]:

@@ -15,9 +15,9 @@ us with ``Host: evil.example:9090``).  Three checks close both:
   (sandboxed frames, ``file:`` pages, some redirects) and any origin but our own are refused,
   and so are state-changing requests that Fetch Metadata marks as not same-origin.
 - **Token**: every state-changing request (any method but GET and HEAD) carries
-  ``Authorization: Bearer TOKEN``; the engine writes TOKEN to ``control.token`` (mode 0600) in
-  its state directory at start, where the CLI reads it.  A page cannot read that file, so even
-  a request that slips past the first two checks cannot change anything.
+  ``Authorization: Bearer TOKEN``; the engine writes TOKEN to a file (mode 0600) in its state
+  directory at start (``monitor/engines.py``), where the CLI reads it.  A page cannot read that
+  file, so even a request that slips past the first two checks cannot change anything.
 
 The checks see only a header mapping (lower-case names, or a case-insensitive mapping such
 as aiohttp's), so any HTTP server can call ``check_request``.  No I/O here.

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from autovpn.errors import BindError, StreamError
 from autovpn.net import reset_transport
+from autovpn.ports import bind_error
 from autovpn.proxy.dialer import TunnelOpener, Upstream
 from autovpn.tunnel.wstunnel.client import WstunnelClient, WsUpstream
 from autovpn.wire import wstunnel
@@ -138,7 +139,10 @@ class ForwardListener:
                     lambda: _Accepted(self), self.spec.host, self.spec.port, backlog=1024
                 )
         except OSError as exc:
-            raise BindError(f"forward {self.spec} cannot listen: {exc.strerror or exc}") from exc
+            if self.spec.scheme == "unix":
+                why = exc.strerror or exc
+                raise BindError(f"forward {self.spec} cannot listen: {why}") from exc
+            raise bind_error(f"forward {self.spec}", self.spec.host, self.spec.port, exc) from exc
         log.info("forward %s -> %s:%s", self.spec, self.spec.target_host, self.spec.target_port)
 
     def spawn(self, coro: Any, name: str) -> None:

@@ -14,8 +14,9 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from autovpn.errors import BindError, ConfigError, ResetReason, StreamError
+from autovpn.errors import ConfigError, ResetReason, StreamError
 from autovpn.net import is_loopback
+from autovpn.ports import bind_error
 from autovpn.proxy.dialer import Dialer, Upstream, discard
 from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation, UdpRelayStats
 from autovpn.wire import socks5
@@ -81,15 +82,7 @@ class ProxyListener:
         try:
             self._server = await loop.create_server(factory, self.host, self.port, backlog=1024)
         except OSError as exc:
-            raise BindError(
-                f"{self.kind.value} listener cannot bind {self.host}:{self.port}: "
-                f"{exc.strerror or exc}"
-                + (
-                    " (another program uses this port; pick another with -L)"
-                    if exc.errno in (98, 48, 10048)
-                    else ""
-                )
-            ) from exc
+            raise bind_error(f"{self.kind.value} listener", self.host, self.port, exc) from exc
         log.info("%s listener on %s:%d", self.kind.value, self.host, self.bound_port)
 
     async def close(self) -> None:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from autovpn.errors import BindError
 from autovpn.net import resolve_target
+from autovpn.ports import bind_error
 from autovpn.routing.router import Action, Router
 from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
 from autovpn.wire import socks5
@@ -81,9 +81,7 @@ class BoundRelaySocket(asyncio.DatagramProtocol):
         try:
             await loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.port))
         except OSError as exc:
-            raise BindError(
-                f"udp relay cannot bind {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from exc
+            raise bind_error("udp relay", self.host, self.port, exc, udp=True) from exc
         enlarge_buffers(self.transport)
         log.info(
             "udp relay on %s:%d -> %s:%d %s", self.host, self.bound_port, *self.target, self.via

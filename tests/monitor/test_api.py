@@ -20,16 +20,21 @@ import pytest
 
 from autovpn.config import RoutingConfig, state_dir
 from autovpn.engine import Engine
-from autovpn.monitor.api import CONTROL_STATE_FILE, read_control_state, request, stream_lines
+from autovpn.monitor.api import request, stream_lines
+from autovpn.monitor.engines import ENGINES_DIR, live_records
 from autovpn.routing.router import Mode
 from autovpn.routing.scoring import SCORES_FILE
-from tests.conftest import Certs, engine_config, http_port, run, socks_port
+from tests.conftest import Certs, engine_config, free_port, http_port, run, socks_port
 from tests.routing.dnsserver import FakeDns, dns_server
 
 
 @asynccontextmanager
 async def api_engine(
-    certs: Certs, local: FakeDns | None = None, public: FakeDns | None = None, **kw: Any
+    certs: Certs,
+    local: FakeDns | None = None,
+    public: FakeDns | None = None,
+    control: str = "127.0.0.1:0",
+    **kw: Any,
 ) -> AsyncIterator[Engine]:
     cfg = engine_config(certs, mode=Mode.SMART)
     cfg.routing = RoutingConfig(
@@ -39,7 +44,7 @@ async def api_engine(
         hosts_file=None,
         **kw,
     )
-    cfg.control = "127.0.0.1:0"
+    cfg.control = control
     async with Engine(cfg) as eng:
         yield eng
 
@@ -49,13 +54,16 @@ def url(eng: Engine) -> str:
     return eng.api.url
 
 
-#: Where the engine leaves its control token (named so in the README and the 401 answer).
-TOKEN_FILE = "control.token"
+def token_path() -> Path:
+    """Where the running engine left its control token (named so in the 401 answer): next
+    to its record in the state directory."""
+    (record,) = live_records(state_dir())
+    return record.token_path
 
 
 def token() -> str:
     """The running engine's token, read as the CLI reads it."""
-    return (state_dir() / TOKEN_FILE).read_text(encoding="utf-8").strip()
+    return token_path().read_text(encoding="utf-8").strip()
 
 
 #: Names a DNS-rebinding page could make a browser send in Host; none of them is loopback.
@@ -202,9 +210,10 @@ def test_port_conflict_falls_back_and_is_discoverable(certs: Certs) -> None:
             cfg.control = f"127.0.0.1:{port}"
             async with Engine(cfg) as eng:
                 assert eng.api is not None and eng.api.bound_port not in (0, port)
-                assert read_control_state(state_dir()) == eng.api.url
+                (record,) = live_records(state_dir())
+                assert record.url == eng.api.url and record.role == "embedded"
                 assert (await request(eng.api.url, "GET", "/status")).status == 200
-            assert not (state_dir() / CONTROL_STATE_FILE).exists()
+            assert list((state_dir() / ENGINES_DIR).iterdir()) == []
 
     run(main())
 
@@ -374,7 +383,7 @@ def test_state_changes_need_the_token(certs: Certs) -> None:
         ):
             r = await request(url(eng), "POST", "/mode?mode=direct")
             assert r.status == 401 and eng.mode is Mode.SMART
-            assert str(state_dir() / TOKEN_FILE) in r.json()["error"]
+            assert str(token_path()) in r.json()["error"]
             assert r.headers["www-authenticate"].startswith("Bearer")
             for wrong in ("", "x" * 43, token()[:-1], token() + "x"):
                 r = await request(url(eng), "POST", "/mode?mode=direct", token=wrong)
@@ -400,20 +409,23 @@ def test_the_token_file_is_private_new_at_each_start_and_never_logged(
     certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    state = state_dir()
-    state.mkdir(parents=True)
-    # A leftover from an old run, readable by everyone: replaced, not reused.
-    (state / TOKEN_FILE).write_text("old-token\n")
-    (state / TOKEN_FILE).chmod(0o644)
+    engines = state_dir() / ENGINES_DIR
+    engines.mkdir(parents=True)
+    port = free_port()
+    leftover = engines / f"embedded-127.0.0.1-{port}.token"
+    # A leftover from an old run at the same address, readable by everyone: replaced.
+    leftover.write_text("old-token\n")
+    leftover.chmod(0o644)
 
     async def main() -> list[str]:
         tokens = []
         for _ in range(2):
             old_umask = os.umask(0)  # the file's mode must not depend on the umask
             try:
-                async with api_engine(certs) as eng:
+                async with api_engine(certs, control=f"127.0.0.1:{port}") as eng:
                     os.umask(old_umask)
-                    info = (state / TOKEN_FILE).stat()
+                    assert token_path() == leftover
+                    info = leftover.stat()
                     assert stat.S_IMODE(info.st_mode) == 0o600
                     assert info.st_uid == os.getuid()
                     tokens.append(token())
@@ -429,12 +441,12 @@ def test_the_token_file_is_private_new_at_each_start_and_never_logged(
                     assert tokens[-1] not in json.dumps(st)
             finally:
                 os.umask(old_umask)
-            assert not (state / TOKEN_FILE).exists()
+            assert not leftover.exists()
         return tokens
 
     tokens = run(main())
     assert tokens[0] != tokens[1]
-    assert [p.name for p in state.iterdir() if p.name.startswith(".")] == []  # no temp files
+    assert list(engines.iterdir()) == []  # no record, token or temporary file left
     for tok in tokens:
         assert tok not in caplog.text
 

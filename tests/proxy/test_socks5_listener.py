@@ -323,7 +323,8 @@ def test_taken_port_is_a_clear_bind_error() -> None:
                 await listener.start()
             await listener.close()
             message = str(info.value)
-            assert f"127.0.0.1:{port}" in message and "another program" in message
+            assert f"127.0.0.1:{port}" in message and "port in use by" in message
+            assert info.value.in_use and info.value.port == port
             assert "\n" not in message
 
     run(main())

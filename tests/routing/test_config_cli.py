@@ -118,7 +118,7 @@ def test_mode_and_route_commands_talk_to_the_running_engine(
             assert eng.mode is Mode.SMART
             rc = await asyncio.to_thread(main, ["route", "a.x.test", "80", "--control", u])
             assert rc == 0
-            # Found without --control: through control.json in the state directory.
+            # Found without --control: through its record in the state directory.
             assert await asyncio.to_thread(main, ["mode", "direct"]) == 0
             assert eng.mode.value == "direct"
             assert await asyncio.to_thread(main, ["pac"]) == 0

@@ -21,15 +21,11 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from autovpn.config import DEFAULT_REVERSE_BINDS, MAX_REVERSE_LISTENERS_PER_CLIENT
-from autovpn.errors import (
-    AuthenticationFailed,
-    BindError,
-    RemoteProtocolError,
-    ResetReason,
-)
+from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason
 from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
+from autovpn.ports import bind_error
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import ReverseListeners
 from autovpn.tunnel.mux.udp import UdpFlows
@@ -211,9 +207,7 @@ class TunnelServer:
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT if s.ssl_context else None,
             )
         except OSError as exc:
-            raise BindError(
-                f"tunnel server cannot listen on {s.host}:{s.port}: {exc.strerror}"
-            ) from exc
+            raise bind_error("tunnel server", s.host, s.port, exc) from exc
         log.info(
             "tunnel server listening on %s://%s:%d%s",
             "wss" if s.ssl_context else "ws",
