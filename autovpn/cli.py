@@ -37,7 +37,7 @@ from autovpn.config import (
     secret_from,
     state_dir,
 )
-from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError
+from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError, Terminated
 from autovpn.monitor.client import ControlUnreachable, Reply, request, stream_lines
 from autovpn.monitor.engines import ENGINES_DIR, ROLES, EngineRecord, choose, live_records
 from autovpn.policy import AllowEntry
@@ -395,10 +395,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = embedded_config(state_dir())
         cfg.auto_port = cfg.auto_port or args.auto_port
         _configure_logging(args.log_level or cfg.log_level)
-        run(_serve(cfg, embedded))
+        # SIGTERM (systemd, docker stop, kill) stops it as Ctrl-C does: the same closing path.
+        run(_serve(cfg, embedded), sigterm=True)
     except KeyboardInterrupt:
         print("\nautovpn stopped", file=sys.stderr)
         return 130
+    except Terminated:
+        print("autovpn stopped (SIGTERM)", file=sys.stderr)
+        return 0
     except ConfigError as exc:
         print(f"autovpn: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -718,7 +722,7 @@ def _resolve_command(
     # No engine answers: start one here (the event loop and the engine only in this case).
     from autovpn.eventloop import run
 
-    return run(_resolve_in_process(args, cfg))
+    return run(_resolve_in_process(args, cfg), sigterm=True)
 
 
 async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:

@@ -61,6 +61,10 @@ class EngineChoiceError(LocalError):
         self.engines = engines
 
 
+class Terminated(AutovpnError):
+    """The process was asked to stop (SIGTERM) and closed everything as on Ctrl-C."""
+
+
 class ResetReason(enum.IntEnum):
     """Why a tunnelled stream failed or was reset (docs/protocol.md, RESET frame).
 

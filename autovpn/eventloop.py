@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+from autovpn.errors import Terminated
 
 T = TypeVar("T")
 
@@ -57,9 +60,43 @@ def tune_allocator() -> bool:
     return bool(mallopt(m_trim_threshold, 64 << 20) == 1) and ok
 
 
-def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
-    """Run ``main`` to completion on the fastest loop (``asyncio.run`` semantics)."""
+def run(main: Coroutine[Any, Any, T], *, debug: bool = False, sigterm: bool = False) -> T:
+    """Run ``main`` to completion on the fastest loop (``asyncio.run`` semantics).
+
+    ``sigterm``: SIGTERM cancels ``main`` as Ctrl-C does (the Runner's SIGINT handling), so
+    what it opened with ``async with`` is closed on the same path (IP scores saved, the
+    engine's record removed, listeners closed); then ``Terminated`` is raised.  Main thread
+    and POSIX only: elsewhere SIGTERM keeps its default action."""
     tune_allocator()
     _, factory = loop_factory()
     with asyncio.Runner(loop_factory=factory, debug=debug) as runner:
-        return runner.run(main)
+        return runner.run(_stop_on_sigterm(main) if sigterm else main)
+
+
+async def _stop_on_sigterm(main: Coroutine[Any, Any, T]) -> T:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received = False
+
+    def on_sigterm() -> None:
+        nonlocal received
+        if not received:  # once: a second SIGTERM must not interrupt the closing
+            received = True
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError):  # Windows; not the main thread
+        installed = False
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        task.uncancel()
+        raise Terminated("stopped by SIGTERM") from None
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)

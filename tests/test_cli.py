@@ -375,7 +375,7 @@ def test_mode_and_resolve_reach_a_running_engine_with_its_token(
     run(main())
 
 
-# --- nothing written outside the state directory ----------------------------------
+# --- SIGTERM, and nothing written outside the state directory ----------------------------------
 
 
 def _engine_toml(tmp_path: Path, certs: Certs, socks: int) -> Path:
@@ -407,6 +407,43 @@ def _engine_toml(tmp_path: Path, certs: Certs, socks: int) -> Path:
 
 
 @posix_only
+def test_sigterm_stops_the_engine_as_ctrl_c_does(tmp_path: Path, certs: Certs) -> None:
+    """SIGTERM (systemd, docker stop, kill): listeners closed, IP scores saved, the engine's
+    state file removed, exit code 0."""
+    import json
+
+    from tests.conftest import echo_handler, socks_open, tcp_server
+
+    state = tmp_path / "state"
+    env = clean_env(tmp_path, AUTOVPN_STATE_DIR=str(state), AUTOVPN_SECRET=SECRET.decode())
+    socks = free_port()
+    config = _engine_toml(tmp_path, certs, socks)
+
+    async def main() -> None:
+        async with (
+            tcp_server(echo_handler) as echo,
+            autovpn("--config", str(config), env=env, ready="control api") as proc,
+        ):
+            (record,) = (state / "engines").glob("*.json")
+            assert json.loads(record.read_text())["pid"] == proc.pid
+            reader, writer = await socks_open(socks, "scored.test", echo)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                out, _ = await proc.communicate()
+            rest = out.decode(errors="replace")
+            assert proc.returncode == 0, rest
+            assert "Traceback" not in rest
+        scores = json.loads((state / "ip-scores.json").read_text())
+        assert "127.0.0.1" in json.dumps(scores)
+        assert list((state / "engines").iterdir()) == []
+
+    run(main())
+
+
+@posix_only
 def test_commands_write_nothing_under_home(tmp_path: Path, certs: Certs) -> None:
     """With AUTOVPN_STATE_DIR set, the commands and an engine's whole run leave HOME as it was
     (empty): the state directory and the paths given are all they write."""
@@ -427,10 +464,13 @@ def test_commands_write_nothing_under_home(tmp_path: Path, certs: Certs) -> None
         ):
             rc, out, err = await run_cli(*args, env=env)
             assert "Traceback" not in err, (args, err)
-        async with autovpn("--config", str(config), env=env, ready="control api"):
+        async with autovpn("--config", str(config), env=env, ready="control api") as proc:
             for args in (["status"], ["mode", "smart"], ["route", "scored.test"], ["pac"]):
                 rc, out, err = await run_cli(*args, env=env)
                 assert rc == 0, (args, err)
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                await proc.communicate()
 
     run(main())
     assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
