@@ -18,6 +18,7 @@ PURE = [
     "autovpn/wire/handshake.py",
     "autovpn/policy.py",
     "autovpn/wire/socks5.py",
+    "autovpn/wire/http1.py",
     "autovpn/wire/http_proxy.py",
     "autovpn/wire/auth.py",
     "autovpn/routing/rules.py",

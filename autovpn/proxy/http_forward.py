@@ -15,7 +15,7 @@ After the first request head, ``HttpHandshake`` hands the client's transport to 
   and the origin kept it open (RFC 9112 §9.3).
 - EXCHANGE: the rewritten head (``rewrite_for_origin``) goes to the origin, then the request
   body, delimited by its ``BodyTracker`` (RFC 9112 §6.3).  Concurrently the response head is
-  parsed (``HttpResponseHeadParser``; interim 1xx heads are passed on), rewritten without
+  parsed (``http1.ResponseHeadParser``; interim 1xx heads are passed on), rewritten without
   hop-by-hop fields (RFC 9110 §7.6.1) and the body passed on by its own framing.  Bytes after
   the request body are the next request: the client is not read again until the response is
   complete (pipelining-safe; what one read brought is kept, at most one read's worth).
@@ -41,16 +41,10 @@ from typing import Any, cast
 from autovpn.errors import StreamError
 from autovpn.net import reset_transport
 from autovpn.proxy.dialer import Upstream
-from autovpn.wire import http_proxy
+from autovpn.wire import http1, http_proxy
 from autovpn.wire.auth import parse_basic_proxy_authorization
-from autovpn.wire.http_proxy import (
-    BodyFramer,
-    BodyKind,
-    BodyTracker,
-    HttpProxyError,
-    HttpRequestHead,
-    HttpResponseHead,
-)
+from autovpn.wire.http1 import BodyFramer, BodyKind, BodyTracker, HttpError, ResponseHead
+from autovpn.wire.http_proxy import HttpRequestHead
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,10 +65,6 @@ _FRAMING = frozenset({"content-length", "transfer-encoding"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def _connection_options(values: list[str]) -> set[str]:
-    return {t.strip(" \t").lower() for v in values for t in v.split(",") if t.strip(" \t")}
-
-
 def authorization_problem(listener: ProxyListener, head: HttpRequestHead) -> str | None:
     """None if ``head`` may use the proxy, else why not (for the log)."""
     creds = listener.credentials
@@ -90,28 +80,27 @@ def authorization_problem(listener: ProxyListener, head: HttpRequestHead) -> str
 
 def error_response(status: int) -> bytes:
     """A bare error reply: the status only, never internal detail (STYLE principle 4)."""
-    return HttpProxyError("", status).reply  # body: "502 Bad Gateway\n"
+    return HttpError("", status).reply  # body: "502 Bad Gateway\n"
 
 
-def origin_keeps_alive(head: HttpResponseHead) -> bool:
+def origin_keeps_alive(head: ResponseHead) -> bool:
     """Whether the origin leaves its connection open after this response (RFC 9112 §9.3)."""
-    options = _connection_options(head.get_all("connection"))
+    options = http1.list_tokens(head.get_all("connection"))
     if "close" in options:
         return False
     return head.version == "HTTP/1.1" or "keep-alive" in options
 
 
-def rewrite_response_head(head: HttpResponseHead, *, connection: str | None) -> bytes:
+def rewrite_response_head(head: ResponseHead, *, connection: str | None) -> bytes:
     """The response head for the client: hop-by-hop fields (RFC 9110 §7.6.1) and fields the
     origin's Connection names removed, except the framing ones (the body passes unchanged),
     then ``Connection: <connection>`` if given.  Version and status as received."""
-    options = _connection_options(head.get_all("connection"))
+    options = set(http1.list_tokens(head.get_all("connection")))
     removed = (http_proxy.HOP_BY_HOP | options) - _FRAMING
-    lines = [f"{head.version} {head.status} {head.reason}"]
-    lines.extend(f"{n}: {v}" for n, v in head.headers if n.lower() not in removed)
+    fields = [(n, v) for n, v in head.headers if n.lower() not in removed]
     if connection is not None:
-        lines.append(f"Connection: {connection}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append(("Connection", connection))
+    return http1.render(head.start_line, fields)
 
 
 class UpstreamPort(asyncio.Transport):
@@ -266,7 +255,7 @@ class HttpForwarder(asyncio.Protocol):
         self._parser: http_proxy.HttpHeadParser | None = None
         self._request: HttpRequestHead | None = None
         self._req_body: BodyTracker | None = None
-        self._resp_parser: http_proxy.HttpResponseHeadParser | None = None
+        self._resp_parser: http1.ResponseHeadParser | None = None
         self._resp_body: BodyTracker | None = None
         self._resp_started = False  # bytes of the final response went to the client
         self._origin_keeps = False
@@ -347,7 +336,7 @@ class HttpForwarder(asyncio.Protocol):
     def update_reading(self) -> None:
         """Read the client only while a head or a request body may arrive and the upstream
         takes more."""
-        want = self.phase is Phase.HEAD and len(self._pending) <= http_proxy.MAX_HEAD
+        want = self.phase is Phase.HEAD and len(self._pending) <= http_proxy.CLIENT_LIMITS.max_head
         if self.phase is Phase.EXCHANGE:
             body, port = self._req_body, self._port
             want = body is not None and not body.done and port is not None and not port.full
@@ -369,7 +358,7 @@ class HttpForwarder(asyncio.Protocol):
         data, self._pending = self._pending, bytearray()
         try:
             head = self._parser.receive_data(data)
-        except HttpProxyError as exc:
+        except HttpError as exc:
             self._fail(exc.reply, f"HTTP error: {exc}")
             return
         if head is None:
@@ -395,7 +384,7 @@ class HttpForwarder(asyncio.Protocol):
             return
         try:
             framer = BodyFramer.for_request(head)
-        except HttpProxyError as exc:
+        except HttpError as exc:
             self._fail(exc.reply, f"HTTP error: {exc}")
             return
         self._request = head
@@ -453,7 +442,7 @@ class HttpForwarder(asyncio.Protocol):
         self.phase = Phase.EXCHANGE
         self._reused = False
         self._answered = False
-        self._resp_parser = http_proxy.HttpResponseHeadParser()
+        self._resp_parser = http1.ResponseHeadParser(http_proxy.ORIGIN_LIMITS)
         self._resp_body = None
         self._resp_started = False
         self._req_body = None
@@ -488,7 +477,7 @@ class HttpForwarder(asyncio.Protocol):
         assert body is not None and port is not None
         try:
             n = body.feed(data)
-        except HttpProxyError as exc:
+        except HttpError as exc:
             self._fail(b"" if self._resp_started else exc.reply, f"HTTP error: {exc}")
             return
         if n:
@@ -551,7 +540,7 @@ class HttpForwarder(asyncio.Protocol):
                 return b""
             try:
                 head = parser.receive_data(data)
-            except HttpProxyError as exc:
+            except HttpError as exc:
                 self._origin_failed(exc.reply, f"bad response from origin: {exc}")
                 return b""
             if head is None:
@@ -560,13 +549,13 @@ class HttpForwarder(asyncio.Protocol):
             if 100 <= head.status < 200 and head.status != 101:
                 # Interim response (RFC 9110 §15.2): pass it on, the final one follows.
                 self.transport.write(rewrite_response_head(head, connection=None))
-                self._resp_parser = http_proxy.HttpResponseHeadParser()
+                self._resp_parser = http1.ResponseHeadParser(http_proxy.ORIGIN_LIMITS)
                 continue
             try:
                 if head.status == 101:  # we never forward Upgrade, so this is not ours
-                    raise HttpProxyError("unrequested 101 Switching Protocols", 502)
+                    raise HttpError("unrequested 101 Switching Protocols", 502)
                 framer = BodyFramer.for_response(head, self._request.method)
-            except HttpProxyError as exc:
+            except HttpError as exc:
                 self._origin_failed(exc.reply, f"bad response from origin: {exc}")
                 return b""
             self._resp_parser = None
@@ -618,7 +607,7 @@ class HttpForwarder(asyncio.Protocol):
             return
         try:
             self._resp_body.receive_eof()
-        except HttpProxyError as exc:
+        except HttpError as exc:
             self._abort(f"response cut short: {exc}")
             return
         self._response_done()
