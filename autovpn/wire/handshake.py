@@ -36,11 +36,12 @@ import hmac
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
-from autovpn.errors import AuthenticationFailed, LimitExceeded, RemoteProtocolError
-from autovpn.wire import frames
+from autovpn.errors import AuthenticationFailed, RemoteProtocolError
+from autovpn.wire import frames, http1
+from autovpn.wire.http1 import HeadLimits, RequestHead, ResponseHead
 
 SUBPROTOCOL_PREFIX: Final = "autovpn."
 #: Version 2 added the server challenge (AUTH frame); version 1 handshakes could be replayed.
@@ -70,51 +71,22 @@ class HandshakeError(RemoteProtocolError):
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class HttpHead:
-    """A parsed request or response head.  Header names are lower-cased; order is kept."""
-
-    start_line: str
-    headers: tuple[tuple[str, str], ...]
-
-    def get(self, name: str, default: str = "") -> str:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return default
-
-    def get_all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
-
-
-def parse_head(buffer: bytearray) -> tuple[HttpHead, bytes] | None:
-    """Parse an HTTP/1.1 head at the start of ``buffer``.
-
-    Returns (head, bytes after the head), or None while incomplete.  Raises LimitExceeded past
-    ``MAX_HEAD_SIZE`` and RemoteProtocolError on malformed lines.
-    """
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        # +3: the terminator may have started inside the limit and not fully arrived yet.
-        if len(buffer) > MAX_HEAD_SIZE + 3:
-            raise LimitExceeded(f"HTTP head larger than MAX_HEAD_SIZE ({MAX_HEAD_SIZE} bytes)")
-        return None
-    if end > MAX_HEAD_SIZE:
-        raise LimitExceeded(f"HTTP head larger than MAX_HEAD_SIZE ({MAX_HEAD_SIZE} bytes)")
-    try:
-        text = bytes(buffer[:end]).decode("latin-1")
-    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes everything
-        raise RemoteProtocolError("undecodable HTTP head") from exc
-    lines = text.split("\r\n")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise LimitExceeded(f"more than MAX_HEADERS ({MAX_HEADERS}) header lines")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or " " in name:
-            raise RemoteProtocolError(f"malformed header line {line[:40]!r}")
-        headers.append((name.lower(), value.strip()))
-    return HttpHead(lines[0], tuple(headers)), bytes(buffer[end + 4 :])
+#: The upgrade request's head (http1's grammar; a line may take the whole head).  Every
+#: refusal is a 400, like the handshake's own: a prober learns nothing from the status.
+REQUEST_LIMITS: Final = HeadLimits(
+    max_line=MAX_HEAD_SIZE,
+    max_headers=MAX_HEADERS,
+    max_head=MAX_HEAD_SIZE,
+    line_name="MAX_HEAD_SIZE",
+    head_name="MAX_HEAD_SIZE",
+    error_status=400,
+    start_line_status=400,
+    too_large_status=400,
+)
+#: The server's answer, read by the client with the same bounds; a bad one is a 502.
+RESPONSE_LIMITS: Final = replace(
+    REQUEST_LIMITS, error_status=502, start_line_status=502, too_large_status=502
+)
 
 
 def _is_number(text: str) -> bool:
@@ -186,22 +158,25 @@ def build_request(
     """The client's upgrade request."""
     nonce_text = b64url(nonce)
     mac = compute_mac(secret, user, now, nonce_text, host, path)
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: {host}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {base64.b64encode(ws_key).decode('ascii')}",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: "
-        + ", ".join(f"{SUBPROTOCOL_PREFIX}{v}" for v in reversed(SUPPORTED_VERSIONS)),
-        f'Authorization: {AUTH_SCHEME} user="{user}", ts="{now}", nonce="{nonce_text}", '
-        f'mac="{mac}"',
+    fields = [
+        ("Host", host),
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", base64.b64encode(ws_key).decode("ascii")),
+        ("Sec-WebSocket-Version", "13"),
+        (
+            "Sec-WebSocket-Protocol",
+            ", ".join(f"{SUBPROTOCOL_PREFIX}{v}" for v in reversed(SUPPORTED_VERSIONS)),
+        ),
+        (
+            "Authorization",
+            f'{AUTH_SCHEME} user="{user}", ts="{now}", nonce="{nonce_text}", mac="{mac}"',
+        ),
     ]
     if unmasked:
-        lines.append(f"{MASKING_HEADER}: none")
-    lines.extend(f"{k}: {v}" for k, v in extra_headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append((MASKING_HEADER, "none"))
+    fields.extend(extra_headers)
+    return http1.render(f"GET {path} HTTP/1.1", fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,12 +200,9 @@ def _versions_text() -> str:
     return ", ".join(f"{SUBPROTOCOL_PREFIX}{v}" for v in SUPPORTED_VERSIONS)
 
 
-def check_response(head: HttpHead, ws_key: bytes) -> ClientResult:
+def check_response(head: ResponseHead, ws_key: bytes) -> ClientResult:
     """Validate the server's answer to ``build_request``; raise HandshakeError otherwise."""
-    parts = head.start_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _is_number(parts[1]):
-        raise HandshakeError(f"malformed status line {head.start_line[:60]!r}", 502)
-    status = int(parts[1])
+    status = head.status
     if status != 101:
         what = {
             400: "bad request (this client speaks only "
@@ -297,26 +269,24 @@ class Accepted:
     proof: bytes  # the AUTH payload that answers this 101's challenge (see ``check_auth``)
 
 
-def plain_response(status: int, reason: str, extra: str = "") -> bytes:
+def plain_response(status: int, reason: str | None = None) -> bytes:
+    """The server's bare refusal: the status and nothing else (``reason``: the standard one)."""
+    reason = http1.phrase(status) if reason is None else reason
     body = f"{status} {reason}\n".encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
-    ).encode("latin-1") + body
+    return http1.response(status, reason, [("Content-Type", "text/plain")], body)
 
 
-def request_target(head: HttpHead) -> tuple[str, str]:
-    """(method, path without query) of a request head; raises HandshakeError(400)."""
-    parts = head.start_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+def request_target(head: RequestHead) -> tuple[str, str]:
+    """(method, path without query) of an HTTP/1 request head; raises HandshakeError(400)."""
+    if not head.version.startswith("HTTP/1."):
         raise HandshakeError(
-            "malformed request line", 400, reply=plain_response(400, "Bad Request")
+            f"not an HTTP/1 request ({head.version})", 400, reply=plain_response(400, "Bad Request")
         )
-    return parts[0], parts[1].split("?", 1)[0]
+    return head.method, head.target.split("?", 1)[0]
 
 
 def accept_request(
-    head: HttpHead,
+    head: RequestHead,
     *,
     path: str,
     users: Mapping[str, bytes],
@@ -394,17 +364,16 @@ def accept_request(
     version = common[-1]
     unmasked = head.get(MASKING_HEADER).lower() == "none"
     challenge_text = b64url(challenge)
-    lines = [
-        "HTTP/1.1 101 Switching Protocols",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Accept: {accept_key(head.get('sec-websocket-key'))}",
-        f"Sec-WebSocket-Protocol: {SUBPROTOCOL_PREFIX}{version}",
-        f"{CHALLENGE_HEADER}: {challenge_text}",
+    fields = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Accept", accept_key(head.get("sec-websocket-key"))),
+        ("Sec-WebSocket-Protocol", f"{SUBPROTOCOL_PREFIX}{version}"),
+        (CHALLENGE_HEADER, challenge_text),
     ]
     if unmasked:
-        lines.append(f"{MASKING_HEADER}: none")
-    response = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append((MASKING_HEADER, "none"))
+    response = http1.render("HTTP/1.1 101 Switching Protocols", fields)
     proof = compute_proof(secret, user, nonce, challenge_text, host, path)
     return Accepted(user, version, unmasked, response, proof)
 

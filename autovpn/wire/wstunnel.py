@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from autovpn.errors import LimitExceeded, RemoteProtocolError
-from autovpn.wire.handshake import HttpHead, accept_key, valid_ws_key
+from autovpn.wire.handshake import accept_key, valid_ws_key
+from autovpn.wire.http1 import RequestHead, ResponseHead, render
 from autovpn.wire.websocket import (
     MAX_CONTROL_PAYLOAD,
     Opcode,
@@ -426,8 +427,7 @@ def build_upgrade_request(
         _set_header(out, "authorization", basic_authorization(credentials))
     for name, value in file_headers:
         _set_header(out, name, value)
-    lines = [f"GET {upgrade_path(path_prefix)} HTTP/1.1", *(f"{k}: {v}" for k, v in out)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+    return render(f"GET {upgrade_path(path_prefix)} HTTP/1.1", out, "utf-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,17 +436,13 @@ class UpgradeAnswer:
     cookie: str | None  # the dynamic reverse tunnel's destination JWT
 
 
-def check_upgrade_response(head: HttpHead) -> UpgradeAnswer:
+def check_upgrade_response(head: ResponseHead) -> UpgradeAnswer:
     """What fastwebsockets checks of the answer: status 101, Upgrade and Connection.
 
     Raises WstunnelRejected (with the status in the message) otherwise.
     """
-    parts = head.start_line.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdecimal():
-        raise WstunnelRejected(f"malformed status line {head.start_line[:60]!r}")
-    status = int(parts[1][:3])
-    if status != 101:
-        raise WstunnelRejected(f"wstunnel server answered HTTP {status}")
+    if head.status != 101:
+        raise WstunnelRejected(f"wstunnel server answered HTTP {head.status}")
     if "websocket" not in head.get("upgrade").lower():
         raise WstunnelRejected("101 without Upgrade: websocket")
     if "upgrade" not in head.get("connection").lower():
@@ -468,7 +464,7 @@ class TunnelRequest:
     forwarded_for: str | None  # the X-Forwarded-For client address, when it is an IP
 
 
-def is_upgrade_request(head: HttpHead) -> bool:
+def is_upgrade_request(head: RequestHead) -> bool:
     """fastwebsockets ``is_upgrade_request``: Connection contains upgrade, Upgrade websocket."""
     return (
         "upgrade" in head.get("connection").lower() and "websocket" in head.get("upgrade").lower()
@@ -486,7 +482,7 @@ def extract_path_prefix(target: str) -> str:
     return prefix
 
 
-def find_jwt(head: HttpHead) -> str:
+def find_jwt(head: RequestHead) -> str:
     """From ``Sec-WebSocket-Protocol`` (everything after ``authorization.bearer.``), else the
     whole ``Cookie`` value."""
     proto = _optional(head, "sec-websocket-protocol")
@@ -500,18 +496,18 @@ def find_jwt(head: HttpHead) -> str:
     raise WstunnelRejected("no JWT in Sec-WebSocket-Protocol or Cookie")
 
 
-def _optional(head: HttpHead, name: str) -> str | None:
+def _optional(head: RequestHead, name: str) -> str | None:
     values = head.get_all(name)
     return values[0] if values else None
 
 
-def _forwarded_for(head: HttpHead) -> str | None:
+def _forwarded_for(head: RequestHead) -> str | None:
     first = head.get("x-forwarded-for").split(",", 1)[0].strip()
     return first if first and is_ip(first) else None
 
 
 def check_request(
-    head: HttpHead, *, client_cn: str | None = None, require_upgrade: bool = True
+    head: RequestHead, *, client_cn: str | None = None, require_upgrade: bool = True
 ) -> TunnelRequest:
     """Checks 1-6 of section 1.3, in wstunnel's order; raises WstunnelRejected (400).
 
@@ -521,8 +517,7 @@ def check_request(
     if require_upgrade and not is_upgrade_request(head):
         raise WstunnelRejected("not a WebSocket upgrade")
     forwarded = _forwarded_for(head)
-    parts = head.start_line.split(" ")
-    prefix = extract_path_prefix(parts[1] if len(parts) > 1 else "")
+    prefix = extract_path_prefix(head.target)
     if client_cn is not None and prefix != client_cn:
         raise WstunnelRejected(f"path prefix {prefix!r} is not the client certificate's CN")
     try:
@@ -541,7 +536,7 @@ def check_request(
     return TunnelRequest(prefix, claims, host, auth, forwarded)
 
 
-def check_key(head: HttpHead) -> None:
+def check_key(head: RequestHead) -> None:
     """Check 9: version 13 and a key that is the base64 of 16 bytes (RFC 6455 section 4.2.1);
     raises WstunnelRejected (400)."""
     if head.get("sec-websocket-version") != "13":
@@ -550,20 +545,19 @@ def check_key(head: HttpHead) -> None:
         raise WstunnelRejected("Sec-WebSocket-Key is missing or not the base64 of 16 bytes")
 
 
-def accept_upgrade(head: HttpHead, cookie: str | None = None) -> bytes:
+def accept_upgrade(head: RequestHead, cookie: str | None = None) -> bytes:
     """The 101 answer of section 1.4 (check 9 again, for callers that skipped check_request)."""
     check_key(head)
     key = head.get("sec-websocket-key")
-    lines = [
-        "HTTP/1.1 101 Switching Protocols",
-        "connection: upgrade",
-        "upgrade: websocket",
-        f"sec-websocket-accept: {accept_key(key)}",
-        f"sec-websocket-protocol: {SUBPROTOCOL}",
+    fields = [
+        ("connection", "upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-accept", accept_key(key)),
+        ("sec-websocket-protocol", SUBPROTOCOL),
     ]
     if cookie is not None:
-        lines.append(f"cookie: {cookie}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields.append(("cookie", cookie))
+    return render("HTTP/1.1 101 Switching Protocols", fields)
 
 
 def cookie_claims(host: str, port: int, protocol: LocalProtocol = TCP) -> Claims:

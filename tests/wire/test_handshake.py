@@ -4,6 +4,7 @@ from bytes outward."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 
@@ -18,10 +19,11 @@ from autovpn.wire.handshake import (
     MAX_CLOCK_SKEW,
     MAX_HEAD_SIZE,
     MAX_HEADERS,
+    REQUEST_LIMITS,
+    RESPONSE_LIMITS,
     Accepted,
     ClientResult,
     HandshakeError,
-    HttpHead,
     ReplayCache,
     accept_key,
     accept_request,
@@ -31,10 +33,16 @@ from autovpn.wire.handshake import (
     check_response,
     compute_mac,
     compute_proof,
-    parse_head,
     plain_response,
     request_target,
     tunnel_path,
+)
+from autovpn.wire.http1 import (
+    HttpError,
+    RequestHead,
+    RequestHeadParser,
+    ResponseHead,
+    ResponseHeadParser,
 )
 
 PATH = "/autovpn/tunnel"
@@ -84,10 +92,18 @@ def request(**overrides: object) -> bytes:
     return build_request(**kwargs)  # type: ignore[arg-type]
 
 
-def head_of(raw: bytes) -> HttpHead:
-    parsed = parse_head(bytearray(raw))
-    assert parsed is not None
-    return parsed[0]
+def head_of(raw: bytes) -> RequestHead:
+    """An upgrade request, read as the server reads it."""
+    head = RequestHeadParser(REQUEST_LIMITS).receive_data(raw)
+    assert head is not None
+    return head
+
+
+def answer_of(raw: bytes) -> ResponseHead:
+    """The server's answer, read as the client reads it."""
+    head = ResponseHeadParser(RESPONSE_LIMITS).receive_data(raw)
+    assert head is not None
+    return head
 
 
 def accept(
@@ -170,100 +186,98 @@ def test_default_tunnel_path() -> None:
     assert tunnel_path() == PATH
 
 
-# -- parse_head (RFC 9112 section 2-5, bounded) -------------------------------------------------
+# -- reading the upgrade's heads (http1's grammar, the tunnel's bounds) -------------------------
 
 
-def test_parse_head_incomplete_then_complete() -> None:
+def test_upgrade_head_incomplete_then_complete_keeps_what_follows() -> None:
     raw = request() + b"\x82\x00early"
-    buf = bytearray()
+    parser = RequestHeadParser(REQUEST_LIMITS)
+    head = None
     for i in range(len(raw)):
-        buf.append(raw[i])
-        result = parse_head(buf)
-        if i < len(raw) - len(b"\x82\x00early") - 1:
-            assert result is None
-    assert result is not None
-    head, rest = result
-    assert rest == b"\x82\x00early"
+        head = parser.receive_data(raw[i : i + 1])
+        if head is not None:
+            break
+    assert head is not None
+    assert parser.trailing_data + raw[i + 1 :] == b"\x82\x00early"
     assert head.start_line == "GET /autovpn/tunnel HTTP/1.1"
     assert head.get("host") == "vpn.example"
     assert head.get("sec-websocket-version") == "13"
     assert head.get("missing", "dflt") == "dflt"
 
 
-def test_parse_head_lowercases_names_strips_values_keeps_order() -> None:
-    raw = b"HTTP/1.1 101 OK\r\nX-A:  one \r\nx-a:two\r\nUpgrade:\twebsocket\r\n\r\n"
-    head, rest = parse_head(bytearray(raw)) or (None, b"")
-    assert head is not None and rest == b""
-    assert head.headers == (("x-a", "one"), ("x-a", "two"), ("upgrade", "websocket"))
+def test_upgrade_head_fields_keep_order_and_repetitions() -> None:
+    head = answer_of(b"HTTP/1.1 101 OK\r\nX-A:  one \r\nx-a:two\r\nUpgrade:\twebsocket\r\n\r\n")
+    assert head.headers == (("X-A", "one"), ("x-a", "two"), ("Upgrade", "websocket"))
     assert head.get("x-a") == "one"
-    assert head.get_all("x-a") == ["one", "two"]
+    assert head.get_all("X-A") == ["one", "two"]
     assert head.get_all("nope") == []
-
-
-def test_parse_head_no_headers() -> None:
-    assert parse_head(bytearray(b"GET / HTTP/1.1\r\n\r\n")) == (
-        HttpHead("GET / HTTP/1.1", ()),
-        b"",
-    )
-
-
-def test_parse_head_latin1_values() -> None:
-    head, _ = parse_head(bytearray(b"GET / HTTP/1.1\r\nX: caf\xe9\r\n\r\n")) or (None, b"")
-    assert head is not None and head.get("x") == "café"
 
 
 @pytest.mark.parametrize(
     "line",
     [b"no colon here", b": empty name", b"Bad Name: x", b" Folded: x", b"Name : x", b"\tTab: x"],
 )
-def test_parse_head_malformed_header_lines(line: bytes) -> None:
-    with pytest.raises(RemoteProtocolError, match="malformed header line"):
-        parse_head(bytearray(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n"))
+def test_upgrade_request_malformed_header_lines_are_400(line: bytes) -> None:
+    with pytest.raises(HttpError) as info:
+        head_of(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n")
+    assert info.value.status == 400
 
 
-def test_parse_head_header_count_limit() -> None:
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET /a",
+        b"GET /a HTTP/2",
+        b"GET  /a HTTP/1.1",
+        b"GET /a HTTP/1.1 x",
+        b"GET /a\x01 HTTP/1.1",
+    ],
+)
+def test_upgrade_request_malformed_request_lines_are_400(line: bytes) -> None:
+    with pytest.raises(HttpError) as info:
+        head_of(line + b"\r\nHost: x\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_upgrade_head_header_count_limit() -> None:
     ok = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * MAX_HEADERS + b"\r\n"
-    parsed = parse_head(bytearray(ok))
-    assert parsed is not None and len(parsed[0].headers) == MAX_HEADERS
+    assert len(head_of(ok).headers) == MAX_HEADERS
     too_many = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * (MAX_HEADERS + 1) + b"\r\n"
-    with pytest.raises(LimitExceeded, match="MAX_HEADERS"):
-        parse_head(bytearray(too_many))
+    with pytest.raises(LimitExceeded, match="MAX_HEADERS") as info:
+        head_of(too_many)
+    assert isinstance(info.value, HttpError) and info.value.status == 400
 
 
-def _head_ending_at(end: int) -> bytes:
+def _head_of_size(size: int) -> bytes:
+    """A complete request head of exactly ``size`` bytes, terminators included."""
     start = b"GET / HTTP/1.1\r\nX: "
-    return start + b"a" * (end - len(start))
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
 
 
-def test_parse_head_size_limit_complete() -> None:
-    parsed = parse_head(bytearray(_head_ending_at(MAX_HEAD_SIZE - 10) + b"\r\n\r\n"))
-    assert parsed is not None
+def test_upgrade_head_size_limit() -> None:
+    assert head_of(_head_of_size(MAX_HEAD_SIZE)).get("x") == "a" * (MAX_HEAD_SIZE - 23)
+    with pytest.raises(LimitExceeded, match="MAX_HEAD_SIZE") as info:
+        head_of(_head_of_size(MAX_HEAD_SIZE + 1))
+    assert isinstance(info.value, HttpError) and info.value.status == 400
     with pytest.raises(LimitExceeded, match="MAX_HEAD_SIZE"):
-        parse_head(bytearray(_head_ending_at(MAX_HEAD_SIZE + 1) + b"\r\n\r\n"))
+        ResponseHeadParser(RESPONSE_LIMITS).receive_data(b"H" * (MAX_HEAD_SIZE + 1))
 
 
-def test_parse_head_size_limit_incomplete() -> None:
-    assert parse_head(bytearray(b"G" * MAX_HEAD_SIZE)) is None
-    # Up to 3 more bytes may be the start of a terminator that began inside the limit.
-    assert parse_head(bytearray(b"G" * (MAX_HEAD_SIZE + 3))) is None
-    with pytest.raises(LimitExceeded, match="MAX_HEAD_SIZE"):
-        parse_head(bytearray(b"G" * (MAX_HEAD_SIZE + 4)))
-
-
-def test_parse_head_limit_does_not_depend_on_the_split() -> None:
-    raw = _head_ending_at(MAX_HEAD_SIZE) + b"\r\n\r\n"
-    assert parse_head(bytearray(raw)) is not None  # whole: accepted
-    assert parse_head(bytearray(raw[:-1])) is None  # 3 of 4 terminator bytes: must wait
+def test_upgrade_head_size_limit_does_not_depend_on_the_split() -> None:
+    raw = _head_of_size(MAX_HEAD_SIZE)
+    parser = RequestHeadParser(REQUEST_LIMITS)
+    assert parser.receive_data(raw[:-1]) is None  # 3 of 4 terminator bytes: must wait
+    assert parser.receive_data(raw[-1:]) is not None
 
 
 @settings(max_examples=300)
 @given(data=st.binary(max_size=300))
-def test_parse_head_random_bytes_raise_only_remote_protocol_errors(data: bytes) -> None:
-    try:
-        parse_head(bytearray(data))
-        parse_head(bytearray(b"GET / HTTP/1.1\r\n" + data + b"\r\n\r\n"))
-    except RemoteProtocolError:
-        pass
+def test_upgrade_head_random_bytes_raise_only_remote_protocol_errors(data: bytes) -> None:
+    for raw in (data, b"GET / HTTP/1.1\r\n" + data + b"\r\n\r\n"):
+        with contextlib.suppress(RemoteProtocolError):
+            RequestHeadParser(REQUEST_LIMITS).receive_data(raw)
+        with contextlib.suppress(RemoteProtocolError):
+            ResponseHeadParser(RESPONSE_LIMITS).receive_data(raw)
 
 
 @settings(max_examples=200)
@@ -277,13 +291,13 @@ def test_parse_head_random_bytes_raise_only_remote_protocol_errors(data: bytes) 
     ),
     tail=st.binary(max_size=20),
 )
-def test_parse_head_round_trip(headers: list[tuple[str, str]], tail: bytes) -> None:
+def test_upgrade_head_round_trip(headers: list[tuple[str, str]], tail: bytes) -> None:
     raw = "GET / HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
-    parsed = parse_head(bytearray(raw.encode() + tail))
-    assert parsed is not None
-    head, rest = parsed
-    assert rest == tail
-    assert head.headers == tuple((k.lower(), v.strip()) for k, v in headers)
+    parser = RequestHeadParser(REQUEST_LIMITS)
+    head = parser.receive_data(raw.encode() + tail)
+    assert head is not None
+    assert parser.trailing_data == tail
+    assert head.headers == tuple((k, v.strip(" ")) for k, v in headers)
 
 
 # -- check_response (the client side of RFC 6455 section 4.1) ---------------------------------
@@ -301,27 +315,46 @@ GOOD_RESPONSE = (
 
 
 def test_check_response_accepts_101() -> None:
-    assert check_response(head_of(GOOD_RESPONSE), WS_KEY) == ClientResult(2, True, CHALLENGE_TEXT)
+    assert check_response(answer_of(GOOD_RESPONSE), WS_KEY) == ClientResult(2, True, CHALLENGE_TEXT)
     masked = replace_header(GOOD_RESPONSE, b"autovpn-masking", None)
-    assert check_response(head_of(masked), WS_KEY) == ClientResult(2, False, CHALLENGE_TEXT)
+    assert check_response(answer_of(masked), WS_KEY) == ClientResult(2, False, CHALLENGE_TEXT)
 
 
 @pytest.mark.parametrize("status", [200, 400, 401, 403, 404, 426, 500, 502])
 def test_check_response_refusals_carry_the_status(status: int) -> None:
     raw = f"HTTP/1.1 {status} Whatever\r\n\r\n".encode()
     with pytest.raises(HandshakeError, match=f"HTTP {status}") as info:
-        check_response(head_of(raw), WS_KEY)
+        check_response(answer_of(raw), WS_KEY)
     assert info.value.status == status
 
 
 @pytest.mark.parametrize(
     "raw",
     [
-        b"\r\n\r\n",
         b"HTTP/1.1\r\n\r\n",
         b"HTTP/1.1 abc Nope\r\n\r\n",
         b"SPDY/3 101 Upgrade\r\n\r\n",
         b"HTTP/2 101\r\n\r\n",
+        b"HTTP/1.1 \xb2 Odd\r\n\r\n",
+        b"HTTP/1.1 1010 Switching Protocols\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade : websocket\r\n\r\n",
+    ],
+)
+def test_unreadable_answers_are_502(raw: bytes) -> None:
+    """A status line or field the grammar refuses: the client reads no answer at all."""
+    with pytest.raises(HttpError) as info:
+        answer_of(raw)
+    assert info.value.status == 502
+
+
+def test_blank_lines_are_no_answer() -> None:
+    parser = ResponseHeadParser(RESPONSE_LIMITS)
+    assert parser.receive_data(b"\r\n\r\n") is None  # RFC 9112 section 2.2: skipped
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
         replace_header(GOOD_RESPONSE, b"sec-websocket-accept", None),
         replace_header(GOOD_RESPONSE, b"sec-websocket-accept", b"Sec-WebSocket-Accept: x="),
         replace_header(GOOD_RESPONSE, b"sec-websocket-protocol", None),
@@ -352,13 +385,8 @@ def test_check_response_refusals_carry_the_status(status: int) -> None:
 )
 def test_check_response_bad_answers_are_502(raw: bytes) -> None:
     with pytest.raises(HandshakeError) as info:
-        check_response(head_of(raw), WS_KEY)
+        check_response(answer_of(raw), WS_KEY)
     assert info.value.status == 502
-
-
-def test_check_response_superscript_status_is_a_handshake_error() -> None:
-    with pytest.raises(HandshakeError):
-        check_response(HttpHead("HTTP/1.1 \u00b2 Odd", ()), WS_KEY)
 
 
 def test_check_response_superscript_version_is_a_handshake_error() -> None:
@@ -366,12 +394,12 @@ def test_check_response_superscript_version_is_a_handshake_error() -> None:
         GOOD_RESPONSE, b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.\xb2"
     )
     with pytest.raises(HandshakeError):
-        check_response(head_of(raw), WS_KEY)
+        check_response(answer_of(raw), WS_KEY)
 
 
 @settings(max_examples=300)
 @given(
-    start=st.text(alphabet=st.characters(codec="ascii"), max_size=30),
+    status=st.integers(100, 599),
     headers=st.lists(
         st.tuples(
             st.sampled_from(
@@ -388,10 +416,10 @@ def test_check_response_superscript_version_is_a_handshake_error() -> None:
     ),
 )
 def test_check_response_fuzz_raises_only_handshake_errors(
-    start: str, headers: list[tuple[str, str]]
+    status: int, headers: list[tuple[str, str]]
 ) -> None:
     try:
-        check_response(HttpHead(start, tuple(headers)), WS_KEY)
+        check_response(ResponseHead("HTTP/1.1", status, "", tuple(headers)), WS_KEY)
     except HandshakeError:
         pass
 
@@ -402,7 +430,7 @@ def test_check_response_fuzz_raises_only_handshake_errors(
 def test_full_round_trip_client_server_client() -> None:
     accepted = accept(request())
     assert accepted == Accepted("alice", 2, True, GOOD_RESPONSE, expected_proof())
-    result = check_response(head_of(accepted.response), WS_KEY)
+    result = check_response(answer_of(accepted.response), WS_KEY)
     assert result == ClientResult(2, True, CHALLENGE_TEXT)
     proof = compute_proof(SECRET, "alice", NONCE_TEXT, result.challenge, HOST, PATH)
     assert proof == expected_proof()
@@ -413,7 +441,7 @@ def test_accept_masked_client() -> None:
     accepted = accept(request(unmasked=False))
     assert not accepted.unmasked
     assert b"autovpn-masking" not in accepted.response
-    assert check_response(head_of(accepted.response), WS_KEY) == ClientResult(
+    assert check_response(answer_of(accepted.response), WS_KEY) == ClientResult(
         2, False, CHALLENGE_TEXT
     )
 
@@ -435,10 +463,10 @@ def test_accept_ignores_query_string_and_header_case() -> None:
 
 
 def test_request_target() -> None:
-    assert request_target(HttpHead("GET /a?b=c HTTP/1.1", ())) == ("GET", "/a")
-    for bad in ("GET /a", "GET /a HTTP/2", "GET  /a HTTP/1.1", "", "GET /a HTTP/1.1 x"):
+    assert request_target(head_of(b"GET /a?b=c HTTP/1.1\r\n\r\n")) == ("GET", "/a")
+    for version in ("HTTP/2.0", "HTTP/0.9"):  # what the grammar lets through
         with pytest.raises(HandshakeError) as info:
-            request_target(HttpHead(bad, ()))
+            request_target(RequestHead("GET", "/a", version, ()))
         assert info.value.status == 400
         assert info.value.reply == plain_response(400, "Bad Request")
 
@@ -455,7 +483,6 @@ BAD_UPGRADES = [
     replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.3"),
     # a version 1 client (its handshake could be replayed): refused, not served
     replace_header(request(), b"sec-websocket-protocol", b"Sec-WebSocket-Protocol: autovpn.1"),
-    b"GET /autovpn/tunnel\r\nHost: x\r\n\r\n",
     # RFC 9112 section 3.2: exactly one Host header
     replace_header(request(), b"host", None),
     request().replace(b"Host: vpn.example\r\n", b"Host: vpn.example\r\nHost: other\r\n"),
@@ -634,14 +661,16 @@ def test_superscript_protocol_version_is_a_400() -> None:
         ),
         max_size=8,
     ),
-    start=st.sampled_from(["GET /autovpn/tunnel HTTP/1.1", "GET / HTTP/1.0", "PUT x HTTP/1.1"]),
+    start=st.sampled_from(
+        [("GET", "/autovpn/tunnel", "HTTP/1.1"), ("GET", "/", "HTTP/1.0"), ("PUT", "x", "HTTP/1.1")]
+    ),
 )
 def test_accept_request_fuzz_raises_only_remote_protocol_errors(
-    raw_headers: list[tuple[str, str]], start: str
+    raw_headers: list[tuple[str, str]], start: tuple[str, str, str]
 ) -> None:
     try:
         accept_request(
-            HttpHead(start, tuple(raw_headers)),
+            RequestHead(*start, tuple(raw_headers)),
             path=PATH,
             users=USERS,
             replay=ReplayCache(),
@@ -731,7 +760,7 @@ def test_recorded_handshake_is_worthless_on_another_or_restarted_server() -> Non
     a client sent to one server."""
     raw = request()
     first = accept(raw, challenge=b"\x01" * CHALLENGE_SIZE)
-    result = check_response(head_of(first.response), WS_KEY)
+    result = check_response(answer_of(first.response), WS_KEY)
     recorded_auth = compute_proof(SECRET, "alice", NONCE_TEXT, result.challenge, HOST, PATH)
     check_auth(first, frames.TYPE_AUTH, 0, recorded_auth)
     # Another server, or this one restarted: an empty replay cache, so the request passes;
@@ -781,11 +810,11 @@ def test_mutated_request_raises_only_remote_protocol_errors(data: st.DataObject)
     position = data.draw(st.integers(0, len(raw) - 1))
     raw[position] = data.draw(st.integers(0, 255).filter(lambda b: b != raw[position]))
     try:
-        parsed = parse_head(raw)
-        if parsed is None:
+        head = RequestHeadParser(REQUEST_LIMITS).receive_data(raw)
+        if head is None:
             return
         accepted = accept_request(
-            parsed[0],
+            head,
             path=PATH,
             users=USERS,
             replay=ReplayCache(),

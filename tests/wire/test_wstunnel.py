@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.tunnel.wstunnel.restrictions import Restrictions
 from autovpn.wire import wstunnel
-from autovpn.wire.handshake import HttpHead, parse_head
+from autovpn.wire.handshake import REQUEST_LIMITS
+from autovpn.wire.http1 import RequestHead, RequestHeadParser
 from autovpn.wire.websocket import Opcode, WsDecoder, encode_frame
 from autovpn.wire.wstunnel import (
     Claims,
@@ -25,6 +26,7 @@ from autovpn.wire.wstunnel import (
     SessionState,
     WstunnelRejected,
 )
+from tests.wire.test_handshake import answer_of, head_of
 
 # -- section 2.4: the example tokens, signed with champignonfrais ------------------------------
 
@@ -212,13 +214,7 @@ def test_1_2_h_headers_credentials_and_file_override_in_that_order() -> None:
 # -- sections 1.3 and 1.4: the server's checks, in order, and its answers ----------------------
 
 
-def head_of(raw: bytes) -> HttpHead:
-    parsed = parse_head(bytearray(raw))
-    assert parsed is not None
-    return parsed[0]
-
-
-def request(path: str = "/v1/events", jwt: str = TOKEN_A, **extra: str) -> HttpHead:
+def request(path: str = "/v1/events", jwt: str = TOKEN_A, **extra: str) -> RequestHead:
     lines = [
         f"GET {path} HTTP/1.1",
         "Host: x",
@@ -319,12 +315,12 @@ def test_1_4_answers_101_and_400() -> None:
 
 
 def test_1_4_client_checks_only_status_upgrade_and_connection() -> None:
-    ok = head_of(
+    ok = answer_of(
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
     )
     assert wstunnel.check_upgrade_response(ok).cookie is None
     with pytest.raises(WstunnelRejected, match="400"):
-        wstunnel.check_upgrade_response(head_of(wstunnel.INVALID_REQUEST[:-15]))
+        wstunnel.check_upgrade_response(answer_of(wstunnel.INVALID_REQUEST[:-15]))
 
 
 # -- section 3: the session --------------------------------------------------------------------
@@ -539,13 +535,14 @@ def test_fuzz_claims_roundtrip(
 @given(st.binary(max_size=600))
 def test_fuzz_check_request_refuses_with_400_only(raw: bytes) -> None:
     try:
-        parsed = parse_head(bytearray(b"GET /v1/events HTTP/1.1\r\n" + raw + b"\r\n\r\n"))
+        parser = RequestHeadParser(REQUEST_LIMITS)
+        head = parser.receive_data(b"GET /v1/events HTTP/1.1\r\n" + raw + b"\r\n\r\n")
     except RemoteProtocolError:
         return
-    if parsed is None:
+    if head is None:
         return
     try:
-        wstunnel.check_request(parsed[0])
+        wstunnel.check_request(head)
     except WstunnelRejected as exc:
         assert exc.reply == wstunnel.INVALID_REQUEST
 

@@ -35,7 +35,7 @@ from autovpn.errors import (
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient
 from autovpn.tunnel.tls import client_context
-from autovpn.wire import frames, handshake
+from autovpn.wire import frames, handshake, http1
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.client")
@@ -66,7 +66,7 @@ class _ClientHandshake(asyncio.Protocol):
 
     def __init__(self, settings: ClientSettings) -> None:
         self._settings = settings
-        self._buffer = bytearray()
+        self._parser = http1.ResponseHeadParser(handshake.RESPONSE_LIMITS)
         self._key = os.urandom(16)
         self._nonce = os.urandom(16)
         s = settings
@@ -106,12 +106,11 @@ class _ClientHandshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done.done():
             return
-        self._buffer += data
         try:
-            parsed = handshake.parse_head(self._buffer)
-            if parsed is None:
+            head = self._parser.receive_data(data)
+            if head is None:
                 return
-            head, rest = parsed
+            rest = self._parser.trailing_data
             result = handshake.check_response(head, self._key)
         except RemoteProtocolError as exc:
             self.done.set_exception(exc)

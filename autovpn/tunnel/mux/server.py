@@ -29,7 +29,7 @@ from autovpn.ports import bind_error
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import ReverseListeners
 from autovpn.tunnel.mux.udp import UdpFlows
-from autovpn.wire import handshake
+from autovpn.wire import handshake, http1
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.server")
@@ -63,7 +63,7 @@ class ServerSettings:
 class _ServerHandshake(asyncio.Protocol):
     def __init__(self, server: TunnelServer) -> None:
         self._server = server
-        self._buffer = bytearray()
+        self._parser = http1.RequestHeadParser(handshake.REQUEST_LIMITS)
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "?"
@@ -82,12 +82,13 @@ class _ServerHandshake(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        self._buffer += data
+        if self._parser.state in (http1.ParserState.DONE, http1.ParserState.FAILED):
+            return  # answered and closing: what still arrives is not read
         try:
-            parsed = handshake.parse_head(self._buffer)
-            if parsed is None:
+            head = self._parser.receive_data(data)
+            if head is None:
                 return
-            head, rest = parsed
+            rest = self._parser.trailing_data
             if head.start_line == "PRI * HTTP/2.0":
                 # An HTTP/2 preface (h2c prior knowledge, or ALPN h2): only an alternative
                 # protocol (wstunnel's HTTP/2 transport) can serve it.
@@ -119,7 +120,10 @@ class _ServerHandshake(asyncio.Protocol):
             level = logging.WARNING if isinstance(exc, AuthenticationFailed) else logging.INFO
             log.log(level, "tunnel peer %s refused: %s", self._peer, exc)
             self._server.refused += 1
-            if exc.reply:
+            if isinstance(exc, http1.HttpError):
+                # A head we cannot read: the same bare answer as the handshake's refusals.
+                self.transport.write(handshake.plain_response(exc.status))
+            elif exc.reply:
                 self.transport.write(exc.reply)
             elif not isinstance(exc, handshake.HandshakeError):
                 self.transport.write(handshake.plain_response(400, "Bad Request"))
@@ -171,7 +175,7 @@ class TunnelServer:
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
         self.alternatives: list[
-            Callable[[handshake.HttpHead, asyncio.Transport, bytes, str], bool]
+            Callable[[http1.RequestHead, asyncio.Transport, bytes, str], bool]
         ] = []
 
     async def __aenter__(self) -> TunnelServer:

@@ -28,8 +28,8 @@ from autovpn.errors import RemoteProtocolError, ResetReason, StreamError, Tunnel
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.relay import WsSide
 from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
-from autovpn.wire import wstunnel
-from autovpn.wire.handshake import parse_head
+from autovpn.wire import http1, wstunnel
+from autovpn.wire.handshake import RESPONSE_LIMITS
 from autovpn.wire.wstunnel import Claims, LocalProtocol, Session, WstunnelRejected
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class _Upgrade(asyncio.Protocol):
     """Reads the answer to our upgrade request."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._parser = http1.ResponseHeadParser(RESPONSE_LIMITS)
         self.done: asyncio.Future[tuple[wstunnel.UpgradeAnswer, bytes]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -86,17 +86,15 @@ class _Upgrade(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done.done():
             return
-        self._buffer += data
         try:
-            parsed = parse_head(self._buffer)
-            if parsed is None:
+            head = self._parser.receive_data(data)
+            if head is None:
                 return
-            head, rest = parsed
             answer = wstunnel.check_upgrade_response(head)
         except RemoteProtocolError as exc:
             self.done.set_exception(exc)
             return
-        self.done.set_result((answer, rest))
+        self.done.set_result((answer, self._parser.trailing_data))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():

@@ -24,7 +24,7 @@ import h2.exceptions
 from autovpn.errors import RemoteProtocolError
 from autovpn.net import reset_transport
 from autovpn.wire import wstunnel
-from autovpn.wire.handshake import HttpHead
+from autovpn.wire.http1 import RequestHead
 from autovpn.wire.wstunnel import Kind, WstunnelRejected
 
 if TYPE_CHECKING:
@@ -137,9 +137,9 @@ class H2Tunnels(asyncio.Protocol):
 
     async def _open(self, stream_id: int, headers: list[tuple[str, str]]) -> None:
         pseudo = {k: v for k, v in headers if k.startswith(":")}
-        plain = tuple((k.lower(), v) for k, v in headers if not k.startswith(":"))
-        head = HttpHead(
-            f"{pseudo.get(':method', 'POST')} {pseudo.get(':path', '')} HTTP/1.1", plain
+        plain = tuple((k, v) for k, v in headers if not k.startswith(":"))
+        head = RequestHead(
+            pseudo.get(":method", "POST"), pseudo.get(":path", ""), "HTTP/1.1", plain
         )
         target = _Target(self, stream_id)
         try:

@@ -32,7 +32,7 @@ from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
 from autovpn.tunnel.wstunnel.restrictions import Restrictions
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
-from autovpn.wire.handshake import HttpHead
+from autovpn.wire.http1 import RequestHead
 from autovpn.wire.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
 
 if TYPE_CHECKING:
@@ -176,15 +176,16 @@ class WstunnelService:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def offer(self, head: HttpHead, transport: asyncio.Transport, rest: bytes, peer: str) -> bool:
+    def offer(
+        self, head: RequestHead, transport: asyncio.Transport, rest: bytes, peer: str
+    ) -> bool:
         """``TunnelServer.alternatives`` hook: take wstunnel-looking requests over."""
         if head.start_line == PREFACE_LINE:  # HTTP/2: h2c prior knowledge or ALPN h2
             conn = H2Tunnels(self, peer, _client_cn(transport))
             self.h2_connections.add(conn)
             conn.start(transport, PREFACE_LINE.encode() + b"\r\n\r\n" + rest)
             return True
-        target = head.start_line.split(" ")
-        path = target[1].split("?", 1)[0] if len(target) > 1 else ""
+        path = head.target.split("?", 1)[0]
         # A wstunnel client always asks for /<prefix>/events and sends its JWT; other
         # requests stay with the native server (its 404), so probes learn nothing new.
         if not (
@@ -207,7 +208,7 @@ class WstunnelService:
 
     async def _serve(
         self,
-        head: HttpHead,
+        head: RequestHead,
         transport: asyncio.Transport,
         rest: bytes,
         peer: str,

@@ -14,7 +14,7 @@ import pytest
 
 from autovpn.engine import Engine
 from autovpn.tunnel.mux import server
-from autovpn.wire import frames, handshake
+from autovpn.wire import frames, handshake, http1
 from autovpn.wire.websocket import Opcode, encode_frame
 from tests.conftest import (
     SECRET,
@@ -65,9 +65,9 @@ async def _upgraded(
     nonce = os.urandom(16)
     writer.write(_request(nonce=nonce))
     answer = await _answer(reader)
-    parsed = handshake.parse_head(bytearray(answer))
-    assert parsed is not None and parsed[0].start_line.startswith("HTTP/1.1 101"), answer[:80]
-    challenge = parsed[0].get(handshake.CHALLENGE_HEADER)
+    head = http1.ResponseHeadParser(handshake.RESPONSE_LIMITS).receive_data(answer)
+    assert head is not None and head.status == 101, answer[:80]
+    challenge = head.get(handshake.CHALLENGE_HEADER)
     proof = handshake.compute_proof(
         SECRET, "default", handshake.b64url(nonce), challenge, "localhost", "/autovpn/tunnel"
     )
