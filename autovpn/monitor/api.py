@@ -38,7 +38,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -58,6 +58,7 @@ from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.dns import Resolution, SplitResolver
 from autovpn.routing.pac import render_pac
 from autovpn.routing.router import Mode, Router
+from autovpn.wire import http1
 
 __all__ = [
     "EngineView",
@@ -91,8 +92,21 @@ class EngineView(Protocol):
 log = logging.getLogger("autovpn.api")
 
 MAX_HEAD = 16 * 1024  # request line + headers
+MAX_HEADERS = 100  # header lines of a request
 MAX_BODY = 64 * 1024  # POST bodies are tiny JSON objects
 READ_TIMEOUT = 10.0
+#: Requests: a head over ``MAX_HEAD`` is a 431, its request line included; a bad one a 400.
+_REQUEST_LIMITS = http1.HeadLimits(
+    max_line=MAX_HEAD,
+    max_headers=MAX_HEADERS,
+    max_head=MAX_HEAD,
+    line_name="MAX_HEAD",
+    start_line_status=431,
+)
+#: Answers, read by ``request`` and ``stream_lines`` with the same bounds.
+_RESPONSE_LIMITS = replace(
+    _REQUEST_LIMITS, error_status=502, start_line_status=502, too_large_status=502
+)
 PAC_TYPE = "application/x-ns-proxy-autoconfig"
 
 
@@ -307,34 +321,28 @@ class ControlAPI:
     async def _read_request(
         self, reader: asyncio.StreamReader
     ) -> tuple[str, str, dict[str, str], bytes]:
+        parser = http1.RequestHeadParser(_REQUEST_LIMITS)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise _HttpError(
-                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
-            ) from None
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "bad request line")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise _HttpError(HTTPStatus.BAD_REQUEST, "bad header line")
-            headers[name.lower()] = value.strip()
-        if "transfer-encoding" in headers:
-            raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies")
-        length_text = headers.get("content-length", "0")
-        if not length_text.isdecimal():
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        length = int(length_text)
+            head = None
+            while head is None:
+                data = await reader.read(MAX_HEAD)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", None)  # gone mid-head: no answer
+                head = parser.receive_data(data)
+            if not head.version.startswith("HTTP/1."):
+                raise _HttpError(HTTPStatus.BAD_REQUEST, "bad request line")
+            if head.get_all("transfer-encoding"):
+                raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies")
+            length = http1.BodyFramer.for_request(head).content_length
+        except http1.HttpError as exc:
+            raise _HttpError(HTTPStatus(exc.status), str(exc)) from None
         if length > MAX_BODY:
             raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        body = await reader.readexactly(length) if length else b""
-        return parts[0], parts[1], headers, body
+        body = parser.trailing_data[:length]  # what came with the head
+        if len(body) < length:
+            body += await reader.readexactly(length - len(body))
+        headers = {name.lower(): value for name, value in head.headers}
+        return head.method, head.target, headers, body
 
     def _send(
         self,
@@ -353,9 +361,8 @@ class ControlAPI:
             "Connection": "close",
             **(extra or {}),
         }
-        out = f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-        out += "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
-        writer.write(out.encode("latin-1") + (b"" if head_only else body))
+        head = http1.render(f"HTTP/1.1 {status.value} {status.phrase}", fields.items())
+        writer.write(head + (b"" if head_only else body))
 
     def _send_json(self, writer: asyncio.StreamWriter, status: HTTPStatus, obj: object) -> None:
         body = (json.dumps(obj, indent=1) + "\n").encode()
@@ -389,11 +396,8 @@ class ControlAPI:
                 "Last-Modified": formatdate(pac.last_modified, usegmt=True),
             }
             if _fresh(headers, pac):
-                writer.write(
-                    b"HTTP/1.1 304 Not Modified\r\n"
-                    + "".join(f"{k}: {v}\r\n" for k, v in cache.items()).encode()
-                    + b"Connection: close\r\n\r\n"
-                )
+                fields = [*cache.items(), ("Connection", "close")]
+                writer.write(http1.render("HTTP/1.1 304 Not Modified", fields))
                 return
             self._send(writer, HTTPStatus.OK, pac.text, PAC_TYPE, cache, head_only=method == "HEAD")
             return
@@ -518,17 +522,17 @@ async def _open_request(
     try:
         name = f"[{host}]" if ":" in host else host  # an IPv6 address in Host has brackets
         fields = {"Host": f"{name}:{port}", "Content-Length": str(len(body)), **(headers or {})}
-        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-        writer.write(head.encode("latin-1") + b"\r\n" + body)
-        raw = await reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ")[1])
-        got = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                got[name.strip().lower()] = value.strip()
-        return reader, writer, status, got
+        writer.write(http1.render(f"{method} {path} HTTP/1.1", fields.items()) + body)
+        parser = http1.ResponseHeadParser(_RESPONSE_LIMITS)
+        head = None
+        while head is None:
+            # Line by line, so that the body stays in the reader for the caller.
+            line = await reader.readline()
+            if not line:
+                raise asyncio.IncompleteReadError(b"", None)
+            head = parser.receive_data(line)
+        got = {name.lower(): value for name, value in head.headers}
+        return reader, writer, head.status, got
     except BaseException:
         writer.close()
         raise

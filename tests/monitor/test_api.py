@@ -199,6 +199,48 @@ def test_bad_requests(certs: Certs) -> None:
     run(main())
 
 
+def test_requests_are_read_in_any_pieces_and_a_body_that_came_with_the_head_is_kept(
+    certs: Certs,
+) -> None:
+    """The API reads heads with wire/http1.py: a head in several segments, a bare-LF head, and
+    a body whose first bytes arrived with the head (the parser's trailing data)."""
+
+    async def exchange(eng: Engine, *pieces: bytes) -> bytes:
+        assert eng.api is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
+        try:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.02)  # separate segments, so the server reads in pieces
+            async with asyncio.timeout(10):
+                return await reader.read()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def main() -> None:
+        async with api_engine(certs) as eng:
+            assert eng.api is not None
+            host = f"Host: 127.0.0.1:{eng.api.bound_port}"
+            answer = await exchange(
+                eng, b"GET /sta", f"tus HTTP/1.1\r\n{host}\r".encode(), b"\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
+            answer = await exchange(eng, f"GET /mode HTTP/1.1\n{host}\n\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'"smart"\n}\n')
+            body = json.dumps({"mode": "direct"}).encode()
+            head = (
+                f"POST /mode HTTP/1.1\r\n{host}\r\nAuthorization: Bearer {token()}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            answer = await exchange(eng, head + body[:5], body[5:])
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            assert eng.mode is Mode.DIRECT
+
+    run(main())
+
+
 def test_port_conflict_falls_back_and_is_discoverable(certs: Certs) -> None:
     async def main() -> None:
         with socket.socket() as taken:
