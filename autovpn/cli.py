@@ -26,6 +26,7 @@ from urllib.parse import quote
 from autovpn import __version__
 from autovpn.config import (
     DEFAULT_USER,
+    MTLS_NEEDS_WSS,
     ClientConfig,
     Config,
     ListenSpec,
@@ -141,7 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     wstunnel_cli.add_client_arguments(c)
 
-    s = sub.add_parser("server", help="run the tunnel server")
+    s = sub.add_parser(
+        "server",
+        help="run the tunnel server",
+        description="Native clients always authenticate (HMAC with their user's secret). Stock "
+        "wstunnel clients are served on the same port and must send a user's secret as their "
+        "path prefix (wstunnel client -P SECRET) or a client certificate, unless "
+        "--allow-anonymous.",
+    )
     s.add_argument("listen", nargs="?", help="wss://0.0.0.0:8443 or ws://127.0.0.1:8080")
     s.add_argument("--tls-certificate", type=Path)
     s.add_argument("--tls-private-key", type=Path)
@@ -155,6 +163,14 @@ def _parser() -> argparse.ArgumentParser:
         help="open a destination the default policy refuses (private, loopback...)",
     )
     s.add_argument("--http-upgrade-path-prefix", dest="path_prefix")
+    s.add_argument(
+        "--auth-failure-limit",
+        type=int,
+        metavar="N",
+        help="authentication failures one address may have within the window before it is "
+        "refused at once for that long (10; 0: no limit)",
+    )
+    s.add_argument("--auth-failure-window", type=float, metavar="SECONDS", help="that window (60)")
     _add_keepalive_arguments(s, "client")
     wstunnel_cli.add_server_arguments(s)
 
@@ -282,7 +298,17 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
             AllowEntry.parse(entry)
         sc.allow = list(sc.allow) + list(args.allow)
     _apply_keepalive_arguments(args, sc)
+    if args.auth_failure_limit is not None:
+        if args.auth_failure_limit < 0:
+            raise ConfigError("--auth-failure-limit", "0 (no limit) or more")
+        sc.auth_failure_limit = args.auth_failure_limit
+    if args.auth_failure_window is not None:
+        if not 0 < args.auth_failure_window < float("inf"):
+            raise ConfigError("--auth-failure-window", "seconds, more than 0")
+        sc.auth_failure_window = args.auth_failure_window
     wstunnel_cli.apply_server_arguments(args, sc)
+    if sc.tls_client_ca_certs is not None and not sc.listen.tls:
+        raise ConfigError("--tls-client-ca-certs", MTLS_NEEDS_WSS)
     if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
         raise ConfigError(
             "listen",

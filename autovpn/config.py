@@ -19,6 +19,7 @@ Example::
     user = "alice"
     secret_file = "~/.config/autovpn/secret"
     tls_ca = "ca.pem"                    # private CA; omit for the system store
+    tls_certificate = "me.pem"           # mTLS (either protocol), with tls_private_key
     listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
@@ -28,6 +29,10 @@ Example::
     tls_certificate = "cert.pem"
     tls_private_key = "key.pem"
     allow = ["127.0.0.0/8"]
+    tls_client_ca_certs = "clients-ca.pem"   # mTLS: every client shows a certificate it signed
+    allow_anonymous = false              # true: wstunnel clients need no secret (forward only)
+    auth_failure_limit = 10              # failures per address within the window; 0: no limit
+    auth_failure_window = 60             # seconds; also how long such an address is refused
     [server.users]
     alice = { secret_file = "alice.secret" }
 """
@@ -86,6 +91,14 @@ DEFAULT_REVERSE_BINDS = ("127.0.0.0/8", "::1/128")
 MAX_REVERSE_LISTENERS_PER_CLIENT = 16
 #: wstunnel's ``--websocket-ping-frequency`` default, on both sides.
 DEFAULT_PING_INTERVAL = 30.0
+#: Authentication failures (either protocol) one address may have within the window before
+#: the server refuses it at once (429) for a window (``autovpn.tunnel.auth_limit``).
+DEFAULT_AUTH_FAILURE_LIMIT = 10
+DEFAULT_AUTH_FAILURE_WINDOW = 60.0
+MTLS_NEEDS_WSS = (
+    "client certificates need a wss:// listen address (behind a TLS-terminating proxy, "
+    "the proxy checks them)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +151,6 @@ class WstunnelClientOptions:
     min_idle: int = 0
     max_backoff: float = 300.0
     ping_interval: float = DEFAULT_PING_INTERVAL
-    tls_certificate: str | None = None
-    tls_private_key: str | None = None
     sni_disable: bool = False
     remote_to_local: tuple[str, ...] = ()  # -R specs
     reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff
@@ -456,7 +467,8 @@ class ClientConfig:
         )
     )
     secret: bytes = field(
-        metadata=not_in_file("the shared secret, read from secret_file or AUTOVPN_SECRET")
+        repr=False,  # never in a repr: they end up in logs and tracebacks
+        metadata=not_in_file("the shared secret, read from secret_file or AUTOVPN_SECRET"),
     )
     secret_file: Path | None = field(
         default=None,
@@ -475,6 +487,17 @@ class ClientConfig:
             file_path(must_exist=True),
             "trust this CA (a private CA or a pinned certificate); omit for the system store",
         ),
+    )
+    tls_certificate: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(must_exist=True),
+            "mTLS: the client certificate to show the server, in either protocol (PEM)",
+        ),
+    )
+    tls_private_key: Path | None = field(
+        default=None,
+        metadata=toml(file_path(must_exist=True), "its private key (default: in the certificate)"),
     )
     insecure: bool = field(
         default=False,
@@ -558,11 +581,12 @@ class ServerConfig:
         )
     )
     users: dict[str, bytes] = field(
+        repr=False,  # the secrets: never in a repr
         metadata=toml(
             table_of(USER),
             "the users and their secrets; without it, secret_file is user"
             f" {DEFAULT_USER!r}'s secret",
-        )
+        ),
     )
     tls_certificate: Path | None = field(
         default=None,
@@ -587,7 +611,36 @@ class ServerConfig:
     )
     tls_client_ca_certs: Path | None = field(
         default=None,
-        metadata=not_in_file("--tls-client-ca-certs: clients must present a certificate (mTLS)"),
+        metadata=toml(
+            file_path(must_exist=True),
+            "mTLS: every client (both protocols) must present a certificate this CA signed;"
+            " a stock wstunnel client is let in by it (needs wss://)",
+        ),
+    )
+    allow_anonymous: bool = field(
+        default=False,
+        metadata=toml(
+            boolean(),
+            "let stock wstunnel clients with no secret path prefix and no client certificate"
+            " open forward tunnels: an open proxy to anyone who reaches the port (reverse"
+            " tunnels stay refused; native clients always authenticate)",
+        ),
+    )
+    auth_failure_limit: int = field(
+        default=DEFAULT_AUTH_FAILURE_LIMIT,
+        metadata=toml(
+            integer(0),
+            "authentication failures (either protocol) one address may have within"
+            " auth_failure_window before it is refused at once for that long (0: no limit)",
+        ),
+    )
+    auth_failure_window: float = field(
+        default=DEFAULT_AUTH_FAILURE_WINDOW,
+        metadata=toml(
+            number(above=0, at_most=86400),
+            "seconds authentication failures are counted over, and how long an address that"
+            " had too many is refused",
+        ),
     )
     wstunnel: WstunnelServerOptions = field(
         default_factory=WstunnelServerOptions,
@@ -670,6 +723,8 @@ def _finish_server(t: Found[ServerConfig]) -> None:
     if listen is not None and listen.tls:
         if not {"tls_certificate", "tls_private_key"} <= t.given:
             t.error("listen", "wss:// needs tls_certificate and tls_private_key")
+    elif listen is not None and t.values.get("tls_client_ca_certs") is not None:
+        t.error("tls_client_ca_certs", MTLS_NEEDS_WSS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -261,16 +261,11 @@ class Engine:
             await self.server.start()
             options = cfg.server.wstunnel
             if options.enabled:
-                self.wstunnel_service = WstunnelService(self.server, options).install()
-                if not (
-                    options.restrict_to or options.restrict_path_prefixes or options.restrict_config
-                ):
-                    log.warning(
-                        "serving stock wstunnel clients too: their protocol authenticates "
-                        "nobody, so anyone who reaches this port may open tunnels (under the "
-                        "destination policy; reverse ones on loopback only). Narrow it with "
-                        "--restrict-to/--restrict-config, or turn it off with --no-wstunnel"
-                    )
+                self.wstunnel_service = WstunnelService(
+                    self.server, options, allow_anonymous=cfg.server.allow_anonymous
+                ).install()
+                level, line = self.wstunnel_service.describe_access()
+                log.log(level, line)
         client = cfg.client
         if client is not None and client.protocol == "wstunnel":
             if client.server.port == 0 and self.server is not None:  # in-process server
@@ -468,11 +463,22 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         keepalive_interval=sc.keepalive_interval,
         keepalive_timeout=sc.keepalive_timeout,
         max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
+        auth_failure_limit=sc.auth_failure_limit,
+        auth_failure_window=sc.auth_failure_window,
     )
 
 
 def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
-    ctx = client_context(cc.tls_ca, insecure=cc.insecure) if server.tls else None
+    ctx = None
+    if server.tls:
+        # The client certificate too: a server with --tls-client-ca-certs asks every client
+        # for one, native clients included (without it the TLS handshake fails).
+        ctx = client_context(
+            cc.tls_ca,
+            insecure=cc.insecure,
+            certificate=cc.tls_certificate,
+            private_key=cc.tls_private_key,
+        )
     return ClientSettings(
         server=server,
         user=cc.user,

@@ -28,6 +28,8 @@ from autovpn.wire import socks5
 
 T = TypeVar("T")
 SECRET = b"test-secret-0123456789"
+#: What a stock wstunnel client sends as ``-P`` to authenticate as the default user.
+SECRET_PREFIX = SECRET.decode()
 
 
 #: A test coroutine that runs longer is cancelled.  pytest-timeout's signal cannot interrupt

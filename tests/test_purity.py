@@ -27,6 +27,8 @@ PURE = [
     "autovpn/routing/scoring.py",
     "autovpn/wire/wstunnel.py",
     "autovpn/tunnel/wstunnel/restrictions.py",
+    "autovpn/tunnel/wstunnel/access.py",
+    "autovpn/tunnel/auth_limit.py",
     "autovpn/monitor/guard.py",
 ]
 PURE_IF_PRESENT = ["autovpn/routing/pac.py"]

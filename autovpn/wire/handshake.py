@@ -211,6 +211,8 @@ def check_response(head: ResponseHead, ws_key: bytes) -> ClientResult:
             403: "authentication refused (check the secret; a proxy in front of the server "
             "must pass the Host header and the path on unchanged)",
             404: "wrong path (check the path prefix)",
+            429: "too many authentication failures from this address: the server refuses it "
+            "for a while (check the secret, then wait)",
         }.get(status, "upgrade refused")
         raise HandshakeError(f"tunnel server answered HTTP {status}: {what}", status)
     expected = accept_key(base64.b64encode(ws_key).decode("ascii"))

@@ -473,12 +473,13 @@ def is_upgrade_request(head: RequestHead) -> bool:
 
 def extract_path_prefix(target: str) -> str:
     """The first path segment; the rest must end with ``events`` (so ``/p/xevents`` passes)."""
+    # The messages do not show the path: its first segment may be a secret (``-P SECRET``).
     path = target.split("?", 1)[0]
     if not path.startswith("/"):
-        raise WstunnelRejected(f"path {path[:80]!r} does not start with /")
+        raise WstunnelRejected("the request path does not start with /")
     prefix, sep, rest = path[1:].partition("/")
     if not sep or not rest.endswith("events"):
-        raise WstunnelRejected(f"path {path[:80]!r} is not /<prefix>/events")
+        raise WstunnelRejected("the request path is not /<prefix>/events")
     return prefix
 
 
@@ -519,7 +520,8 @@ def check_request(
     forwarded = _forwarded_for(head)
     prefix = extract_path_prefix(head.target)
     if client_cn is not None and prefix != client_cn:
-        raise WstunnelRejected(f"path prefix {prefix!r} is not the client certificate's CN")
+        # The prefix is not shown: it may be a secret (``-P SECRET``).
+        raise WstunnelRejected(f"path prefix is not the client certificate's CN {client_cn!r}")
     try:
         claims = Claims.decode(find_jwt(head))
     except (ValueError, RemoteProtocolError) as exc:  # json errors are ValueErrors

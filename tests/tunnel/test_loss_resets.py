@@ -398,6 +398,8 @@ def test_client_killed_mid_upload_resets_the_target(certs: Certs, loop: str, pro
                 "client",
                 "--protocol",
                 protocol,
+                # a wstunnel client authenticates with the secret as its path prefix (-P)
+                *(["-P", SECRET.decode()] if protocol == "wstunnel" else []),
                 "-L",
                 f"socks5://127.0.0.1:{socks}",
                 "--tls-ca",

@@ -29,6 +29,7 @@ from autovpn.tunnel.wstunnel.server import WstunnelService
 from autovpn.wire import socks5, wstunnel
 from tests.conftest import (
     SECRET,
+    SECRET_PREFIX,
     Certs,
     engine,
     engine_config,
@@ -99,7 +100,7 @@ def test_non_ascii_websocket_key_is_refused_before_dialling_and_leaks_nothing() 
         target = _CountingTarget()
         async with autovpn_server() as (server, svc), target as port:
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", port))
-            good = peer.upgrade_request("x", jwt)
+            good = peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
             bad = good.replace(b"sec-websocket-key: ", b"sec-websocket-key: \xe9")
             assert bad != good
             before = _open_fds()
@@ -142,7 +143,9 @@ def test_an_unexpected_error_after_the_dial_closes_the_target_and_answers_400(
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", port))
             with caplog.at_level(logging.INFO, logger="autovpn.tunnel.wstunnel"):
                 for _ in range(5):
-                    answer = await _status_line(server.port, peer.upgrade_request("x", jwt))
+                    answer = await _status_line(
+                        server.port, peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
+                    )
                     assert answer.startswith(b"HTTP/1.1 400 ")
                 async with asyncio.timeout(10):
                     while target.open or target.accepted < 5:  # noqa: ASYNC110
@@ -239,7 +242,9 @@ def test_wstunnel_server_refuses_an_invalid_name_promptly_in_one_log_line(
                         {"Udp": {"timeout": None}},
                     ):
                         claims = {"id": "i", "p": protocol, "r": name, "rp": 80}
-                        request = peer.upgrade_request("x", peer.make_jwt(claims))
+                        request = peer.upgrade_request(
+                            "x", peer.make_jwt(claims), prefix=SECRET_PREFIX
+                        )
                         answer = await _status_line(server.port, request)  # no hang: bounded
                         assert answer.startswith(b"HTTP/1.1 400 "), (name, protocol, answer)
                         lines = _records_naming(caplog, name)
@@ -321,7 +326,7 @@ async def _reverse_request(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     claims = {"id": "r", "p": "ReverseTcp", "r": "127.0.0.1", "rp": bind_port}
     reader, writer = await asyncio.open_connection("127.0.0.1", server_port)
-    writer.write(peer.upgrade_request("x", peer.make_jwt(claims)))
+    writer.write(peer.upgrade_request("x", peer.make_jwt(claims), prefix=SECRET_PREFIX))
     return reader, writer
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger("autovpn.tunnel.client")
 class ClientSettings:
     server: ServerURL
     user: str
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a repr: they end up in logs and tracebacks
     ssl_context: ssl.SSLContext | None = None
     sni: str | None = None  # --tls-sni-override
     path_prefix: str = handshake.DEFAULT_PATH_PREFIX

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import ssl
 import time
@@ -20,12 +21,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from autovpn.config import DEFAULT_REVERSE_BINDS, MAX_REVERSE_LISTENERS_PER_CLIENT
+from autovpn.config import (
+    DEFAULT_AUTH_FAILURE_LIMIT,
+    DEFAULT_AUTH_FAILURE_WINDOW,
+    DEFAULT_REVERSE_BINDS,
+    MAX_REVERSE_LISTENERS_PER_CLIENT,
+)
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason
 from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_error
+from autovpn.tunnel.auth_limit import AuthFailureLimiter
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import ReverseListeners
 from autovpn.tunnel.mux.udp import UdpFlows
@@ -41,7 +48,7 @@ HANDSHAKE_TIMEOUT = 10.0
 class ServerSettings:
     host: str
     port: int
-    users: dict[str, bytes]
+    users: dict[str, bytes] = field(repr=False)  # the secrets: never in a repr
     ssl_context: ssl.SSLContext | None = None
     path_prefix: str = handshake.DEFAULT_PATH_PREFIX
     policy: DestinationPolicy = field(default_factory=DestinationPolicy)
@@ -54,10 +61,21 @@ class ServerSettings:
     reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
     #: Reverse listeners one client may hold (native users and wstunnel clients alike).
     max_reverse_listeners_per_client: int = MAX_REVERSE_LISTENERS_PER_CLIENT
+    #: Authentication failures (either protocol) one address may have within
+    #: ``auth_failure_window`` seconds; then it is refused at once (429) that long.  0: off.
+    auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
+    auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
     resolve: Callable[[str, int], Awaitable[list[str]]] | None = None
+
+
+def too_many_failures(wait: float) -> bytes:
+    """The answer to an address refused for its authentication failures (``auth_limit``)."""
+    body = b"429 Too Many Requests\n"
+    headers = [("Content-Type", "text/plain"), ("Retry-After", str(math.ceil(wait)))]
+    return http1.response(429, None, headers, body)
 
 
 class _ServerHandshake(asyncio.Protocol):
@@ -89,6 +107,15 @@ class _ServerHandshake(asyncio.Protocol):
             if head is None:
                 return
             rest = self._parser.trailing_data
+            wait = self._server.auth_blocked(self._peer)
+            if wait:
+                # Refused before any secret or MAC is looked at; not logged one by one (the
+                # line that started the block said it), so a flood does not flood the log.
+                self._server.refused += 1
+                self.transport.write(too_many_failures(wait))
+                self.transport.close()
+                self._cancel_timer()
+                return
             if head.start_line == "PRI * HTTP/2.0":
                 # An HTTP/2 preface (h2c prior knowledge, or ALPN h2): only an alternative
                 # protocol (wstunnel's HTTP/2 transport) can serve it.
@@ -104,7 +131,8 @@ class _ServerHandshake(asyncio.Protocol):
                         self._cancel_timer()
                         return
                 raise handshake.HandshakeError(
-                    f"request for {path[:80]!r}",
+                    # Not the path itself: a wstunnel client's may carry a secret (-P SECRET).
+                    f"request for an unknown path ({len(path)} characters)",
                     404,
                     reply=handshake.plain_response(404, "Not Found"),
                 )
@@ -120,6 +148,8 @@ class _ServerHandshake(asyncio.Protocol):
             level = logging.WARNING if isinstance(exc, AuthenticationFailed) else logging.INFO
             log.log(level, "tunnel peer %s refused: %s", self._peer, exc)
             self._server.refused += 1
+            if isinstance(exc, AuthenticationFailed):
+                self._server.auth_failed(self._peer)
             if isinstance(exc, http1.HttpError):
                 # A head we cannot read: the same bare answer as the handshake's refusals.
                 self.transport.write(handshake.plain_response(exc.status))
@@ -168,6 +198,9 @@ class TunnelServer:
         self.udp: UdpFlows | None = None
         self.reverse = ReverseListeners(
             settings.reverse_binds, settings.max_reverse_listeners_per_client
+        )
+        self.auth_failures = AuthFailureLimiter(
+            settings.auth_failure_limit, settings.auth_failure_window
         )
         #: The user each tunnel connection authenticated as (reverse listeners are per user).
         self._users: dict[MuxConnection, str] = {}
@@ -237,6 +270,25 @@ class TunnelServer:
             await self._server.wait_closed()
             self._server = None
 
+    def auth_blocked(self, peer: str) -> float:
+        """Seconds the address of ``peer`` (``host:port``) is still refused for, or 0."""
+        host, _, _ = peer.rpartition(":")
+        return self.auth_failures.blocked(host or peer, time.monotonic())
+
+    def auth_failed(self, peer: str) -> None:
+        """Count an authentication failure of ``peer``'s address (either protocol)."""
+        host, _, _ = peer.rpartition(":")
+        if self.auth_failures.failed(host or peer, time.monotonic()):
+            limiter = self.auth_failures
+            log.warning(
+                "tunnel peer %s: %d authentication failures within %g s: its address is "
+                "refused at once for %g s (server.auth_failure_limit)",
+                peer,
+                limiter.limit,
+                limiter.window,
+                limiter.window,
+            )
+
     def make_mux(self, accepted: handshake.Accepted, peer: str) -> MuxConnection:
         """The mux for a connection just sent ``accepted.response`` (the 101).
 
@@ -255,6 +307,7 @@ class TunnelServer:
             except AuthenticationFailed as exc:
                 log.warning("tunnel peer %s refused: %s", peer, exc)
                 self.refused += 1
+                self.auth_failed(peer)
                 raise
             log.info("tunnel peer %s: user %s connected", peer, accepted.user)
 
@@ -287,6 +340,7 @@ class TunnelServer:
             HANDSHAKE_TIMEOUT,
         )
         self.refused += 1
+        self.auth_failed(peer)
         mux.abort()
 
     def _on_open(

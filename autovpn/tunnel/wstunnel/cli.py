@@ -93,8 +93,13 @@ def add_client_arguments(c: argparse.ArgumentParser) -> None:
         default=None,
     )
     g.add_argument("--websocket-ping-frequency", "--websocket-ping-frequency-sec", type=_duration)
-    g.add_argument("--tls-certificate", type=Path, help="mTLS client certificate")
-    g.add_argument("--tls-private-key", type=Path)
+    g.add_argument(
+        "--tls-certificate",
+        type=Path,
+        help="mTLS client certificate (either protocol; a server with --tls-client-ca-certs "
+        "requires one)",
+    )
+    g.add_argument("--tls-private-key", type=Path, help="its key (default: in the certificate)")
     g.add_argument("--tls-sni-disable", action="store_true")
     g.add_argument(
         "--tls-verify-certificate",
@@ -152,8 +157,14 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
     if args.websocket_ping_frequency is not None:
         w.ping_interval = args.websocket_ping_frequency
     if args.tls_certificate is not None:
-        w.tls_certificate = str(args.tls_certificate)
-        w.tls_private_key = str(args.tls_private_key or args.tls_certificate)
+        cc.tls_certificate = args.tls_certificate
+        cc.tls_private_key = args.tls_private_key or args.tls_certificate
+    for flag, given in (
+        ("--tls-certificate", cc.tls_certificate),
+        ("--tls-private-key", cc.tls_private_key),
+    ):
+        if given is not None and not given.is_file():
+            raise ConfigError(flag, f"{given}: no such file")
     w.sni_disable = w.sni_disable or args.tls_sni_disable
     if args.remote_to_local and cc.protocol != "wstunnel":
         cc.reverse = [*cc.reverse, *(parse_reverse(spec) for spec in args.remote_to_local)]
@@ -206,7 +217,18 @@ def add_server_arguments(s: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not serve stock wstunnel clients (their protocol authenticates nobody)",
     )
-    g.add_argument("--tls-client-ca-certs", type=Path)
+    g.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        help="let wstunnel clients without a secret path prefix (-P SECRET) or a client "
+        "certificate open forward tunnels: an open proxy to anyone who reaches the port "
+        "(reverse tunnels stay refused; native clients always authenticate)",
+    )
+    g.add_argument(
+        "--tls-client-ca-certs",
+        type=Path,
+        help="mTLS: every client (both protocols) must show a certificate this CA signed",
+    )
     g.add_argument("--websocket-ping-frequency", "--websocket-ping-frequency-sec", type=_duration)
     g.add_argument("--websocket-mask-frame", action="store_true", help="accepted; see docs")
     g.add_argument(
@@ -220,6 +242,8 @@ def apply_server_arguments(args: argparse.Namespace, sc: ServerConfig) -> None:
     w = sc.wstunnel
     if args.no_wstunnel:
         w.enabled = False
+    if args.allow_anonymous:
+        sc.allow_anonymous = True
     prefixes = list(args.restrict_path_prefix)
     env = os.environ.get("WSTUNNEL_RESTRICT_HTTP_UPGRADE_PATH_PREFIX")
     if not prefixes and env:

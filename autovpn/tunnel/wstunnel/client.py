@@ -19,13 +19,20 @@ import logging
 import os
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from autovpn.config import DEFAULT_PING_INTERVAL, ServerURL
-from autovpn.errors import RemoteProtocolError, ResetReason, StreamError, TunnelUnavailable
+from autovpn.errors import (
+    ConfigError,
+    RemoteProtocolError,
+    ResetReason,
+    StreamError,
+    TunnelUnavailable,
+)
 from autovpn.tunnel.tls import client_context
+from autovpn.tunnel.wstunnel.access import path_safe
 from autovpn.tunnel.wstunnel.relay import WsSide
 from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
 from autovpn.wire import http1, wstunnel
@@ -47,10 +54,11 @@ class WstunnelClientSettings:
     ssl_context: ssl.SSLContext | None = None
     #: ``--tls-sni-override``; "" sends no SNI (``--tls-sni-disable``).
     sni: str | None = None
-    path_prefix: str = wstunnel.DEFAULT_PATH_PREFIX
+    #: May be a secret (``-P SECRET``), as ``credentials`` is: neither is in the repr.
+    path_prefix: str = field(default=wstunnel.DEFAULT_PATH_PREFIX, repr=False)
     headers: tuple[tuple[str, str], ...] = ()
     headers_file: Path | None = None
-    credentials: str | None = None  # --http-upgrade-credentials USER[:PASS]
+    credentials: str | None = field(default=None, repr=False)  # --http-upgrade-credentials
     min_idle: int = 0  # -c/--connection-min-idle
     max_backoff: float = 300.0  # --connection-retry-max-backoff
     connect_timeout: float = 10.0
@@ -327,15 +335,27 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
         ctx = client_context(
             cc.tls_ca,
             insecure=cc.insecure,
-            certificate=Path(w.tls_certificate) if w.tls_certificate else None,
-            private_key=Path(w.tls_private_key) if w.tls_private_key else None,
+            certificate=cc.tls_certificate,
+            private_key=cc.tls_private_key,
         )
         if w.sni_disable:
             ctx.check_hostname = False
     prefix = cc.path_prefix
-    if prefix in ("autovpn", wstunnel.DEFAULT_PATH_PREFIX) and w.tls_certificate:
+    default = prefix in ("autovpn", wstunnel.DEFAULT_PATH_PREFIX)
+    if default and cc.tls_certificate:
         # mTLS: with the default prefix, wstunnel uses the certificate's CN (section 1.1).
-        prefix = _certificate_cn(Path(w.tls_certificate)) or wstunnel.DEFAULT_PATH_PREFIX
+        prefix = _certificate_cn(cc.tls_certificate) or wstunnel.DEFAULT_PATH_PREFIX
+    elif default and cc.secret:
+        # --secret-file: the secret is the path prefix, as ``wstunnel client -P SECRET`` sends
+        # it: what an autovpn server (or a wstunnel server with ``-r SECRET``) lets in.
+        if not path_safe(cc.secret):
+            raise ConfigError(
+                "--secret-file",
+                "with --protocol wstunnel the secret travels as the URL path prefix, and it has "
+                "characters a path cannot carry: use letters, digits, '-' and '_' (e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            )
+        prefix = cc.secret.decode("ascii")
     elif prefix == "autovpn":  # our native default: wstunnel's is v1
         prefix = wstunnel.DEFAULT_PATH_PREFIX
     return WstunnelClientSettings(

@@ -144,11 +144,7 @@ class H2Tunnels(asyncio.Protocol):
         target = _Target(self, stream_id)
         try:
             req = wstunnel.check_request(head, client_cn=self.client_cn, require_upgrade=False)
-            verdict = self.service.restrictions.check(
-                req.path_prefix, req.authorization, req.claims, req.host
-            )
-            if verdict is None:
-                raise WstunnelRejected("no restriction allows this tunnel")
+            self.service.authorize(req, self.client_cn, self.peer)
             if req.claims.protocol.kind is not Kind.TCP:
                 raise WstunnelRejected("only Tcp tunnels over HTTP/2 here")
             await self.service._dial(req, cast(Any, target), self.peer)

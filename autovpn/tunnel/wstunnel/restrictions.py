@@ -160,6 +160,15 @@ class Verdict:
 class Restrictions:
     rules: tuple[Restriction, ...] = field(default_factory=tuple)
 
+    def matches(self, path_prefix: str, authorization: str | None) -> bool:
+        """Whether some rule's matchers all hold: the request is one the rules know (whether
+        they allow its destination is ``check``'s question)."""
+        return any(all(m.matches(path_prefix, authorization) for m in r.match) for r in self.rules)
+
+    def anyone(self) -> list[str]:
+        """The names of the rules that match every request (only ``!Any`` matchers)."""
+        return [r.name for r in self.rules if all(m.kind == "Any" for m in r.match)]
+
     def check(
         self, path_prefix: str, authorization: str | None, claims: Claims, host: str
     ) -> Verdict | None:
@@ -205,9 +214,11 @@ class Restrictions:
                 allow.append(AllowTunnel(ports=(port,), host=pattern, cidrs=()))
         if not allow:
             allow = [AllowTunnel(), AllowReverseTunnel()]
+        # Rules are named by position, not by prefix: a -r prefix is a shared secret, and rule
+        # names reach the log.
         matchers = [
-            (f"Allow path prefix {p}", Matcher("PathPrefix", re.compile(f"^{re.escape(p)}$")))
-            for p in path_prefixes
+            (f"-r prefix #{i}", Matcher("PathPrefix", re.compile(f"^{re.escape(p)}$")))
+            for i, p in enumerate(path_prefixes, 1)
         ] or [("Allow restricted destinations", Matcher("Any"))]
         return cls(tuple(Restriction(name, (m,), tuple(allow)) for name, m in matchers))
 

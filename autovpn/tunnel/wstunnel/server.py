@@ -8,10 +8,16 @@ failure a ``400 Invalid request``, the destination dialled *before* the 101 (so 
 unreachable destination is a 400 too), then one ``WsSide`` relay per tunnel.  Anything else
 is left to the native server (404).
 
-Access control, as in wstunnel: the mTLS CN must equal the path prefix, then the restrictions
-(``--restrict-config`` file, reloaded when it changes, or ``--restrict-to``/``-r``), then our own
-``DestinationPolicy`` on the resolved addresses (private and loopback refused unless allowed).
-The JWT itself authenticates nothing (section 2.2).
+Access control: first who the client is (``access.identify``: a client certificate, a path
+prefix that is a user's secret, the operator's ``-r``/``--restrict-config`` rules, or nobody
+with ``allow_anonymous``; anything else is refused and counts as an authentication failure of
+its address), then wstunnel's own checks: the mTLS CN must equal the path prefix, then the
+restrictions (``--restrict-config`` file, reloaded when it changes, or ``--restrict-to``/``-r``),
+then our own ``DestinationPolicy`` on the resolved addresses (private and loopback refused
+unless allowed).  Anonymous clients never get reverse tunnels.  The JWT itself authenticates
+nothing (section 2.2).
+
+The path prefix may be a user's secret: no log line here shows a request path or prefix.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.net import resolve_target
 from autovpn.policy import DestinationPolicy
+from autovpn.tunnel.wstunnel import access
+from autovpn.tunnel.wstunnel.access import How, Identity
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
 from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
-from autovpn.tunnel.wstunnel.restrictions import Restrictions
+from autovpn.tunnel.wstunnel.restrictions import Restrictions, Verdict
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
 from autovpn.wire.http1 import RequestHead
@@ -52,12 +60,13 @@ def _client_cn(transport: asyncio.BaseTransport) -> str | None:
     return None
 
 
-def _client_key(transport: asyncio.BaseTransport, peer: str) -> str:
-    """Who a request counts against for per-client limits: the certificate's CN when the client
-    presented one, else its address (not X-Forwarded-For, which the client writes itself)."""
-    cn = _client_cn(transport)
-    if cn is not None:
-        return f"CN={cn}"
+def _client_key(who: Identity, peer: str) -> str:
+    """Who a request counts against for per-client limits: its user or certificate CN, else
+    its address (not X-Forwarded-For, which the client writes itself)."""
+    if who.how is How.CERTIFICATE:
+        return f"CN={who.name}"
+    if who.how is How.SECRET:
+        return f"user={who.name}"
     host, _, _ = peer.rpartition(":")
     return host or peer
 
@@ -99,9 +108,18 @@ class _Pending(asyncio.Protocol):
 class WstunnelService:
     """wstunnel v10 tunnels on a ``TunnelServer``'s port."""
 
-    def __init__(self, server: TunnelServer, options: WstunnelServerOptions | None = None) -> None:
+    def __init__(
+        self,
+        server: TunnelServer,
+        options: WstunnelServerOptions | None = None,
+        *,
+        allow_anonymous: bool = False,
+    ) -> None:
         self.server = server
         self.options = options or WstunnelServerOptions()
+        #: ``server.allow_anonymous``: forward tunnels for clients with no secret prefix and no
+        #: client certificate (the wstunnel protocol authenticates nobody by itself).
+        self.allow_anonymous = allow_anonymous
         self.tunnels: set[WsSide] = set()
         self.h2_connections: set[H2Tunnels] = set()
         self.accepted = 0
@@ -111,6 +129,12 @@ class WstunnelService:
             self.options.restrict_to, self.options.restrict_path_prefixes
         )
         self._restrict_mtime: float | None = None
+        #: The users' secrets, as ``-P SECRET`` path prefixes of stock clients.
+        self._secrets = access.SecretPrefixes(server.settings.users)
+        #: The operator's rules say who may connect (``-r``, ``--restrict-config``).
+        self._restricted = bool(
+            self.options.restrict_path_prefixes or self.options.restrict_config is not None
+        )
         if self.options.restrict_config is not None:
             if self.options.restrict_to or self.options.restrict_path_prefixes:
                 raise ConfigError(
@@ -174,6 +198,81 @@ class WstunnelService:
             self._load_restrictions()
         return self._restrictions
 
+    def describe_access(self) -> tuple[int, str]:
+        """(log level, line) for the start-up log: who may use the wstunnel protocol here."""
+        if self._restricted:
+            open_rules = self.restrictions.anyone()
+            if open_rules:
+                return logging.WARNING, (
+                    "wstunnel clients: restriction rule(s) "
+                    + ", ".join(repr(n) for n in open_rules)
+                    + " match ANY request (!Any): anyone who reaches this port may open the "
+                    "tunnels they allow"
+                )
+            return logging.INFO, (
+                "wstunnel clients: let in by a secret path prefix (-P SECRET), a client "
+                "certificate, or the -r/--restrict-config rules"
+            )
+        if self.allow_anonymous:
+            return logging.WARNING, (
+                "--allow-anonymous: this server is OPEN TO ANYONE who speaks wstunnel's "
+                "protocol: they may open forward tunnels (under the destination policy; "
+                "reverse tunnels still need a secret or a client certificate)"
+            )
+        unsafe = [n for n, s in self.server.settings.users.items() if not access.path_safe(s)]
+        note = (
+            f" (the secret of {', '.join(unsafe)} has characters a URL path cannot carry "
+            "as they are, so only native clients can use it)"
+            if unsafe
+            else ""
+        )
+        return logging.INFO, (
+            "wstunnel clients: each must send a user's secret as its path prefix "
+            f"(wstunnel client -P SECRET) or a client certificate{note}; nobody else gets in"
+        )
+
+    def authorize(
+        self, req: TunnelRequest, client_cn: str | None, peer: str
+    ) -> tuple[Identity, Verdict]:
+        """Who ``req`` is and the restriction that lets it in; raises WstunnelRejected.
+
+        A request nobody vouches for is an authentication failure of its address (the
+        tunnel server refuses an address with too many at once, before this runs).
+        """
+        if self.server.auth_blocked(peer):
+            raise WstunnelRejected("too many authentication failures from this address")
+        who = access.identify(
+            req.path_prefix,
+            client_cn,
+            self._secrets,
+            restricted=self._restricted,
+            allow_anonymous=self.allow_anonymous,
+        )
+        restrictions = self.restrictions
+        if who is None or (
+            who.how is How.RESTRICTION
+            and not restrictions.matches(req.path_prefix, req.authorization)
+        ):
+            self.server.auth_failed(peer)
+            raise WstunnelRejected(
+                "not authenticated: its path prefix is no user's secret, it sent no client "
+                "certificate" + (" and no restriction rule matches it" if self._restricted else "")
+            )
+        verdict = restrictions.check(req.path_prefix, req.authorization, req.claims, req.host)
+        if verdict is None:
+            raise WstunnelRejected(
+                f"no restriction allows {req.claims.protocol.kind.value} "
+                f"{req.claims.host}:{req.claims.port} for {who}"
+            )
+        if who.how is How.RESTRICTION:
+            who = Identity(How.RESTRICTION, verdict.rule.name)
+        if req.claims.protocol.kind.reverse and who.how is How.ANONYMOUS:
+            raise WstunnelRejected(
+                "reverse tunnels need a secret path prefix or a client certificate "
+                "(--allow-anonymous opens forward tunnels only)"
+            )
+        return who, verdict
+
     # -- requests ----------------------------------------------------------------------------
 
     def offer(
@@ -224,15 +323,9 @@ class WstunnelService:
         reply: bytes | None = wstunnel.INVALID_REQUEST  # None once the 101 has gone
         relayed = False
         try:
-            req = wstunnel.check_request(head, client_cn=_client_cn(transport))
-            verdict = self.restrictions.check(
-                req.path_prefix, req.authorization, req.claims, req.host
-            )
-            if verdict is None:
-                raise WstunnelRejected(
-                    f"no restriction allows {req.claims.protocol.kind.value} "
-                    f"{req.claims.host}:{req.claims.port} for prefix {req.path_prefix!r}"
-                )
+            client_cn = _client_cn(transport)
+            req = wstunnel.check_request(head, client_cn=client_cn)
+            who, verdict = self.authorize(req, client_cn, peer)
             kind = req.claims.protocol.kind
             ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
                 Session(client=False),
@@ -248,7 +341,7 @@ class WstunnelService:
                 assert isinstance(ws, UdpWsSide)
                 udp = await self._dial_udp(req, ws, peer)
             elif kind.reverse:
-                client = _client_key(transport, peer)
+                client = _client_key(who, peer)
                 target, cookie, early = await self.reverse.wait(
                     req, verdict, ws.local, self.server, client
                 )
@@ -259,8 +352,9 @@ class WstunnelService:
                 return  # the peer left while we dialled: close the target, answer nobody
             self.accepted += 1
             log.info(
-                "wstunnel peer %s: %s %s:%d",
+                "wstunnel peer %s (%s): %s %s:%d",
                 peer,
+                who,
                 req.claims.protocol.kind.value,
                 req.claims.host,
                 req.claims.port,

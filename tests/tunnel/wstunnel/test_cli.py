@@ -109,7 +109,8 @@ def test_stdio_forward_is_a_proxy_command_and_exits_when_the_tunnel_closes() -> 
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 cwd=ROOT,
-                env=env_without_proxies(),
+                # -P as the environment gives it: the secret stays out of the process list.
+                env=env_without_proxies() | {"WSTUNNEL_HTTP_UPGRADE_PATH_PREFIX": SECRET.decode()},
             )
             assert proc.stdin is not None and proc.stdout is not None
             try:

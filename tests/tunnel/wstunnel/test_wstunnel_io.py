@@ -30,6 +30,7 @@ from autovpn.wire.websocket import Opcode, encode_close, encode_header
 from autovpn.wire.wstunnel import Session
 from tests.conftest import (
     SECRET,
+    SECRET_PREFIX,
     Certs,
     echo_handler,
     run,
@@ -131,7 +132,7 @@ def test_server_relays_unmasked_frames_and_answers_101_v1(certs: Certs) -> None:
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", echo), key=os.urandom(16))
             answer = await peer.client_connect(
                 server.port,
-                peer.upgrade_request(f"localhost:{server.port}", jwt),
+                peer.upgrade_request(f"localhost:{server.port}", jwt, prefix=SECRET_PREFIX),
                 ssl_context=peer_tls(certs),
                 server_hostname="localhost",
             )
@@ -163,7 +164,9 @@ def test_server_takes_a_20_mib_frame_and_sends_close_1000_on_target_eof(certs: C
     async def main() -> None:
         async with autovpn_server() as (server, _), tcp_server(sink_handler) as sink:
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", sink))
-            answer = await peer.client_connect(server.port, peer.upgrade_request("x", jwt))
+            answer = await peer.client_connect(
+                server.port, peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
+            )
             assert answer.status == 101
             payload = os.urandom(BIG)
             answer.writer.write(peer.frame(peer.BINARY, payload))
@@ -188,7 +191,9 @@ def test_server_takes_a_20_mib_frame_and_sends_close_1000_on_target_eof(certs: C
 
         async with autovpn_server() as (server, _), tcp_server(collect) as port:
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", port))
-            answer = await peer.client_connect(server.port, peer.upgrade_request("x", jwt))
+            answer = await peer.client_connect(
+                server.port, peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
+            )
             payload = os.urandom(BIG)
             answer.writer.write(peer.frame(peer.BINARY, payload))
             async with asyncio.timeout(20):
@@ -208,7 +213,9 @@ def test_server_answers_each_ping_once_and_its_own_pings_are_answered(certs: Cer
             tcp_server(echo_handler) as echo,
         ):
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", echo))
-            answer = await peer.client_connect(server.port, peer.upgrade_request("x", jwt))
+            answer = await peer.client_connect(
+                server.port, peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
+            )
             stats = peer.PeerStats()
             relay = peer.WsRelay(answer.reader, answer.writer, stats)
             relay.send(peer.PING, b"p1")
@@ -259,12 +266,14 @@ def test_server_400_answers_in_wstunnel_order(certs: Certs, tmp_path: Path) -> N
                 assert svc.refused == 7
             # our destination policy on top: loopback is refused by default
             async with autovpn_server(allow=()) as (server, _):
-                await expect_400(server.port, peer.upgrade_request("x", good))
+                await expect_400(server.port, peer.upgrade_request("x", good, prefix=SECRET_PREFIX))
             # --restrict-to matches the JWT's r string
             async with autovpn_server(restrict_to=(f"localhost:{echo}",)) as (server, _):
-                await expect_400(server.port, peer.upgrade_request("x", good))
+                authed = peer.upgrade_request("x", good, prefix=SECRET_PREFIX)
+                await expect_400(server.port, authed)
                 by_name = peer.make_jwt(peer.tcp_claims("localhost", echo))
-                ok = await peer.client_connect(server.port, peer.upgrade_request("x", by_name))
+                authed = peer.upgrade_request("x", by_name, prefix=SECRET_PREFIX)
+                ok = await peer.client_connect(server.port, authed)
                 assert ok.status == 101
                 ok.writer.close()
             # --restrict-config, reloaded when it changes
@@ -482,6 +491,7 @@ def test_autovpn_client_to_autovpn_server_in_the_wstunnel_protocol(certs: Certs)
                 ServerURL(True, "127.0.0.1", server.port),
                 ssl_context=client_context(certs.ca),
                 sni="localhost",
+                path_prefix=SECRET_PREFIX,
             )
             async with autovpn_client(settings) as (_, socks):
                 reader, writer = await socks_open(socks, "127.0.0.1", sink)
@@ -509,7 +519,9 @@ def test_server_reverse_tcp_holds_the_request_until_a_connection_and_idles_out()
             # two clients wait on the same listener (several waiting clients)
             waits = [
                 asyncio.create_task(
-                    peer.client_connect(server.port, peer.upgrade_request("x", jwt))
+                    peer.client_connect(
+                        server.port, peer.upgrade_request("x", jwt, prefix=SECRET_PREFIX)
+                    )
                 )
                 for _ in range(2)
             ]
@@ -555,6 +567,7 @@ def test_autovpn_client_reverse_tcp_and_socks5_through_autovpn_server() -> None:
             settings = WstunnelClientSettings(
                 ServerURL(False, "127.0.0.1", server.port),
                 reverse=(f"tcp://{tcp_bind}:127.0.0.1:{echo}", f"socks5://127.0.0.1:{socks_bind}"),
+                path_prefix=SECRET_PREFIX,
             )
             async with WstunnelClient(settings) as client:
                 for _ in range(2):  # the client re-arms after each connection
@@ -596,7 +609,8 @@ def test_server_udp_tunnel_one_datagram_per_frame_both_ways() -> None:
             async with autovpn_server() as (server, _):
                 claims = {"id": "u", "p": {"Udp": {"timeout": None}}, "r": "127.0.0.1", "rp": port}
                 answer = await peer.client_connect(
-                    server.port, peer.upgrade_request("x", peer.make_jwt(claims))
+                    server.port,
+                    peer.upgrade_request("x", peer.make_jwt(claims), prefix=SECRET_PREFIX),
                 )
                 assert answer.status == 101
                 sizes = [1, 100, 1420, 60000]
@@ -630,7 +644,9 @@ def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
                     ctx = peer_tls(certs)
                     ctx.set_alpn_protocols(["h2"])
                 jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", echo))
-                t = await peer.H2Tunnel.open(server.port, jwt, ssl_context=ctx)
+                t = await peer.H2Tunnel.open(
+                    server.port, jwt, prefix=SECRET_PREFIX, ssl_context=ctx
+                )
                 assert t.status == 200
                 assert t.headers.get("content-type") == "application/json"
                 payload = os.urandom(200_000)  # past the 64 KiB initial window
@@ -640,7 +656,9 @@ def test_server_http2_transport_h2c_and_alpn_h2(certs: Certs) -> None:
                 await t.end()
                 t.close()
                 bad = peer.make_jwt(peer.tcp_claims("127.0.0.1", 1))
-                t = await peer.H2Tunnel.open(server.port, bad, ssl_context=ctx)
+                t = await peer.H2Tunnel.open(
+                    server.port, bad, prefix=SECRET_PREFIX, ssl_context=ctx
+                )
                 assert t.status == 400
                 async with asyncio.timeout(5):
                     assert await t.receive(15) == b"Invalid request"
@@ -669,7 +687,7 @@ def test_server_http2_stream_reset_or_lost_resets_the_target() -> None:
         async with autovpn_server() as (server, _), tcp_server(record) as target:
             jwt = peer.make_jwt(peer.tcp_claims("127.0.0.1", target))
             for how in ("end", "rst_stream", "connection lost"):
-                t = await peer.H2Tunnel.open(server.port, jwt)
+                t = await peer.H2Tunnel.open(server.port, jwt, prefix=SECRET_PREFIX)
                 assert t.status == 200
                 await t.send(os.urandom(100_000))
                 if how == "end":
@@ -694,7 +712,9 @@ def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> Non
 
     async def main() -> None:
         port = free_port()  # nothing listens yet
-        settings = WstunnelClientSettings(ServerURL(False, "127.0.0.1", port), max_backoff=1.0)
+        settings = WstunnelClientSettings(
+            ServerURL(False, "127.0.0.1", port), max_backoff=1.0, path_prefix=SECRET_PREFIX
+        )
         async with WstunnelClient(settings) as client:
             started = time.monotonic()
             try:
