@@ -22,6 +22,7 @@ from typing import cast
 
 from autovpn.config import DEFAULT_REVERSE_BINDS, MAX_REVERSE_LISTENERS_PER_CLIENT
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason
+from autovpn.eventloop import HeapTrimmer
 from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
@@ -146,6 +147,7 @@ class _ServerHandshake(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._server.trimmer.released()  # refused, timed out or gone before its upgrade
 
 
 class TunnelServer:
@@ -171,6 +173,8 @@ class TunnelServer:
         )
         #: The user each tunnel connection authenticated as (reverse listeners are per user).
         self._users: dict[MuxConnection, str] = {}
+        #: Gives back to the system what ended connections freed (see HeapTrimmer).
+        self.trimmer = HeapTrimmer()
         #: Other protocols served on the same port (wstunnel): each is offered every request
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
@@ -196,6 +200,7 @@ class TunnelServer:
         self._users.pop(conn, None)
         if self.udp is not None:
             self.udp.connection_lost(conn)
+        self.trimmer.released()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -236,6 +241,7 @@ class TunnelServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        self.trimmer.close()
 
     def make_mux(self, accepted: handshake.Accepted, peer: str) -> MuxConnection:
         """The mux for a connection just sent ``accepted.response`` (the 101).
