@@ -23,6 +23,7 @@ Example::
     listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
+    handshake_timeout = 30               # seconds a local client has for its SOCKS5/HTTP request
 
     [server]
     listen = "wss://0.0.0.0:8443"
@@ -33,6 +34,7 @@ Example::
     allow_anonymous = false              # true: wstunnel clients need no secret (forward only)
     auth_failure_limit = 10              # failures per address within the window; 0: no limit
     auth_failure_window = 60             # seconds; also how long such an address is refused
+    handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
     [server.users]
     alice = { secret_file = "alice.secret" }
 """
@@ -99,6 +101,16 @@ MTLS_NEEDS_WSS = (
     "client certificates need a wss:// listen address (behind a TLS-terminating proxy, "
     "the proxy checks them)"
 )
+#: ``[client] handshake_timeout``: a client of a local SOCKS5 or HTTP listener has this long from
+#: its accept until its request is read and its target connected (autovpn/proxy/listener.py).
+#: Bytes do not extend it: idle and slowloris clients are closed while others are served.
+LISTENER_HANDSHAKE_TIMEOUT = 30.0
+#: ``[server] handshake_timeout``: a tunnel peer has this long for each step of its handshake:
+#: TLS, then the upgrade request, then (native) the AUTH frame after the 101
+#: (autovpn/tunnel/mux/server.py).  Bytes do not extend it, as above.
+SERVER_HANDSHAKE_TIMEOUT = 10.0
+#: The most either may be set to: an hour is no limit any more.
+MAX_HANDSHAKE_TIMEOUT = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,6 +464,7 @@ KEEPALIVE_TIMEOUT = Parser(
     frozenset({"integer", "float"}),
     lambda value, where: _check_timeout(value, where.key),
 )
+HANDSHAKE_TIMEOUT = number(above=0, at_most=MAX_HANDSHAKE_TIMEOUT)
 
 
 # -- the tables ---------------------------------------------------------------------------------
@@ -535,6 +548,14 @@ class ClientConfig:
         metadata=toml(
             KEEPALIVE_TIMEOUT,
             "a tunnel connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    handshake_timeout: float = field(
+        default=LISTENER_HANDSHAKE_TIMEOUT,
+        metadata=toml(
+            HANDSHAKE_TIMEOUT,
+            "seconds a SOCKS5/HTTP client has from its accept until its request is read and its"
+            " target connected; bytes do not extend it (idle and slowloris clients)",
         ),
     )
     protocol: str = field(
@@ -672,6 +693,14 @@ class ServerConfig:
         metadata=toml(
             KEEPALIVE_TIMEOUT,
             "a client connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    handshake_timeout: float = field(
+        default=SERVER_HANDSHAKE_TIMEOUT,
+        metadata=toml(
+            HANDSHAKE_TIMEOUT,
+            "seconds a tunnel peer has for each step of its handshake: TLS, the upgrade request,"
+            " the AUTH frame after the 101; bytes do not extend it (idle and slowloris peers)",
         ),
     )
     secret_file: Path | None = field(

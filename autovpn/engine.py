@@ -299,7 +299,7 @@ class Engine:
                 if spec.scheme in FORWARD_LISTENER_SCHEMES:
                     await self._start_forward(spec, self.tunnel)
                     continue
-                await self._start_listener(spec, dialer, client.allow_open)
+                await self._start_listener(spec, dialer, client)
         if cfg.control is not None:
             self.api = ControlAPI(
                 self,
@@ -337,9 +337,9 @@ class Engine:
                 await wrelay.start()
                 self.udp_relays.append(wrelay)
                 continue
-            await self._start_listener(spec, dialer, client.allow_open)
+            await self._start_listener(spec, dialer, client)
 
-    async def _start_listener(self, spec: ListenSpec, dialer: Dialer, allow_open: bool) -> None:
+    async def _start_listener(self, spec: ListenSpec, dialer: Dialer, client: ClientConfig) -> None:
         """A SOCKS5 or HTTP proxy listener; with ``auto_port``, on the next free port if its
         own is taken (status, the PAC files and the banner report the bound one).
 
@@ -348,7 +348,7 @@ class Engine:
         without a word, while browsers and the system find the proxies through the PAC."""
 
         async def start(port: int) -> ProxyListener:
-            listener = _make_listener(dataclasses.replace(spec, port=port), dialer, allow_open)
+            listener = _make_listener(dataclasses.replace(spec, port=port), dialer, client)
             await listener.start()
             return listener
 
@@ -465,6 +465,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
         auth_failure_limit=sc.auth_failure_limit,
         auth_failure_window=sc.auth_failure_window,
+        handshake_timeout=sc.handshake_timeout,
     )
 
 
@@ -500,10 +501,18 @@ def _make_udp_relay(spec: ListenSpec, tunnel: TunnelClient) -> UdpRelay:
     return UdpRelay(spec.host, spec.port, spec.target_host, spec.target_port, tunnel, timeout)
 
 
-def _make_listener(spec: ListenSpec, dialer: Dialer, allow_open: bool) -> ProxyListener:
+def _make_listener(spec: ListenSpec, dialer: Dialer, client: ClientConfig) -> ProxyListener:
     kind = ListenerKind(spec.scheme)
     creds = Credentials(dict(spec.users)) if spec.users else None
-    return ProxyListener(kind, spec.host, spec.port, dialer, creds, allow_open=allow_open)
+    return ProxyListener(
+        kind,
+        spec.host,
+        spec.port,
+        dialer,
+        creds,
+        allow_open=client.allow_open,
+        handshake_timeout=client.handshake_timeout,
+    )
 
 
 def embedded_config(state: Path, *, socks_port: int = 1080, http_port: int = 8080) -> Config:

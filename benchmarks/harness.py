@@ -15,8 +15,11 @@ UDP chains (direct, autovpn's UDP relay, a socat relay) get a fresh chain per re
 5. WireGuard (wireguard-go, root only) TCP throughput direct, via autovpn and via socat
    (``benchmarks/wg_bench.py``).
 
+The ``memory`` group starts a lone ``autovpn server`` per repetition and measures its RSS before
+and after a burst of 20,000 tunnel handshakes (``benchmarks/memory_burst.py``).
+
 ``--only`` takes chain names (direct, autovpn, pproxy, pproxy-ws, v2ray, socat) and/or groups
-(tcp, udp, wireguard, routing); with no group named, all groups run.
+(tcp, udp, wireguard, routing, memory); with no group named, all groups run.
 
 CPU of the chain processes comes from /proc/PID/stat (utime+stime) sampled around each test;
 the load generator (benchmarks/loadgen.py, its own uvloop process) reports its own CPU share.
@@ -62,6 +65,8 @@ class Sizes:
     udp_seconds: float = 2.0  # each fixed-rate UDP trial
     wg_transfer: int = 256 * MIB  # one TCP transfer inside WireGuard
     udp_max_rate: float = 400_000.0  # the UDP ladder stops here (datagrams/s)
+    burst: int = 20_000  # tunnel handshakes in the memory burst
+    burst_wait: float = 60.0  # seconds after the burst of its last RSS sample
 
     @classmethod
     def full(cls) -> Sizes:
@@ -203,10 +208,31 @@ METRICS: Final[list[tuple[str, str, bool]]] = [
     ("udp_gen", "UDP loadgen CPU % of a core", False),
     ("wg_mbit", "WireGuard TCP Mbit/s (wireguard-go)", True),
     ("wg_ratio", "WireGuard ÷ WireGuard direct (per rep)", True),
+    ("mem_base", "server RSS MiB before a handshake burst", False),
+    ("mem_peak", "server RSS MiB at the burst's peak", False),
+    ("mem_after", "server RSS MiB after the burst (last sample)", False),
+    ("mem_ratio", "server RSS after the burst ÷ before", False),
 ]
 
 #: Test groups for ``--only``.
-GROUPS: Final = ("tcp", "udp", "wireguard", "routing")
+GROUPS: Final = ("tcp", "udp", "wireguard", "routing", "memory")
+
+
+def measure_memory(work: Workdir, sizes: Sizes, log: Callable[[str], None]) -> dict[str, float]:
+    """A lone autovpn server's RSS before and after ``sizes.burst`` tunnel handshakes."""
+    from benchmarks import memory_burst
+
+    samples = [t for t in memory_burst.SAMPLES if t < sizes.burst_wait] + [sizes.burst_wait]
+    r = memory_burst.burst(work, count=sizes.burst, samples=samples, log=log)
+    log(f"    memory: {r.describe()}")
+    if r.failed:
+        raise RuntimeError(f"memory burst: {r.failed} of {r.handshakes} handshakes failed")
+    return {
+        "mem_base": r.baseline_kib / 1024,
+        "mem_peak": r.peak_kib / 1024,
+        "mem_after": r.samples[-1][1] / 1024,
+        "mem_ratio": r.final_ratio,
+    }
 
 
 def measure_udp(
@@ -451,6 +477,13 @@ def run_all(
             for spec in specs:
                 if spec.absent:
                     continue
+                if "memory" in groups and spec.name == "autovpn":
+                    log(f"rep {rep}/{reps} autovpn memory")
+                    try:
+                        results.add(spec.name, measure_memory(work, sizes, log))
+                    except _ERRORS as exc:
+                        results.failures.setdefault(spec.name, []).append(f"memory: {exc}")
+                        log(f"    FAILED: memory: {exc}")
                 if "tcp" in groups and spec.start is not None:
                     log(f"rep {rep}/{reps} {spec.name}")
                     _run_one(
@@ -574,6 +607,8 @@ def build_table(results: Results) -> list[list[str]]:
 def _applies(spec: ChainSpec, key: str) -> bool:
     """Whether metric ``key`` is measured on ``spec`` at all (TCP rows on a UDP-only relay
     are not; nor CPU/ratio rows on direct)."""
+    if key.startswith("mem_"):
+        return spec.name == "autovpn"
     udp = key.startswith(("udp_", "wg_"))
     if udp:
         return spec.udp_start is not None and not (
@@ -644,6 +679,12 @@ def target_checks(results: Results) -> list[str]:
             f"- UDP relay ≥ 80% of socat's datagram rate, < 1% loss: {udp:.2f}x socat at"
             f" {loss:.2f}% loss → {'met' if met else 'NOT met'}"
         )
+    check(
+        "server RSS after the handshake burst ≤ 2x before (issue 12)",
+        m("autovpn", "mem_ratio"),
+        lambda r: r <= 2,
+        "{:.2f}x",
+    )
     if "wg_ratio" in results.notes:
         lines.append(f"- WireGuard via autovpn ≥ 50% of direct: {results.notes['wg_ratio']}")
     else:
@@ -781,8 +822,8 @@ def generated_section(results: Results, rows: list[list[str]], command: str) -> 
         f" cells are medians ±(max−min)/median.  Transfers: {s.transfer // MIB} MiB per"
         f" direction (capped at {s.transfer_seconds:.0f} s); connections: {s.conn_seconds:.0f} s"
         f" at 50 concurrent; idle: {s.idle} connections.  UDP: {s.udp_seconds:.0f} s per"
-        f" fixed-rate trial; WireGuard: {s.wg_transfer // MIB} MiB per transfer."
-        "  MB = 10^6 bytes.",
+        f" fixed-rate trial; WireGuard: {s.wg_transfer // MIB} MiB per transfer.  Memory:"
+        f" {s.burst:,} tunnel handshakes, RSS {s.burst_wait:g} s after.  MB = 10^6 bytes.",
         "",
         "| machine | |",
         "|---|---|",
@@ -829,7 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only",
         action="append",
-        help="only these chains and/or test groups (tcp, udp, wireguard, routing); repeatable",
+        help="only these chains and/or test groups (tcp, udp, wireguard, routing, memory);"
+        " repeatable",
     )
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--no-out", action="store_true", help="print only, write no file")

@@ -83,3 +83,20 @@ def test_a_chain_writes_only_in_its_work_dir(
         run.stop()
     assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
     assert any((tmp_path / "work").glob("*state*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_harness_memory_rows() -> None:
+    """A burst of 50 handshakes against a lone server, RSS sampled right after it."""
+    sizes = Sizes(
+        transfer=1 << 20, transfer_seconds=1.0, conn_seconds=0.1, idle=1, burst=50, burst_wait=0
+    )
+    results, rows = run_benchmarks(
+        reps=1, only=["autovpn", "memory"], sizes=sizes, log=lambda s: None
+    )
+    assert not results.failures, results.failures
+    assert (results.median("autovpn", "mem_base") or 0) > 0
+    assert results.median("autovpn", "mem_ratio") is not None
+    assert any(r[0].startswith("server RSS after the burst") for r in rows)
+    assert not any(r[0].startswith("download") for r in rows)  # the TCP group did not run
+    assert any("handshake burst ≤ 2x" in line for line in target_checks(results))

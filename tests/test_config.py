@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autovpn.config import Config, ListenSpec, load_file, parse_config
+from autovpn.config import (
+    LISTENER_HANDSHAKE_TIMEOUT,
+    SERVER_HANDSHAKE_TIMEOUT,
+    Config,
+    ListenSpec,
+    load_file,
+    parse_config,
+)
 from autovpn.errors import ConfigError
 from autovpn.routing.lists import ListFormat
 from tests.imports import ROOT
@@ -137,6 +144,29 @@ def test_keepalive_errors_name_their_key(tmp_path: Path, lines: str, key: str, r
     assert re.search(reason, errors[0].reason), errors[0].reason
 
 
+def test_handshake_timeouts_default_and_bounds(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"0123456789abcdef")
+    client = {"server": "wss://127.0.0.1:8443", "secret_file": str(secret)}
+    server = {"listen": "ws://127.0.0.1:8080", "secret_file": str(secret)}
+    cfg, errors = parse_config({"client": client, "server": server}, tmp_path)
+    assert errors == [] and cfg.client is not None and cfg.server is not None
+    assert cfg.client.handshake_timeout == LISTENER_HANDSHAKE_TIMEOUT == 30
+    assert cfg.server.handshake_timeout == SERVER_HANDSHAKE_TIMEOUT == 10
+    for bad in (0, -1, 3601, "10 s", True, float("nan")):
+        _, errors = parse_config(
+            {
+                "client": {**client, "handshake_timeout": bad},
+                "server": server | {"handshake_timeout": bad},
+            },
+            tmp_path,
+        )
+        assert [e.key for e in errors] == [
+            "client.handshake_timeout",
+            "server.handshake_timeout",
+        ], (bad, errors)
+
+
 def test_control_hosts(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('control_hosts = ["AutoVPN.lan", "192.0.2.7", "::1", "[2001:db8::7]"]\n')
@@ -232,6 +262,8 @@ def test_an_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
 #: What the engine loads and the config must not: the resolver, the event loop, TLS, the
 #: wstunnel and HTTP/2 stacks, YAML (wstunnel restrictions).
 HEAVY = ("dns", "asyncio", "ssl", "cryptography", "websockets", "h2", "yaml")
+
+
 def test_importing_the_config_loads_no_heavy_module() -> None:
     code = "import sys, autovpn.config; print(*sorted({m.split('.')[0] for m in sys.modules}))"
     done = subprocess.run(
@@ -254,6 +286,7 @@ KEYS = [
     *("public", "hosts_file", "timeout", "concurrency", "warm_at_start", "path"),
     *("action", "format", "name", "keepalive_interval", "keepalive_timeout"),
     "max_reverse_listeners_per_client",
+    "handshake_timeout",
 ]
 WORDS = [
     *(
@@ -308,6 +341,7 @@ VALID: dict[str, Any] = {
         "protocol": "autovpn",
         "keepalive_interval": 10,
         "keepalive_timeout": 30.5,
+        "handshake_timeout": 20,
     },
     "server": {
         "listen": "wss://0.0.0.0:8443",
@@ -321,6 +355,7 @@ VALID: dict[str, Any] = {
         "max_reverse_listeners_per_client": 4,
         "keepalive_interval": 0,
         "keepalive_timeout": 60,
+        "handshake_timeout": 2.5,
     },
     "routing": {
         "default": "direct",
@@ -402,6 +437,7 @@ def test_every_key_of_a_full_config_lands_in_its_field(config_dir: Path) -> None
         "autovpn",
     )
     assert (c.keepalive_interval, c.keepalive_timeout) == (10.0, 30.5)
+    assert (c.handshake_timeout, s.handshake_timeout) == (20.0, 2.5)
     assert (s.max_reverse_listeners_per_client, s.keepalive_interval, s.keepalive_timeout) == (
         4,
         0.0,

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from autovpn.config import LISTENER_HANDSHAKE_TIMEOUT
 from autovpn.errors import ConfigError, ResetReason, StreamError
 from autovpn.net import is_loopback
 from autovpn.ports import bind_error
@@ -24,7 +25,10 @@ from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn.proxy")
 
-HANDSHAKE_TIMEOUT = 30.0
+#: A client has this long from its accept until its request is read and its target connected
+#: (``[client] handshake_timeout``).  Bytes do not extend it, so idle and slowloris connections
+#: are closed while others are served.
+HANDSHAKE_TIMEOUT = LISTENER_HANDSHAKE_TIMEOUT
 
 
 class ListenerKind(enum.Enum):
@@ -44,6 +48,7 @@ class ProxyListener:
         credentials: Credentials | None = None,
         *,
         allow_open: bool = False,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         if not is_loopback(host) and not credentials and not allow_open:
             raise ConfigError(
@@ -56,6 +61,7 @@ class ProxyListener:
         self.port = port
         self.dialer = dialer
         self.credentials = credentials or Credentials()
+        self.handshake_timeout = handshake_timeout
         self.accepted = 0
         self.failed = 0
         self.udp_stats = UdpRelayStats()  # all UDP associations of this listener
@@ -121,10 +127,15 @@ class HandshakeBase(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.accepted += 1
         self.listener.handshaking.add(self)
-        self._timer = self.listener.loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+        self._timer = self.listener.loop.call_later(self.listener.handshake_timeout, self._timeout)
 
     def _timeout(self) -> None:
-        log.info("%s client %s: handshake timed out", self.listener.kind.value, self.peer)
+        log.info(
+            "%s client %s: handshake not done within %g s (handshake_timeout)",
+            self.listener.kind.value,
+            self.peer,
+            self.listener.handshake_timeout,
+        )
         if self.transport is not None:
             self.transport.abort()
 

@@ -16,7 +16,6 @@ import pytest
 
 from autovpn.engine import Engine
 from autovpn.errors import BindError, ConfigError
-from autovpn.proxy import listener as listener_module
 from autovpn.proxy.dialer import Dialer
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.router import Mode, Router
@@ -273,13 +272,13 @@ def test_truncated_handshake_then_close(certs: Certs, prefix: bytes) -> None:
     run(main())
 
 
-def test_silent_client_hits_the_handshake_timeout(
-    certs: Certs, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(listener_module, "HANDSHAKE_TIMEOUT", 0.2)
+def test_silent_client_hits_the_handshake_timeout(certs: Certs) -> None:
+    config = engine_config(certs)
+    assert config.client is not None
+    config.client.handshake_timeout = 0.2
 
     async def main() -> None:
-        async with engine(certs) as eng, tcp_server(echo_handler) as echo:
+        async with Engine(config) as eng, tcp_server(echo_handler) as echo:
             reader, writer = await asyncio.open_connection("127.0.0.1", socks_port(eng))
             loop = asyncio.get_running_loop()
             start = loop.time()

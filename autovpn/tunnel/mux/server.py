@@ -26,8 +26,10 @@ from autovpn.config import (
     DEFAULT_AUTH_FAILURE_WINDOW,
     DEFAULT_REVERSE_BINDS,
     MAX_REVERSE_LISTENERS_PER_CLIENT,
+    SERVER_HANDSHAKE_TIMEOUT,
 )
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason
+from autovpn.eventloop import HeapTrimmer
 from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
@@ -41,7 +43,10 @@ from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.server")
 
-HANDSHAKE_TIMEOUT = 10.0
+#: A peer has this long for each step of its handshake: TLS, then the upgrade request, then the
+#: AUTH frame after the 101 (``[server] handshake_timeout``; wstunnel peers have the first two).
+#: Bytes do not extend it, so idle and slowloris connections are closed while others are served.
+HANDSHAKE_TIMEOUT = SERVER_HANDSHAKE_TIMEOUT
 
 
 @dataclass(slots=True)
@@ -54,6 +59,8 @@ class ServerSettings:
     policy: DestinationPolicy = field(default_factory=DestinationPolicy)
     window: int = DEFAULT_WINDOW
     connect_timeout: float = 10.0
+    #: For each step of the handshake (TLS, upgrade request, AUTH): see HANDSHAKE_TIMEOUT.
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     udp_idle_timeout: float = 180.0
@@ -91,10 +98,16 @@ class _ServerHandshake(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._timeout)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._server.settings.handshake_timeout, self._timeout
+        )
 
     def _timeout(self) -> None:
-        log.info("tunnel peer %s: no upgrade request within %.0f s", self._peer, HANDSHAKE_TIMEOUT)
+        log.info(
+            "tunnel peer %s: no upgrade request within %g s (server.handshake_timeout)",
+            self._peer,
+            self._server.settings.handshake_timeout,
+        )
         if self.transport is not None:
             self.transport.abort()
 
@@ -176,6 +189,7 @@ class _ServerHandshake(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._server.trimmer.released()  # refused, timed out or gone before its upgrade
 
 
 class TunnelServer:
@@ -204,6 +218,8 @@ class TunnelServer:
         )
         #: The user each tunnel connection authenticated as (reverse listeners are per user).
         self._users: dict[MuxConnection, str] = {}
+        #: Gives back to the system what ended connections freed (see HeapTrimmer).
+        self.trimmer = HeapTrimmer()
         #: Other protocols served on the same port (wstunnel): each is offered every request
         #: whose path is not our tunnel path, with the transport and the bytes after the head,
         #: and returns True when it took the connection over (it then owns the transport).
@@ -229,6 +245,7 @@ class TunnelServer:
         self._users.pop(conn, None)
         if self.udp is not None:
             self.udp.connection_lost(conn)
+        self.trimmer.released()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -241,7 +258,7 @@ class TunnelServer:
                 s.port,
                 ssl=s.ssl_context,
                 backlog=1024,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if s.ssl_context else None,
+                ssl_handshake_timeout=s.handshake_timeout if s.ssl_context else None,
             )
         except OSError as exc:
             raise bind_error("tunnel server", s.host, s.port, exc) from exc
@@ -269,6 +286,7 @@ class TunnelServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        self.trimmer.close()
 
     def auth_blocked(self, peer: str) -> float:
         """Seconds the address of ``peer`` (``host:port``) is still refused for, or 0."""
@@ -294,7 +312,8 @@ class TunnelServer:
 
         It stays unauthenticated until the client's first frame, an AUTH answering the 101's
         challenge, passed ``handshake.check_auth``; a connection that sends anything else, or
-        nothing within HANDSHAKE_TIMEOUT, is refused (logged once) before any stream or flow.
+        nothing within ``settings.handshake_timeout``, is refused (logged once) before any
+        stream or flow.
         """
         s = self.settings
         deadline: asyncio.TimerHandle | None = None
@@ -328,16 +347,16 @@ class TunnelServer:
             authenticate=authenticate,
             peer=f"{peer} ({accepted.user})",
         )
-        deadline = mux.loop.call_later(HANDSHAKE_TIMEOUT, self._no_auth, mux, peer)
+        deadline = mux.loop.call_later(s.handshake_timeout, self._no_auth, mux, peer)
         self.connections.add(mux)
         self._users[mux] = accepted.user
         return mux
 
     def _no_auth(self, mux: MuxConnection, peer: str) -> None:
         log.warning(
-            "tunnel peer %s refused: no AUTH frame within %.0f s of the 101",
+            "tunnel peer %s refused: no AUTH frame within %g s of the 101",
             peer,
-            HANDSHAKE_TIMEOUT,
+            self.settings.handshake_timeout,
         )
         self.refused += 1
         self.auth_failed(peer)

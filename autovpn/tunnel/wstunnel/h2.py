@@ -256,3 +256,4 @@ class H2Tunnels(asyncio.Protocol):
         self.closed = True
         self._drop_targets()
         self.service.h2_connections.discard(self)
+        self.service.server.trimmer.released()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.eventloop import LoopBuffers
 from autovpn.net import reset_transport
 from autovpn.wire.wstunnel import FrameSplitter, Session, SessionState
 
@@ -32,6 +33,10 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 #: Shared read buffer of every local socket: ``buffer_updated`` copies out of it at once.
 #: 256 KiB frames (wstunnel grows its own up to 32 MiB; any size is valid for the peer).
 _LOCAL_READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
+#: The WebSocket sides of one loop share a read buffer too: ``_receive`` writes or copies every
+#: piece before it returns (the decoder keeps partial headers in its own buffer), so a tunnel
+#: no longer holds 256 KiB of its own (connection.py does the same for the native mux).
+_WS_READ_BUFFERS: Final = LoopBuffers(256 * 1024)
 #: How long to wait for the peer's Close after ours before dropping the connection.
 CLOSE_TIMEOUT: Final = 5.0
 #: Close codes that end a tunnel normally (RFC 6455 section 7.4.1); 1005 is a Close without a
@@ -59,8 +64,8 @@ class WsSide(asyncio.BufferedProtocol):
         self.closed = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self._buffer = memoryview(bytearray(256 * 1024))
         self._loop = asyncio.get_running_loop()
+        self._buffer = _WS_READ_BUFFERS.get(self._loop)
         self._ping_interval = ping_interval
         self._ping_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
@@ -146,6 +151,10 @@ class WsSide(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        # A TLS transport's protocol keeps our bound buffer methods: without this, this side,
+        # its transport and the TLS layer's 256 KiB buffer wait for the cyclic GC (as in
+        # MuxConnection.connection_lost).
+        self.transport = None
         self._cancel_timers()
         local = self.local.transport
         if local is not None and not self.local.closed:

@@ -275,6 +275,10 @@ class WstunnelService:
 
     # -- requests ----------------------------------------------------------------------------
 
+    def _closed(self, ws: WsSide) -> None:
+        self.tunnels.discard(ws)
+        self.server.trimmer.released()
+
     def offer(
         self, head: RequestHead, transport: asyncio.Transport, rest: bytes, peer: str
     ) -> bool:
@@ -331,7 +335,7 @@ class WstunnelService:
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
                 peer=peer,
-                on_closed=self.tunnels.discard,
+                on_closed=self._closed,
             )
             cookie: str | None = None
             early = b""

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
+from autovpn.config import Config
 from autovpn.engine import Engine
-from autovpn.tunnel.mux import server
 from autovpn.wire import frames, handshake, http1
 from autovpn.wire.websocket import Opcode, encode_frame
 from tests.conftest import (
@@ -80,14 +80,19 @@ async def _answer(reader: asyncio.StreamReader) -> bytes:
         return await reader.read(4096)
 
 
-def test_garbage_and_truncated_handshakes(
-    certs: Certs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+def _quick_handshakes(certs: Certs) -> Config:
+    """The engine of the tests, its server's handshake timeout at half a second."""
+    config = engine_config(certs)
+    assert config.server is not None
+    config.server.handshake_timeout = 0.5
+    return config
+
+
+def test_garbage_and_truncated_handshakes(certs: Certs, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="autovpn")
 
     async def main() -> None:
-        async with Engine(engine_config(certs)) as eng, tcp_server(echo_handler) as echo:
+        async with Engine(_quick_handshakes(certs)) as eng, tcp_server(echo_handler) as echo:
             # random bytes where a request should be
             reader, writer = await _raw(eng, certs)
             writer.write(os.urandom(2000) + b"\r\n\r\n")
@@ -212,12 +217,11 @@ def test_no_wstunnel_leaves_only_authenticated_clients(certs: Certs) -> None:
 
 
 def test_nothing_is_served_before_the_challenge_is_answered(
-    certs: Certs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
     """After the 101 the server dispatches nothing until an AUTH frame answered its challenge:
     an OPEN or a DATAGRAM first, a wrong answer, or silence are each refused (close 1008, or
-    an abort after HANDSHAKE_TIMEOUT) and logged once; a second AUTH is a protocol error."""
-    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    an abort after the handshake timeout) and logged once; a second AUTH is a protocol error."""
     caplog.set_level(logging.INFO, logger="autovpn")
     dialled = 0
 
@@ -228,7 +232,7 @@ def test_nothing_is_served_before_the_challenge_is_answered(
 
     async def main() -> None:
         async with (
-            Engine(engine_config(certs)) as eng,
+            Engine(_quick_handshakes(certs)) as eng,
             tcp_server(target) as port,
             tcp_server(echo_handler) as echo,
         ):
@@ -247,7 +251,7 @@ def test_nothing_is_served_before_the_challenge_is_answered(
                 encode_frame(Opcode.BINARY, open_frame, mask=os.urandom(4)),
                 encode_frame(Opcode.BINARY, datagram, mask=os.urandom(4)),
                 wrong + encode_frame(Opcode.BINARY, open_frame, mask=os.urandom(4)),
-                b"",  # nothing at all: refused after HANDSHAKE_TIMEOUT
+                b"",  # nothing at all: refused after the handshake timeout
             ):
                 caplog.clear()
                 refused = eng.server.refused
