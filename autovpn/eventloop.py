@@ -1,6 +1,6 @@
 """Event loop selection: uvloop (Linux, macOS) or winloop (Windows) when installed.
 
-uvloop made a Python UDP relay about 3x faster and cut per-stream latency (performance-notes.md);
+uvloop made a Python UDP relay about 3x faster and cut per-stream latency (docs/benchmarks.md);
 plain asyncio works everywhere and is the fallback.  ``AUTOVPN_LOOP=asyncio`` chooses plain
 asyncio even where uvloop is installed (the Windows path, tested on Linux in CI).
 """
@@ -49,7 +49,7 @@ def tune_allocator() -> bool:
     A relay frees and allocates 256 KiB-1 MiB buffers all the time; with glibc's defaults each
     one is an mmap/munmap or a heap grow/trim (``brk``): 4-8% of a sender's time here (py-spy),
     and a fresh Python relay ran at about half speed until the heap settled
-    (performance-notes.md).  Equivalent to MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_.
+    (docs/benchmarks.md).  Equivalent to MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_.
     The price is that glibc keeps what a burst of connections freed (up to the 64 MiB trim
     threshold at the top of the heap, and every free page below it): ``HeapTrimmer`` gives it
     back explicitly once connections end, which a relay's data path never does.
@@ -57,7 +57,7 @@ def tune_allocator() -> bool:
     """
     if sys.platform != "linux":
         return False
-    import ctypes
+    import ctypes  # lazy: glibc's allocator is only tuned on Linux, where an engine starts
 
     try:
         libc = ctypes.CDLL(None)

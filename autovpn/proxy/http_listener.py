@@ -10,11 +10,15 @@ connection with keep-alive.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from autovpn.errors import RemoteProtocolError
+from autovpn.proxy.handshake import HandshakeBase
 from autovpn.proxy.http_forward import HttpForwarder, authorization_problem, error_response
-from autovpn.proxy.listener import HandshakeBase, ProxyListener
 from autovpn.wire import http_proxy
+
+if TYPE_CHECKING:
+    from autovpn.proxy.listener import ProxyListener
 
 log = logging.getLogger("autovpn.proxy")
 

@@ -1,10 +1,10 @@
 """``-L udp://`` with ``--protocol wstunnel``: the UDP relay towards a stock wstunnel server.
 
 wstunnel carries UDP as one WebSocket per local peer, one datagram per binary frame, with a
-``Udp`` JWT claim (wstunnel.md 2.3, 3.2).  Each local peer address gets its own tunnel, opened
-on its first datagram; datagrams that arrive while it opens wait in a short queue (the rest are
-dropped and counted, as a congested network would).  The local port stays bound across
-tunnel failures: the next datagram opens a new tunnel, so WireGuard recovers by itself.
+``Udp`` JWT claim (docs/wstunnel-protocol.md 2.3, 3.2).  Each local peer address gets its own
+tunnel, opened on its first datagram; datagrams that arrive while it opens wait in a short queue
+(the rest are dropped and counted, as a congested network would).  The local port stays bound
+across tunnel failures: the next datagram opens a new tunnel, so WireGuard recovers by itself.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ routing decision -> DNS.
   *public* resolvers (default 8.8.8.8 and 1.1.1.1) with DNS over TCP (RFC 7766) inside a tunnel
   stream: the tunnel server opens ``resolver:53`` and the query never touches the local link.
   A proxied name is **never** sent to a local resolver, not even as a fallback when the tunnel
-  is down: that query is exactly the leak split routing exists to prevent (research/routing.md
-  section 4.3).  REJECT names are not resolved at all.
+  is down: that query is exactly the leak split routing exists to prevent (DNS leak tests
+  look for precisely that query).  REJECT names are not resolved at all.
 * Both families are asked at once (A and AAAA), each cached on its own TTL
   (``dns_cache.DnsCache``), negative answers included.  For the tunnel path the two queries
   share one stream, pipelined and matched by message id (RFC 7766 section 6.2.1.1).

@@ -6,7 +6,7 @@ to ``[min_ttl, max_ttl]``; a negative one (NXDOMAIN, or NOERROR with no records 
 for the SOA minimum the server sent (RFC 2308 section 5), clamped to ``max_negative_ttl`` so a
 misconfigured zone cannot pin a failure for days, and to ``default_negative_ttl`` when the
 server sent no SOA.  Leak-test sites probe random names: without negative caching every probe
-would be a new query (research/routing.md section 4.3).
+would be a new query.
 
 The cache holds at most ``max_entries``; past that the least recently used entry goes (an
 ``OrderedDict`` moved-to-end on every hit, O(1)).

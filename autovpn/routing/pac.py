@@ -6,7 +6,7 @@ text out.
   traffic while the engine is down);
 * smart: the router's decision order, in JavaScript, over the same compiled structures
   (``RuleSet``): object lookups per label suffix (no linear ``shExpMatch`` loop: 11 us vs 98 ms
-  per host at 10k rules in pacparser, research/routing.md section 3.3), the same keyword
+  per host at 10k rules, measured in pacparser), the same keyword
   alternation, the same regexes, IP rules with integer math on IP-literal hosts only.  No
   ``dnsResolve``/``isInNet`` on names: a local DNS query for a proxied name is the leak this
   engine exists to avoid;

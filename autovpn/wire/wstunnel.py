@@ -1,8 +1,8 @@
 """wstunnel v10 on the wire, sans-I/O: the tunnel JWT, the upgrade request and its checks, and
 the per-tunnel WebSocket session rules.
 
-Theory of operation (../shared/research/wstunnel.md)
-----------------------------------------------------
+Theory of operation (docs/wstunnel-protocol.md; "section N" below is a section of it)
+---------------------------------------------------------------------------------
 wstunnel multiplexes nothing: every tunnelled TCP connection (or UDP peer) is its own TCP(+TLS)
 connection carrying one WebSocket.  The only control message is a JWT in the upgrade request's
 ``Sec-WebSocket-Protocol: v1, authorization.bearer.<JWT>`` header (or the ``Cookie`` header),

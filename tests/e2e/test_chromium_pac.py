@@ -1,8 +1,8 @@
 """Headless Chromium with ``--proxy-pac-url`` pointing at the running engine's /proxy.pac.
 
 A proxied test name must reach the engine's HTTP proxy *as a name* and travel through the tunnel;
-a direct one must not touch the engine at all.  Recipe: shared/research/testing-recipes.md
-section 4 (http:// PAC, never file://; loopback is never proxied under a PAC, so test names are
+a direct one must not touch the engine at all.  Chromium's rules, as probed on this machine
+(http:// PAC, never file://; loopback is never proxied under a PAC, so test names are
 non-loopback names; ``MAP * ~NOTFOUND`` keeps Chromium away from the system resolver).
 
 The tunnel server resolves target names through a loopback DNS server (``ServerSettings.resolve``),

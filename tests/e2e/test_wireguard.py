@@ -1,6 +1,6 @@
 """Real WireGuard (wireguard-go) through autovpn's UDP relay and tunnel.
 
-Topology (../shared/research/testing-recipes.md 2.2, "moved TUN"): both wireguard-go processes
+Topology ("moved TUN"): both wireguard-go processes
 start in this network namespace, so their UDP sockets are on 127.0.0.1; the server's TUN is then
 moved into a namespace the test creates, so tunnel traffic really crosses WireGuard.  The client
 peer's Endpoint is the autovpn relay; the autovpn server (a separate process, so it can be killed)

@@ -1,5 +1,5 @@
-"""wstunnel v10 on the wire, from bytes outward: the examples of wstunnel.md byte for byte
-(sections named in each test), then the server's checks in order, the session rules, the
+"""wstunnel v10 on the wire, from bytes outward: the examples of docs/wstunnel-protocol.md byte
+for byte (sections named in each test), then the server's checks in order, the session rules, the
 restrictions file, then hypothesis fuzzing of every parser."""
 
 from __future__ import annotations

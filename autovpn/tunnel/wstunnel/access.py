@@ -1,7 +1,7 @@
 """Who a stock wstunnel client is, from what it can send (pure).
 
-wstunnel's JWT authenticates nothing (wstunnel.md section 2.2), so a stock client can prove who
-it is only with what its command line controls:
+wstunnel's JWT authenticates nothing (docs/wstunnel-protocol.md section 2.2), so a stock
+client can prove who it is only with what its command line controls:
 
 1. **mTLS.** With ``--tls-client-ca-certs`` every TLS client presents a certificate the CA
    signed, and (wstunnel's own rule, checked by ``wire.wstunnel.check_request``) the path

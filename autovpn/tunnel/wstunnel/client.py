@@ -1,9 +1,10 @@
 """The wstunnel v10 protocol client: talks to a stock wstunnel server (``--protocol wstunnel``).
 
-Each tunnelled connection gets its own TCP(+TLS) connection and WebSocket (wstunnel.md section
-0.1): ``open_upstream(host, port, early)`` takes a pre-connected stream from the pool (or dials
-one), sends the upgrade request with the JWT for ``Tcp{proxy_protocol}`` to host:port, waits for
-the 101 and returns an ``Upstream`` that relays the application's socket once attached.
+Each tunnelled connection gets its own TCP(+TLS) connection and WebSocket
+(docs/wstunnel-protocol.md section 0.1): ``open_upstream(host, port, early)`` takes a
+pre-connected stream from the pool (or dials one), sends the upgrade request with the JWT for
+``Tcp{proxy_protocol}`` to host:port, waits for the 101 and returns an ``Upstream`` that relays
+the application's socket once attached.
 
 As in wstunnel (section 5.7) the pool holds ``min_idle`` connected streams with no HTTP sent
 yet, each used once and dropped after 30 s; dialling retries with exponential backoff until

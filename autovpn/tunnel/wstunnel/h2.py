@@ -1,5 +1,6 @@
-"""wstunnel's HTTP/2 transport on the server (wstunnel.md section 4): ``POST /<prefix>/events``
-with the JWT in ``cookie``, over h2c with prior knowledge or TLS with ALPN ``h2``.
+"""wstunnel's HTTP/2 transport on the server (docs/wstunnel-protocol.md section 4): ``POST
+/<prefix>/events`` with the JWT in ``cookie``, over h2c with prior knowledge or TLS with ALPN
+``h2``.
 
 The HTTP/2 framing is the ``h2`` package (sans-I/O).  Each request stream is one tunnel: the
 same checks as the WebSocket transport (minus the upgrade headers), the destination dialled

@@ -1,5 +1,6 @@
 """wstunnel's tunnel whitelist (``--restrict-config restrictions.yaml``, ``--restrict-to``,
-``-r/--restrict-http-upgrade-path-prefix``), same format and semantics (wstunnel.md section 5.1).
+``-r/--restrict-http-upgrade-path-prefix``), same format and semantics (docs/wstunnel-protocol.md
+section 5.1).
 
 Rules are tried in order; the first rule whose matchers *all* hold (``!Any``, ``!PathPrefix
 regex`` on the first path segment, ``!Authorization regex`` on the raw header) *and* which has an

@@ -1,4 +1,4 @@
-"""wstunnel reverse tunnels (``-R``), both ends (wstunnel.md section 5.6).
+"""wstunnel reverse tunnels (``-R``), both ends (docs/wstunnel-protocol.md section 5.6).
 
 Server: a ``Reverse*`` request names a bind address.  The listener for that address is shared
 by every request naming it (``port_mapping`` applied); the request is held unanswered until the

@@ -3,7 +3,7 @@
 ``WstunnelService.install(server)`` adds ``offer`` to ``TunnelServer.alternatives``: every
 request whose path is not our native tunnel path and which looks like wstunnel (a path ending
 in ``events``, or a bearer JWT in ``Sec-WebSocket-Protocol``) is taken over here and
-answered as wstunnel answers it: the checks of wstunnel.md section 1.3 in order, each
+answered as wstunnel answers it: the checks of docs/wstunnel-protocol.md section 1.3 in order, each
 failure a ``400 Invalid request``, the destination dialled *before* the 101 (so an
 unreachable destination is a 400 too), then one ``WsSide`` relay per tunnel.  Anything else
 is left to the native server (404).

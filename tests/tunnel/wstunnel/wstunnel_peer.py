@@ -1,4 +1,4 @@
-"""A wstunnel v10 conformance peer written from ../shared/research/wstunnel.md only.
+"""A wstunnel v10 conformance peer written from docs/wstunnel-protocol.md only.
 
 It shares no code with autovpn: its own WebSocket framing (RFC 6455 section 5.2), its own JWT
 (HS256 with ``champignonfrais``, base64url without padding) and its own HTTP head handling.

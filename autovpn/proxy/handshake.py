@@ -1,0 +1,99 @@
+"""The skeleton every local listener's connection starts in: a handshake protocol.
+
+It owns the client's socket until the target is known: accounting, the handshake deadline
+(``[client] handshake_timeout``; bytes do not extend it, so idle and slowloris clients are
+closed while others are served), failing with a reply, and ``dial``: route and connect through
+the listener's ``Dialer``.  ``socks5_listener.Socks5Handshake`` and
+``http_listener.HttpHandshake`` feed their sans-I/O parsers from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from autovpn.errors import ResetReason, StreamError
+from autovpn.proxy.dialer import Upstream, discard
+
+if TYPE_CHECKING:
+    from autovpn.proxy.listener import ProxyListener
+
+log = logging.getLogger("autovpn.proxy")
+
+
+class HandshakeBase(asyncio.Protocol):
+    def __init__(self, listener: ProxyListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.listener.accepted += 1
+        self.listener.handshaking.add(self)
+        self._timer = self.listener.loop.call_later(self.listener.handshake_timeout, self._timeout)
+
+    def _timeout(self) -> None:
+        log.info(
+            "%s client %s: handshake not done within %g s (handshake_timeout)",
+            self.listener.kind.value,
+            self.peer,
+            self.listener.handshake_timeout,
+        )
+        if self.transport is not None:
+            self.transport.abort()
+
+    def stop_timer(self) -> None:
+        """The handshake is over (handed off, failed or gone)."""
+        self.listener.handshaking.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def fail(self, reply: bytes, why: str) -> None:
+        self.listener.failed += 1
+        self.stop_timer()
+        log.info("%s client %s: %s", self.listener.kind.value, self.peer, why)
+        if self.transport is not None and not self.transport.is_closing():
+            if reply:
+                self.transport.write(reply)
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_timer()
+
+    async def dial(
+        self, host: str, port: int, early: bytes, failure: Callable[[ResetReason], bytes]
+    ) -> Upstream | None:
+        """Route and connect for this client; on failure answer ``failure(reason)`` and return
+        None.  An upstream whose client left meanwhile is discarded, never leaked."""
+        assert self.transport is not None
+        try:
+            upstream, _ = await self.listener.dialer.connect(
+                host, port, early, client=self.peer, via=self.listener.kind.value
+            )
+        except StreamError as exc:
+            self.fail(failure(exc.reason), f"{host}:{port}: {exc}")
+            return None
+        except Exception:  # a bug must not leave the client waiting for the timeout
+            log.exception(
+                "%s client %s: dialling %s:%d failed",
+                self.listener.kind.value,
+                self.peer,
+                host,
+                port,
+            )
+            self.fail(failure(ResetReason.GENERAL_FAILURE), f"{host}:{port}: internal error")
+            return None
+        self.stop_timer()
+        if self.transport.is_closing():
+            discard(upstream)
+            return None
+        return upstream
