@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from autovpn import __version__
@@ -39,11 +39,13 @@ from autovpn.config import (
     state_dir,
 )
 from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError, Terminated
-from autovpn.monitor.client import ControlUnreachable, Reply, request, stream_lines
 from autovpn.monitor.engines import ENGINES_DIR, ROLES, EngineRecord, choose, live_records
 from autovpn.policy import AllowEntry
 from autovpn.routing.router import Mode
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
+
+if TYPE_CHECKING:
+    from autovpn.monitor.client import Reply
 
 log = logging.getLogger("autovpn")
 
@@ -534,6 +536,9 @@ def _ask(
     headers: dict[str, str] | None = None,
 ) -> Reply | None:
     """The first running engine's answer, or None when none answers."""
+    # http.client (and the email parser under it) only for the commands that ask an engine.
+    from autovpn.monitor.client import ControlUnreachable, request
+
     for url in urls:
         try:
             return request(url, method, path, body, headers)
@@ -728,6 +733,9 @@ def _resolve_command(
                 errors.append(str(obj["error"]))
         else:
             summary.update(obj)
+
+    # http.client only for the commands that ask an engine.
+    from autovpn.monitor.client import ControlUnreachable, stream_lines
 
     for url in urls:
         try:
