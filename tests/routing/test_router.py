@@ -84,6 +84,22 @@ def test_global_and_direct_modes(router: Router) -> None:
     assert Router().decide("x", 1).reason == "mode global"  # the default mode is global
 
 
+def test_decision_cache_follows_default_and_is_bounded() -> None:
+    r = Router.from_config(cache_size=4)
+    assert r.decide("unlisted.example", 443).action is Action.PROXY
+    r.default = Action.DIRECT  # switched at run time: cached default decisions are dropped
+    assert r.decide("unlisted.example", 443).action is Action.DIRECT
+    for i in range(10):
+        r.decide(f"h{i}.example", 443)
+    info = r.cache_info()
+    assert info is not None and info.currsize == 4 and info.maxsize == 4
+    assert Router(cache_size=0).cache_info() is None
+    # Decisions with resolved addresses are not cached: the addresses decide.
+    ips = Router.from_config(rules=["ip-cidr:203.0.113.0/24=reject"], cache_size=4)
+    assert ips.decide("n.example", 443).action is Action.PROXY
+    assert ips.decide("n.example", 443, ["203.0.113.1"]).action is Action.REJECT
+
+
 @pytest.mark.parametrize(
     ("host", "port", "action", "source_starts"),
     [
@@ -554,11 +570,14 @@ def test_decide_equals_reference(
 ) -> None:
     user, lists, host = scenario
     want = reference_decide(user, lists, default, host, port, addresses, _GEOIP)
-    r = Router(
-        Mode.SMART,
-        user_rules=RuleSet(user, geoip=_GEOIP.get),
-        list_rules=lists,
-        default=default,
-        geoip=_GEOIP.get,
-    )
-    assert r.decide(host, port, addresses) == want
+    for cache_size in (0, 16):
+        r = Router(
+            Mode.SMART,
+            user_rules=RuleSet(user, geoip=_GEOIP.get),
+            list_rules=lists,
+            default=default,
+            geoip=_GEOIP.get,
+            cache_size=cache_size,
+        )
+        assert r.decide(host, port, addresses) == want
+        assert r.decide(host, port, addresses) == want  # the second time from the cache
