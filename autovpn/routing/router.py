@@ -114,37 +114,26 @@ class Decision:
         _set_source(self, source)
         _set_mode(self, mode)
 
-    @classmethod
-    def by_rule(cls, rule: Rule) -> Decision:
-        """Smart mode's decision by ``rule`` (reason and source formatted when first read)."""
-        d = object.__new__(cls)
-        _set_action(d, rule.action)
-        _set_reason(d, None)
-        _set_rule(d, rule)
-        _set_source(d, None)
-        _set_mode(d, Mode.SMART)
-        return d
-
     @property
     def reason(self) -> str:
         """Human-readable: which mode, rule and list decided."""
-        r: str | None = _get_reason(self)
-        if r is None:
-            r = self._format()[0]
-        return r
+        try:
+            return _get_reason(self)
+        except AttributeError:  # a rule's decision (_rule_decision), not read before
+            return self._format()[0]
 
     @property
     def source(self) -> str:
         """Where the deciding rule came from: "proxy list, default-proxy.txt:12", "user
         rules", "local", "default", "mode"."""
-        s: str | None = _get_source(self)
-        if s is None:
-            s = self._format()[1]
-        return s
+        try:
+            return _get_source(self)
+        except AttributeError:
+            return self._format()[1]
 
     def _format(self) -> tuple[str, str]:
         rule = self.rule
-        assert rule is not None  # only by_rule leaves the strings to format
+        assert rule is not None  # only _rule_decision leaves the strings to format
         src = str(rule.source)
         reason = f"smart: {rule.describe()} ({src})"
         _set_reason(self, reason)
@@ -193,12 +182,23 @@ class Decision:
 # object.__setattr__ (what a frozen dataclass's __init__ calls for each field).
 _slots = Decision.__dict__
 _set_action: Callable[[Decision, Action], None] = _slots["action"].__set__
-_set_reason: Callable[[Decision, str | None], None] = _slots["_reason"].__set__
-_get_reason: Callable[[Decision], str | None] = _slots["_reason"].__get__
+_set_reason: Callable[[Decision, str], None] = _slots["_reason"].__set__
+_get_reason: Callable[[Decision], str] = _slots["_reason"].__get__
 _set_rule: Callable[[Decision, Rule | None], None] = _slots["rule"].__set__
-_set_source: Callable[[Decision, str | None], None] = _slots["_source"].__set__
-_get_source: Callable[[Decision], str | None] = _slots["_source"].__get__
+_set_source: Callable[[Decision, str], None] = _slots["_source"].__set__
+_get_source: Callable[[Decision], str] = _slots["_source"].__get__
 _set_mode: Callable[[Decision, Mode | None], None] = _slots["mode"].__set__
+_new_object = object.__new__
+_SMART = Mode.SMART
+
+
+def _rule_decision(rule: Rule) -> Decision:
+    """Smart mode's decision by ``rule``; its reason and source slots stay unset until read."""
+    d: Decision = _new_object(Decision)
+    _set_action(d, rule.action)
+    _set_rule(d, rule)
+    _set_mode(d, _SMART)
+    return d
 
 
 # -- local addresses ---------------------------------------------------------------------------
@@ -498,6 +498,9 @@ class Router:
         while True:
             i = h.rfind(".", 0, j)
             e = names.get(h[i + 1 :])  # the host itself when i == -1
+            if e is _MARKER and i >= 0:  # no rule here, longer keys exist: the usual TLD
+                j = i  # (at the host itself, i == -1, the walk must end below instead)
+                continue
             if e is None:
                 break
             if not isinstance(e, tuple):  # a list's suffix rule, no longer key (see _compile)
@@ -521,20 +524,21 @@ class Router:
             if self._user_pattern:
                 rule = self.user_rules.match_pattern(h) or self.user_rules.match_port(port)
                 if rule is not None:
-                    return Decision.by_rule(rule)
+                    return _rule_decision(rule)
             if "." not in h or h.endswith(_LOCAL_SUFFIXES):  # local_reason's tests for names
                 why = local_reason(h, None)
                 assert why is not None
                 return self._local(why)
-            for r, rs in self._list_patterns:
-                if r >= rank:
-                    break
-                rule = rs.match_pattern(h) or rs.match_port(port)
-                if rule is not None:
-                    return Decision.by_rule(rule)
+            if self._list_patterns:
+                for r, rs in self._list_patterns:
+                    if r >= rank:
+                        break
+                    rule = rs.match_pattern(h) or rs.match_port(port)
+                    if rule is not None:
+                        return _rule_decision(rule)
         if best is None:
             return self._default_decision
-        return Decision.by_rule(best)
+        return _rule_decision(best)
 
     def _decide_generic(
         self, h: str, ip: IPAddress | None, port: int, addrs: Sequence[str | IPAddress]
@@ -543,14 +547,14 @@ class Router:
         set in the order of the module docstring: the reference ``_decide_smart`` matches."""
         rule = self.user_rules.match_normalized(h, ip, port, addrs)
         if rule is not None:
-            return Decision.by_rule(rule)
+            return _rule_decision(rule)
         why = local_reason(h, ip)
         if why is not None:
             return self._local(why)
         for tier in self.list_tiers:
             rule = tier.match_normalized(h, ip, port, addrs)
             if rule is not None:
-                return Decision.by_rule(rule)
+                return _rule_decision(rule)
         return self._default_decision
 
     def _local(self, why: str) -> Decision:
