@@ -481,7 +481,7 @@ class Router:
         # Only what normalize_host would change besides the case (a trailing dot, [v6], a
         # %zone, IDNA) pays for it; IP literals take the general path.  Any other string is
         # walked: the walk is string probing, as RuleSet's, and no key has an empty label.
-        if not last or last == "." or last == "]" or ":" in h or not h.isascii():
+        if last in ".]" or ":" in h or not h.isascii():  # (true for "" too: no last char)
             h = normalize_host(host)
             ip = parse_ip(h)
             if ip is not None:
