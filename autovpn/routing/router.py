@@ -370,21 +370,22 @@ class Router:
                 e = names.get(key, _LEAF)
                 if e[1] is None:
                     names[key] = (rank, rule, e[2], e[3], False)
+            sub_only = [(k, r) for k, r in rs.suffix.items() if k[0] == "."]
+            for key, rule in sub_only:  # first: ".key" beats "key" inside a tier
+                key = key[1:]
+                e = names.get(key, _LEAF)
+                if e[3] is None:
+                    names[key] = (e[0], e[1], rank, rule, False)
             for key, rule in rs.suffix.items():
                 if key[0] == ".":
-                    key = key[1:]
-                    e = names.get(key, _LEAF)
-                    if e[3] is None:
-                        names[key] = (e[0], e[1], rank, rule, False)
-                else:
-                    e = names.get(key, _LEAF)
-                    if e[1] is None:
-                        names[key] = (rank, rule, e[2], e[3], False)
-            for key, rule in rs.suffix.items():
-                if key[0] != ".":
-                    e = names[key]
-                    if e[3] is None:
-                        names[key] = (e[0], e[1], rank, rule, False)
+                    continue
+                old = names.get(key)
+                if old is None:  # the usual case: the first rule for this key
+                    names[key] = (rank, rule, rank, rule, False)
+                elif old[1] is None or old[3] is None:
+                    exact = (rank, rule) if old[1] is None else (old[0], old[1])
+                    sub = (rank, rule) if old[3] is None else (old[2], old[3])
+                    names[key] = (*exact, *sub, False)
         # Every proper label suffix of a key is present (as a marker if nothing else) and knows
         # that longer keys end with it; so the walk from the TLD leftwards stops at the first
         # suffix that is absent or a leaf: no longer key can match.  For most names that is
@@ -396,19 +397,18 @@ class Router:
                 p = names.get(parent)
                 if p is None:
                     names[parent] = _MARKER
-                elif not p[4]:
+                elif p[4]:
+                    break  # marked before, and so are its own parents
+                else:
                     names[parent] = (p[0], p[1], p[2], p[3], True)
                 i = key.find(".", i + 1)
         # Most keys of a big list are a list's domain-suffix rule and nothing else: the entry
-        # is then the Rule itself (its rank follows from its action, _LIST_RANK), which
-        # saves a tuple per key (8 MiB with the 110k-domain dnsmasq-china-list).
-        table: dict[str, _NameEntry | Rule] = {}
-        for key, e in names.items():
-            if e[1] is not None and e[1] is e[3] and e[0] and not e[4]:
-                assert _LIST_RANK[e[1].action] == e[0] == e[2]
-                table[key] = e[1]
-            else:
-                table[key] = e
+        # is then the Rule itself (its rank follows from its action, _LIST_RANK), which saves
+        # a tuple per key (8 MiB with the 110k-domain dnsmasq-china-list).
+        table: dict[str, _NameEntry | Rule] = {
+            key: e[1] if e[1] is not None and e[1] is e[3] and e[0] and not e[4] else e
+            for key, e in names.items()
+        }
         self._names = table
         self._user_pattern = self._has_pattern(self.user_rules)
         self._list_patterns = tuple(
