@@ -174,8 +174,10 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _looks_like_ip(h: str) -> bool:
-    # Cheap filter so ordinary names never pay for ipaddress' exception path.
-    return bool(h) and (":" in h or h[-1].isdigit())
+    # Cheap filter so ordinary names never pay for ipaddress' exception path: an IPv6 literal
+    # has a colon, an IPv4 one (the only other form ip_address takes) starts and ends with a
+    # digit.
+    return bool(h) and (":" in h or (h[-1].isdigit() and h[0].isdigit()))
 
 
 def parse_ip(host: str) -> IPAddress | None:
@@ -397,6 +399,11 @@ class RuleSet:
                 if rule is not None:
                     return rule
                 i = h.find(".", i + 1)
+        return self.match_pattern(h)
+
+    def match_pattern(self, h: str) -> Rule | None:
+        """The keyword and regex steps of ``match_domain`` alone (the router probes the full
+        and suffix tables of all its rule sets at once, then asks each set for the rest)."""
         if self.keyword_re is not None:
             m = self.keyword_re.search(h)
             if m is not None:
