@@ -124,18 +124,38 @@ class AuthenticationFailed(RemoteProtocolError):
 
 
 class StreamError(AutovpnError):
-    """A tunnelled stream could not be opened or was reset."""
+    """A tunnelled stream could not be opened or was reset.
 
-    def __init__(self, reason: ResetReason, message: str = "") -> None:
+    ``tunnel``: the tunnel failed (its connection was lost or stalled, the server did not
+    answer), not the destination, so the same stream may succeed through another server.
+    ``public``: one line the local client may read (the HTTP proxy's 502 body); empty for a
+    bare reply.  It is only ever about our own tunnel, never about the far side.
+    """
+
+    def __init__(
+        self, reason: ResetReason, message: str = "", *, tunnel: bool = False, public: str = ""
+    ) -> None:
         super().__init__(message or reason.name.lower().replace("_", " "))
         self.reason = reason
+        self.tunnel = tunnel
+        self.public = public
 
 
 class TunnelUnavailable(StreamError):
-    """No tunnel connection could be established in time."""
+    """No tunnel server can take a stream now: every one is down, stalled or refused us.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(ResetReason.TUNNEL_LOST, message)
+    ``permanent``: retrying soon cannot help (the server refused the secret, its certificate
+    is not trusted); ``public`` says why in one line, with what to do.
+    """
+
+    def __init__(self, message: str, *, public: str = "", permanent: bool = False) -> None:
+        super().__init__(
+            ResetReason.TUNNEL_LOST,
+            message,
+            tunnel=True,
+            public=public or f"tunnel down: {message}",
+        )
+        self.permanent = permanent
 
 
 class InvalidHostName(StreamError, OSError):

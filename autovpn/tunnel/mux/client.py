@@ -5,6 +5,14 @@ opens a stream and waits for the server's OPEN_OK (or its RESET, raised as Strea
 reason the listener maps to a SOCKS5 reply or HTTP status).  Names travel to the server
 unresolved, so the client never leaks DNS for tunnelled names.
 
+Connect errors are told apart: a *permanent* one (the server refused the secret, its
+certificate is not trusted, it speaks another protocol version) is retried only after
+``permanent_backoff`` (minutes), and meanwhile new streams fail at once with the reason
+(``TunnelUnavailable.permanent``); a transient one (unreachable, reset, timed out) is retried
+with exponential backoff, cut short when a stream is waiting (``kick``).  A server name that
+resolves to several addresses is tried address by address (backup IPs), the last one that
+worked first.  Several servers are the business of ``autovpn.tunnel.mux.pool``.
+
 A connection whose server has not answered for two keepalive intervals is *stalled*
 (``MuxConnection._keepalive``): new streams skip it, and while no healthy connection is left
 they fail at once with "tunnel stalled: ..." instead of waiting for an answer that is not
@@ -21,9 +29,9 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Final, cast
 
 from autovpn.config import ReverseSpec, ServerURL
 from autovpn.errors import (
@@ -32,6 +40,7 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
+from autovpn.net import resolve_target
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient
 from autovpn.tunnel.tls import client_context
@@ -39,6 +48,38 @@ from autovpn.wire import frames, handshake, http1
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.client")
+
+#: What one connection attempt may raise; anything else is a bug and propagates.
+CONNECT_ERRORS: Final = (OSError, TimeoutError, RemoteProtocolError, ssl.SSLError)
+#: A stream waiting for a server that is down cuts its reconnect backoff short, but attempts
+#: start no closer together than this: a burst of requests is not a burst of connects.
+DEMAND_RETRY_GAP: Final = 0.5
+#: The WebSocket close code of a server that refused our AUTH frame (docs/protocol.md).
+CLOSE_AUTH_REFUSED: Final = 1008
+SECRET_REFUSED: Final = "server refused the secret (check --secret-file and --user)"
+
+
+def permanent_reason(exc: BaseException) -> str:
+    """Why retrying ``exc`` soon cannot help, as one line that says what to do; "" when it is
+    transient (unreachable, reset, timed out, a proxy in front answering 502...)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or "verify failed"
+        return f"certificate not trusted ({why}): use --tls-ca FILE (client.tls_ca)"
+    if isinstance(exc, handshake.HandshakeError):
+        if exc.status in (401, 403):
+            return SECRET_REFUSED
+        if exc.status == 400:
+            return (
+                "server refused the handshake: it may run an older autovpn (update it) or"
+                " another protocol"
+            )
+        if exc.status == 404:
+            return "server has no tunnel at this path (check --http-upgrade-path-prefix)"
+    return ""
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 @dataclass(slots=True)
@@ -57,6 +98,12 @@ class ClientSettings:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     max_backoff: float = 5.0
+    #: After a permanent error (see ``permanent_reason``): minutes, not seconds.
+    permanent_backoff: float = 300.0
+    #: The server name's addresses (backup IPs), in the order to try; None: the system's
+    #: resolver (``getaddrinfo``), as for any name we connect to ourselves.  IP literals are
+    #: never resolved.
+    resolve: Callable[[str, int], Awaitable[list[str]]] | None = None
     extra_headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     reverse: tuple[ReverseSpec, ...] = ()  # -R: listeners to ask the server for
 
@@ -152,7 +199,19 @@ class TunnelClient:
         self._closing = False
         self.connects = 0
         self.failures = 0
+        self.streams_opened = 0
         self.last_error = ""
+        #: Why the server refused us for good (see ``permanent_reason``), until a connection
+        #: is up again; new streams fail at once meanwhile.
+        self.permanent = ""
+        self.trying = 0  # connection attempts under way
+        self.attempts_done = 0  # connection attempts that ended, either way
+        self.address = ""  # the address of the last connection that came up (backup IPs)
+        #: Called whenever the state may have changed (up, lost, an attempt ended).
+        self.on_change: Callable[[], None] | None = None
+        self._pausing = 0  # pool tasks waiting out a backoff (``kick`` may cut it short)
+        self._wake = asyncio.Event()
+        self._last_attempt_end = 0.0
         # When the last byte came on a connection the keepalive timeout closed, until a new
         # connection is up: the server is known not to answer (see _pick).
         self._silent_since: float | None = None
@@ -207,6 +266,44 @@ class TunnelClient:
         """A connection can take new streams (not closed, draining or stalled)."""
         return any(not (c.closed or c.draining or c.stalled) for c in self.connections)
 
+    @property
+    def state(self) -> str:
+        """``up``, ``stalled`` (it stopped answering), ``down`` (it refused us for good:
+        ``permanent`` says why) or ``connecting`` (``last_error`` says what failed last)."""
+        if self.up:
+            return "up"
+        if self.permanent:
+            return "down"
+        if self.stall_reason():
+            return "stalled"
+        return "connecting"
+
+    @property
+    def reason(self) -> str:
+        """Why it takes no stream now ("" when it is up)."""
+        if self.up:
+            return ""
+        return self.permanent or self.stall_reason() or self.last_error
+
+    def kick(self) -> bool:
+        """A stream is waiting for this server: start the next connection attempt now (or
+        DEMAND_RETRY_GAP after the last one) instead of at the end of its backoff.  True when
+        an attempt is under way or about to start; False when none will be soon (a permanent
+        error, or every connection is up but stalled)."""
+        if self._closing or self.permanent:
+            return False
+        if self.trying:
+            return True
+        if self._pausing:
+            self._wake.set()
+            return True
+        return False
+
+    def _signal(self) -> None:
+        self._changed.set()
+        if self.on_change is not None:
+            self.on_change()
+
     def stall_reason(self) -> str:
         """Why the server is known not to answer, or "" (see the module docstring)."""
         stalled = [c for c in self.connections if c.stalled and not c.closed]
@@ -218,8 +315,48 @@ class TunnelClient:
         quiet = asyncio.get_running_loop().time() - since
         return f"tunnel stalled: no reply from server {self.settings.server} for {quiet:.0f} s"
 
+    async def addresses(self) -> list[str]:
+        """The server's addresses in the order to try: the one that worked last first."""
+        s = self.settings
+        host = s.server.host
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                found = await resolve_target(host, s.server.port, lookup=s.resolve)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{host} does not resolve: {_error_text(exc)}") from exc
+        ordered = list(dict.fromkeys(found))
+        if self.address in ordered:
+            ordered.remove(self.address)
+            ordered.insert(0, self.address)
+        if not ordered:
+            raise OSError(f"{host} resolves to no address")
+        return ordered
+
     async def connect_once(self) -> MuxConnection:
-        """Open one tunnel connection (TCP, TLS, upgrade).  Raises OSError/HandshakeError."""
+        """Open one tunnel connection (TCP, TLS, upgrade), trying the server's addresses in
+        turn (backup IPs).  Raises what the last address raised: OSError, TimeoutError,
+        HandshakeError, ssl.SSLError; a permanent error at once (every address of the server
+        would say the same)."""
+        failed: list[str] = []
+        last: BaseException | None = None
+        for address in await self.addresses():
+            try:
+                mux = await self._connect_to(address)
+            except CONNECT_ERRORS as exc:
+                if permanent_reason(exc):
+                    raise
+                last = exc
+                failed.append(f"{address}: {_error_text(exc)}")
+                log.debug("tunnel to %s via %s failed: %s", self.settings.server, address, exc)
+                continue
+            self.address = address
+            return mux
+        assert last is not None
+        if len(failed) == 1:
+            raise last
+        raise OSError(f"all {len(failed)} addresses failed: " + "; ".join(failed)) from last
+
+    async def _connect_to(self, address: str) -> MuxConnection:
         s = self.settings
         loop = asyncio.get_running_loop()
         ctx = s.ssl_context if s.server.tls else None
@@ -228,7 +365,7 @@ class TunnelClient:
         async with asyncio.timeout(s.connect_timeout):
             transport, proto = await loop.create_connection(
                 lambda: _ClientHandshake(s),
-                s.server.host,
+                address,
                 s.server.port,
                 ssl=ctx,
                 server_hostname=(s.sni or s.server.host) if ctx is not None else None,
@@ -263,35 +400,31 @@ class TunnelClient:
     async def _keep_up(self) -> None:
         backoff = 0.1
         while not self._closing:
+            self.trying += 1
             try:
-                mux = await self.connect_once()
-            except (OSError, TimeoutError, RemoteProtocolError, ssl.SSLError) as exc:
-                self.failures += 1
-                self.last_error = str(exc) or type(exc).__name__
-                level = (
-                    logging.WARNING
-                    if self.failures in (1, 10) or self.failures % 100 == 0
-                    else logging.DEBUG
-                )
-                log.log(
-                    level,
-                    "tunnel to %s failed: %s (retrying in %.1f s)",
-                    self.settings.server,
-                    self.last_error,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.max_backoff)
+                mux: MuxConnection | BaseException = await self.connect_once()
+            except CONNECT_ERRORS as exc:
+                mux = exc
+            finally:
+                self.trying -= 1
+                self.attempts_done += 1
+                self._last_attempt_end = asyncio.get_running_loop().time()
+            if isinstance(mux, BaseException):
+                delay = self._failed(mux, backoff)
+                if not self.permanent:
+                    backoff = min(backoff * 2, self.settings.max_backoff)
+                await self._pause(delay)
                 continue
             backoff = 0.1
             self.connects += 1
             self.failures = 0
+            self.permanent = ""
             self._silent_since = None
             log.info("tunnel connection to %s is up", self.settings.server)
             self.connections.append(mux)
             if self.reverse is not None:
                 self.reverse.register_on(mux)
-            self._changed.set()
+            self._signal()
             try:
                 await asyncio.shield(mux.lost)  # cancelling us must not cancel it
             finally:
@@ -299,8 +432,70 @@ class TunnelClient:
                     self.connections.remove(mux)
                 if not self._closing:
                     mux.abort()
-            if not self._closing:
-                log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
+            if self._closing:
+                break
+            if mux.close_code == CLOSE_AUTH_REFUSED:
+                # The 101 came, then the server closed on our AUTH frame: the secret.
+                self.permanent = self.last_error = SECRET_REFUSED
+                log.error(
+                    "tunnel to %s: %s; retrying in %.0f s",
+                    self.settings.server,
+                    SECRET_REFUSED,
+                    self.settings.permanent_backoff,
+                )
+                self._signal()
+                await self._pause(self.settings.permanent_backoff)
+                continue
+            log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
+            self._signal()
+
+    def _failed(self, exc: BaseException, backoff: float) -> float:
+        """Record a failed attempt; the delay before the next."""
+        self.failures += 1
+        self.last_error = _error_text(exc)
+        reason = permanent_reason(exc)
+        if reason:
+            delay = self.settings.permanent_backoff
+            if reason != self.permanent:
+                log.error(
+                    "tunnel to %s: %s; retrying in %.0f s (%s)",
+                    self.settings.server,
+                    reason,
+                    delay,
+                    self.last_error,
+                )
+            self.permanent = reason
+        else:
+            delay = backoff
+            self.permanent = ""
+            level = (
+                logging.WARNING
+                if self.failures in (1, 10) or self.failures % 100 == 0
+                else logging.DEBUG
+            )
+            log.log(
+                level,
+                "tunnel to %s failed: %s (retrying in %.1f s)",
+                self.settings.server,
+                self.last_error,
+                delay,
+            )
+        self._signal()
+        return delay
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before the next attempt, or less if ``kick`` asks."""
+        loop = asyncio.get_running_loop()
+        self._pausing += 1
+        try:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+                    # A stream is waiting: go now, but keep the attempts apart.
+                    await asyncio.sleep(self._last_attempt_end + DEMAND_RETRY_GAP - loop.time())
+        finally:
+            self._pausing -= 1
 
     # -- UDP flows ---------------------------------------------------------------------------
 
@@ -352,6 +547,8 @@ class TunnelClient:
     def _lost(self, mux: MuxConnection) -> None:
         if mux in self.connections:
             self.connections.remove(mux)
+        if self.on_change is not None and not self._closing:
+            self.on_change()
         # The latest news from the server wins: silence, or an answer after the silence.
         since = self._silent_since
         if mux.timed_out and not self._closing:
@@ -369,6 +566,12 @@ class TunnelClient:
             live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
             if live:
                 return min(live, key=lambda c: len(c.streams))
+            if self.permanent:
+                raise TunnelUnavailable(
+                    f"{self.settings.server}: {self.permanent}",
+                    public=f"tunnel down: {self.permanent}",
+                    permanent=True,
+                )
             stalled = self.stall_reason()
             if stalled:
                 # Waiting could only end at the keepalive timeout or the connect timeout.
@@ -390,16 +593,7 @@ class TunnelClient:
         """A tunnel stream as asyncio streams (the split resolver's DNS over TCP, a
         ``routing.dns.StreamOpener``): the stream is attached to one end of a socket pair and
         the caller gets asyncio streams on the other (real sockets, nothing faked)."""
-        ep = await self.open_stream(host, port)
-        ours, theirs = socket.socketpair()
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: ep, theirs)
-        except BaseException:
-            ours.close()
-            theirs.close()
-            ep.conn.reset_stream(ep.sid, ResetReason.CANCELLED, "dns stream not attached")
-            raise
-        return await asyncio.open_connection(sock=ours)
+        return await socket_stream(await self.open_stream(host, port))
 
     async def open_upstream(self, host: str, port: int, early: bytes = b"") -> StreamUpstream:
         """``open_stream`` for the dialer: the result relays a local socket once attached."""
@@ -429,7 +623,9 @@ class TunnelClient:
         except TimeoutError:
             ep.on_reset(ResetReason.TIMED_OUT, "no answer from the tunnel server", False)
             conn.reset_stream(ep.sid, ResetReason.CANCELLED, "open timed out")
-            raise StreamError(ResetReason.TIMED_OUT, "tunnel server did not answer") from None
+            raise StreamError(
+                ResetReason.TIMED_OUT, "tunnel server did not answer", tunnel=True
+            ) from None
         except asyncio.CancelledError:
             if not ep.done:
                 ep.done = True
@@ -437,7 +633,22 @@ class TunnelClient:
             raise
         finally:
             timer.cancel()
+        self.streams_opened += 1
         return ep
+
+
+async def socket_stream(ep: StreamEndpoint) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An open stream as asyncio streams: attached to one end of a socket pair, the caller
+    gets the other (real sockets, nothing faked)."""
+    ours, theirs = socket.socketpair()
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: ep, theirs)
+    except BaseException:
+        ours.close()
+        theirs.close()
+        ep.conn.reset_stream(ep.sid, ResetReason.CANCELLED, "dns stream not attached")
+        raise
+    return await asyncio.open_connection(sock=ours)
 
 
 def _expire(opened: asyncio.Future[None]) -> None:

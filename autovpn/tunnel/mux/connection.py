@@ -109,6 +109,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.draining = False  # GOAWAY seen or sent: no new streams here
         self.stalled = False  # the peer is suspect: no new streams here (see _keepalive)
         self.timed_out = False  # closed by the keepalive timeout, not by the peer or us
+        self.close_code: int | None = None  # the peer's WebSocket close code, if it sent one
         self.rtt: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -186,6 +187,8 @@ class MuxConnection(asyncio.BufferedProtocol):
                 elif opcode == Opcode.PING:
                     self._write_raw(Opcode.PONG, bytes(payload))
                 elif opcode == Opcode.CLOSE:
+                    if len(payload) >= 2:  # 1008 from a server: our AUTH was refused
+                        self.close_code = int.from_bytes(payload[:2], "big")
                     if not self.closed:
                         self._write_raw(Opcode.CLOSE, encode_close(1000))
                     self.close()
@@ -762,7 +765,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.done = True
         self.conn.forget(self.sid)
         if self.opened is not None and not self.opened.done():
-            self.opened.set_exception(StreamError(reason, message or reason.name.lower()))
+            # Not from the peer: the tunnel itself failed (lost, stalled), not the target.
+            self.opened.set_exception(
+                StreamError(reason, message or reason.name.lower(), tunnel=not from_peer)
+            )
         elif not already and self.transport is not None:
             # An error after the stream was open: a TCP reset (not abort's FIN), so the
             # application sees an error rather than a clean end of data it could mistake for
