@@ -13,10 +13,10 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from autovpn.errors import ResetReason, StreamError
+from autovpn.errors import InvalidHostName, ResetReason, StreamError
 from autovpn.net import check_host_name, reset_reason_for
 from autovpn.proxy.relay import Pipe, abort_all, link
 from autovpn.routing.router import Action, Decision, Router
@@ -96,12 +96,27 @@ class TunnelOpener(Protocol):
     async def open_upstream(self, host: str, port: int, early: bytes = b"") -> Upstream: ...
 
 
+def _retry_direct(exc: StreamError) -> bool:
+    """Whether a failed DIRECT connect is worth another attempt: a refusal or an unreachable
+    network may pass (a restarting service, an interface coming up); a timeout already waited
+    the whole connect timeout on every address, and a name that does not resolve will not."""
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and not isinstance(
+        cause, TimeoutError | socket.gaierror | InvalidHostName
+    )
+
+
 class Dialer:
     """Routes and connects.  ``tunnel`` may be None when no server is configured.
 
     With a ``resolver``, a DIRECT name is resolved by the split resolver (never the system's
     ``getaddrinfo``, which would not honour the routing) and its addresses are raced in the
-    ``scores`` order (``happy_eyeballs``); IP literals are dialled as before.
+    ``scores`` order (``happy_eyeballs``); IP literals are dialled as before.  A failed DIRECT
+    connect is tried again (``retries`` attempts in all, with backoff); the tunnel retries its
+    own opens on the next server (``autovpn.tunnel.mux.pool``).
+
+    ``fallback_direct``: true while smart mode's default route should go DIRECT because every
+    tunnel server is down (``client.fallback_direct_after``); never for a rule or a list.
     """
 
     def __init__(
@@ -113,6 +128,9 @@ class Dialer:
         resolver: SplitResolver | None = None,
         scores: ScoreBook | None = None,
         attempt_delay: float = 0.25,
+        retries: int = 1,
+        retry_backoff: float = 0.1,
+        fallback_direct: Callable[[], bool] | None = None,
     ) -> None:
         self.router = router
         self.tunnel = tunnel
@@ -120,6 +138,9 @@ class Dialer:
         self.resolver = resolver
         self.scores = scores
         self.attempt_delay = attempt_delay
+        self.retries = max(1, retries)
+        self.retry_backoff = retry_backoff
+        self.fallback_direct = fallback_direct
         self.counts = {Action.DIRECT: 0, Action.PROXY: 0, Action.REJECT: 0}
         self.pipes: set[Pipe] = set()  # live DIRECT relays, ended by ``close``
 
@@ -130,11 +151,24 @@ class Dialer:
         # HOST_UNREACHABLE, rather than sent through the tunnel or to getaddrinfo.
         check_host_name(host)
         decision = self.router.decide(host, port)
-        self.counts[decision.action] += 1
         action = decision.action
         if action is Action.PROXY and self.tunnel is None:
             action = Action.REJECT
             decision = Decision(Action.REJECT, decision.reason + "; no tunnel configured")
+        elif (
+            action is Action.PROXY
+            and decision.source == "default"
+            and self.fallback_direct is not None
+            and self.fallback_direct()
+        ):
+            action = Action.DIRECT
+            decision = Decision(
+                Action.DIRECT,
+                decision.reason + "; every tunnel server is down: direct (fallback_direct_after)",
+                source=decision.source,
+                mode=decision.mode,
+            )
+        self.counts[decision.action] += 1
         log.info("%s %s %s:%d -> %s (%s)", via, client, host, port, action.value, decision.reason)
         if action is Action.REJECT:
             raise StreamError(ResetReason.NOT_ALLOWED, f"rejected by routing: {decision.reason}")
@@ -148,6 +182,18 @@ class Dialer:
         abort_all(self.pipes)
 
     async def _direct(self, host: str, port: int, early: bytes) -> Upstream:
+        for attempt in range(1, self.retries + 1):
+            try:
+                return await self._direct_once(host, port, early)
+            except StreamError as exc:
+                if attempt == self.retries or not _retry_direct(exc):
+                    raise
+                delay = self.retry_backoff * 2 ** (attempt - 1)
+                log.debug("direct %s:%d failed (%s); again in %.1f s", host, port, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _direct_once(self, host: str, port: int, early: bytes) -> Upstream:
         loop = asyncio.get_running_loop()
         local, remote = Pipe(), Pipe(self.pipes)
         link(local, remote)

@@ -130,3 +130,29 @@ def test_dialer_resolves_direct_names_with_the_split_resolver() -> None:
                 assert {q.name for q in dns.queries} == {"svc.direct.test", "gone.direct.test"}
 
     run(main())
+
+
+def test_a_failed_direct_connect_is_tried_again_but_not_a_name_that_does_not_resolve() -> None:
+    """retries=3: a name whose every address refuses is dialled three times (each address
+    scored each time), with backoff; a name that does not resolve is asked once."""
+
+    async def main() -> None:
+        zone = {"down.direct.test": ["127.0.0.3", "127.0.0.5"]}  # both refuse
+        async with dns_server(zone=zone) as dns:
+            router = Router(Mode.DIRECT)
+            book = ScoreBook()
+            resolver = SplitResolver(router, local=[Upstream("127.0.0.1", dns.port)])
+            dialer = Dialer(router, None, resolver=resolver, scores=book, retries=3)
+            with pytest.raises(StreamError) as failed:
+                await dialer.connect("down.direct.test", 9)
+            assert failed.value.reason.name == "CONNECTION_REFUSED"
+            assert book.stats["127.0.0.3"].consecutive_failures == 3
+            assert book.stats["127.0.0.5"].consecutive_failures == 3
+            dns.nxdomain.add("gone.direct.test")
+            dns.answer_all = False
+            with pytest.raises(StreamError, match="NXDOMAIN|no A/AAAA"):
+                await dialer.connect("gone.direct.test", 9)
+            gone = [q.rdtype for q in dns.queries if q.name == "gone.direct.test"]
+            assert len(gone) == len(set(gone))  # each record type asked once: no retry
+
+    run(main())
