@@ -7,7 +7,7 @@ imported by the commands that run them (each such import says so).
 
 autovpn                          the embedded default (loopback tunnel, SOCKS5 1080, HTTP 8080)
 autovpn --config FILE            what FILE says
-autovpn client [-L SPEC]... wss://server:443
+autovpn client [-L SPEC]... wss://server:443 [wss://backup:443 ...]
 autovpn server wss://0.0.0.0:8443 --tls-certificate C --tls-private-key K
 autovpn check-config FILE
 """
@@ -31,6 +31,7 @@ from autovpn.config import (
     Config,
     ListenSpec,
     ServerConfig,
+    ServerEntry,
     ServerURL,
     check_keepalive,
     load_file,
@@ -97,7 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     c = sub.add_parser("client", help="run the local listeners and the tunnel client")
-    c.add_argument("server", nargs="?", help="wss://host:port (or ws:// behind a TLS proxy)")
+    c.add_argument(
+        "server",
+        nargs="*",
+        help="wss://host:port (or ws:// behind a TLS proxy); several: the first is used while"
+        " it is up, the next ones are its backups (failover and fail-back)",
+    )
     c.add_argument(
         "-L",
         "--local-to-remote",
@@ -118,6 +124,24 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-sni-override", dest="sni")
     c.add_argument("--http-upgrade-path-prefix", "-P", dest="path_prefix")
     c.add_argument("--pool-size", type=int)
+    c.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="attempts per connection, to the next server or address (3)",
+    )
+    c.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="for a tunnel connection (TCP, TLS, upgrade) and a direct connect (10)",
+    )
+    c.add_argument(
+        "--fallback-direct-after",
+        type=float,
+        metavar="SECONDS",
+        help="every server down this long: smart mode's default route goes direct (0: off)",
+    )
     _add_keepalive_arguments(c, "server")
     c.add_argument("--mode", choices=[m.value for m in Mode])
     c.add_argument(
@@ -220,9 +244,10 @@ def _routing_parsers(sub: Any) -> None:
 
 def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     base = cfg.client
-    if args.server is None and base is None:
+    if not args.server and base is None:
         raise ConfigError("server", "give the tunnel server URL, e.g. wss://vpn.example.net:443")
-    server = ServerURL.parse(args.server) if args.server else base.server  # type: ignore[union-attr]
+    urls = [ServerURL.parse(url) for url in args.server]
+    server = urls[0] if urls else base.server  # type: ignore[union-attr]
     wstunnel_protocol = args.protocol == "wstunnel" or (
         base is not None and base.protocol == "wstunnel"
     )
@@ -234,6 +259,12 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         secret = base.secret
     cc = base if base is not None else ClientConfig(server, secret)
     cc.server, cc.secret = server, secret
+    if urls:  # the command line's servers replace the file's: in order, the first preferred
+        cc.servers = [ServerEntry(url, priority) for priority, url in enumerate(urls, 1)]
+        if len(urls) == 1:
+            cc.servers = []
+    if len(cc.servers) > 1 and wstunnel_protocol:
+        raise ConfigError("server", "several servers need the autovpn protocol")
     if args.secret_file:
         cc.secret_file = args.secret_file
     if args.listen:
@@ -242,12 +273,27 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         cc.listen = [*cc.listen, _udp_relay_from_flags(args.udp_src, args.udp_dst)]
     if not cc.listen:
         cc.listen = [ListenSpec("socks5", "127.0.0.1", 1080), ListenSpec("http", "127.0.0.1", 8080)]
-    for attr in ("user", "tls_ca", "sni", "path_prefix", "pool_size"):
+    for attr in (
+        "user",
+        "tls_ca",
+        "sni",
+        "path_prefix",
+        "pool_size",
+        "retries",
+        "connect_timeout",
+        "fallback_direct_after",
+    ):
         value = getattr(args, attr)
         if value is not None:
             setattr(cc, attr, value)
     if cc.tls_ca is not None and not cc.tls_ca.is_file():
         raise ConfigError("--tls-ca", f"{cc.tls_ca}: no such file")
+    if not 1 <= cc.retries <= 10:
+        raise ConfigError("--retries", f"{cc.retries}: from 1 to 10")
+    if not 0 < cc.connect_timeout <= 300:
+        raise ConfigError("--connect-timeout", f"{cc.connect_timeout:g}: more than 0, at most 300")
+    if not cc.fallback_direct_after >= 0:  # NaN too
+        raise ConfigError("--fallback-direct-after", "seconds, 0 (off) or more")
     _apply_keepalive_arguments(args, cc)
     cc.insecure = cc.insecure or args.insecure
     cc.allow_open = cc.allow_open or args.allow_open
@@ -621,17 +667,26 @@ def _status_command(args: argparse.Namespace, cfg: Config) -> int:
         print(f"  {lst['kind']:<6} proxy  {lst['host']}:{lst['port']}")
     tunnel = data.get("tunnel")
     if tunnel:
-        state = "up" if tunnel["up"] else f"DOWN ({tunnel.get('last_error') or 'connecting'})"
+        servers = tunnel.get("servers") or [
+            {
+                "url": tunnel["server"],
+                "state": "up" if tunnel["up"] else "down",
+                "reason": tunnel.get("last_error"),
+                "connections": tunnel.get("connections", []),
+            }
+        ]
+        state = "up" if tunnel["up"] else "DOWN"  # each server's line says why
         print(
-            f"  tunnel -> {tunnel['server']}: {state}, {tunnel['connects']} connects, "
+            f"  tunnel: {state}, {tunnel['connects']} connects, "
             f"{tunnel['datagrams_dropped']} datagrams dropped"
-        )
-        for i, conn in enumerate(tunnel.get("connections", [])):
-            rtt = "?" if conn["rtt_ms"] is None else f"{conn['rtt_ms']} ms"
-            print(
-                f"    connection {i}: {conn['streams']} streams, rtt {rtt}, "
-                f"{conn['bytes_in']:,} B in, {conn['bytes_out']:,} B out"
+            + (
+                ", smart mode's default route DIRECT (fallback)"
+                if tunnel.get("fallback_direct")
+                else ""
             )
+        )
+        for server in servers:
+            _print_server(server, len(servers) > 1)
     server = data.get("server")
     if server:
         print(
@@ -651,6 +706,20 @@ def _status_command(args: argparse.Namespace, cfg: Config) -> int:
             f"{relay['replies']} back, {relay['dropped']} dropped"
         )
     return 0
+
+
+def _print_server(server: dict[str, Any], several: bool) -> None:
+    """One tunnel server of ``autovpn status``: its state and why, and its connections."""
+    rank = f" (priority {server.get('priority')}, weight {server.get('weight')})" if several else ""
+    reason = f": {server['reason']}" if server.get("reason") else ""
+    via = f" via {server['address']}" if server.get("address") else ""
+    print(f"  tunnel -> {server['url']}{rank}: {server['state']}{reason}{via}")
+    for i, conn in enumerate(server.get("connections", [])):
+        rtt = "?" if conn["rtt_ms"] is None else f"{conn['rtt_ms']} ms"
+        print(
+            f"    connection {i}: {conn['streams']} streams, rtt {rtt}, "
+            f"{conn['bytes_in']:,} B in, {conn['bytes_out']:,} B out"
+        )
 
 
 def _local_pac(cfg: Config, mode: Mode) -> int:

@@ -15,7 +15,9 @@ Example::
     log_level = "info"
 
     [client]
-    server = "wss://vpn.example.net:443"
+    server = "wss://vpn.example.net:443" # or several, tried by priority (lower first):
+    # servers = [{ url = "wss://a.example.net", priority = 1 }, "wss://b.example.net:8443"]
+    retries = 3                          # attempts per connection, to the next address/server
     user = "alice"
     secret_file = "~/.config/autovpn/secret"
     tls_ca = "ca.pem"                    # private CA; omit for the system store
@@ -465,6 +467,42 @@ KEEPALIVE_TIMEOUT = Parser(
     lambda value, where: _check_timeout(value, where.key),
 )
 HANDSHAKE_TIMEOUT = number(above=0, at_most=MAX_HANDSHAKE_TIMEOUT)
+SECONDS_OR_OFF = KEEPALIVE_INTERVAL  # seconds, 0 (off) or more
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    """One server of ``[client] servers``: ``{ url = "wss://a", priority = 1, weight = 1 }``,
+    or the bare ``"wss://a"`` (priority 1, weight 1)."""
+
+    url: ServerURL = field(metadata=toml(SERVER_URL, "the tunnel server", required=True))
+    priority: int = field(
+        default=1,
+        metadata=toml(
+            integer(0, 1000), "new streams go to the lowest priority up; backups get higher"
+        ),
+    )
+    weight: int = field(
+        default=1,
+        metadata=toml(integer(1, 1000), "share of new streams among servers of equal priority"),
+    )
+
+
+_SERVER_TABLE = table(ServerEntry)
+_SERVER_SHAPE = '"wss://HOST:PORT" or { url = "wss://HOST:PORT", priority = N, weight = N }'
+
+
+def _server_entry(value: str | dict[str, Any], where: Where) -> ServerEntry:
+    if isinstance(value, str):
+        return ServerEntry(SERVER_URL(value, where))
+    if "url" not in value:  # not a server entry at all: one error, not one per key
+        raise where.error(f"expected {_SERVER_SHAPE}")
+    return _SERVER_TABLE(value, where)
+
+
+SERVER_ENTRY = Parser(
+    _SERVER_SHAPE, frozenset({"string", "table"}), _server_entry, _SERVER_TABLE.tables
+)
 
 
 # -- the tables ---------------------------------------------------------------------------------
@@ -476,7 +514,8 @@ class ClientConfig:
 
     server: ServerURL = field(
         metadata=toml(
-            SERVER_URL, "the tunnel server, e.g. wss://vpn.example.net:443", required=True
+            SERVER_URL,
+            "the tunnel server, e.g. wss://vpn.example.net:443 (or servers, for several)",
         )
     )
     secret: bytes = field(
@@ -558,6 +597,52 @@ class ClientConfig:
             " target connected; bytes do not extend it (idle and slowloris clients)",
         ),
     )
+    servers: list[ServerEntry] = field(
+        default_factory=list,
+        metadata=toml(
+            list_of(SERVER_ENTRY),
+            "several tunnel servers instead of server: failover by priority (lower first),"
+            " spread by weight among equals, fail-back when a better one returns",
+        ),
+    )
+    retries: int = field(
+        default=3,
+        metadata=toml(
+            integer(1, 10),
+            "attempts per connection (tunnelled or direct): a tunnel failure moves to the next"
+            " server, a failed direct connect to the next address",
+        ),
+    )
+    connect_timeout: float = field(
+        default=10.0,
+        metadata=toml(
+            number(above=0, at_most=300),
+            "seconds for a tunnel connection's TCP, TLS and upgrade, and for a direct connect",
+        ),
+    )
+    open_timeout: float = field(
+        default=15.0,
+        metadata=toml(
+            number(above=0, at_most=300),
+            "seconds to wait for the server's answer to a new stream (it dials the target)",
+        ),
+    )
+    retry_refused_after: float = field(
+        default=300.0,
+        metadata=toml(
+            number(above=0, at_most=86400),
+            "seconds before trying again a server that refused us for good (the secret, the"
+            " certificate); meanwhile requests fail at once with the reason",
+        ),
+    )
+    fallback_direct_after: float = field(
+        default=0.0,
+        metadata=toml(
+            SECONDS_OR_OFF,
+            "when every server has been down this many seconds, smart mode's default route"
+            " goes direct until one is back (rules and lists never); 0: off",
+        ),
+    )
     protocol: str = field(
         default="autovpn",
         metadata=toml(
@@ -582,6 +667,11 @@ class UserEntry:
     secret_file: Path = field(
         metadata=toml(file_path(), "the file holding the user's secret", required=True)
     )
+
+
+def server_entries(cc: ClientConfig) -> list[ServerEntry]:
+    """The client's servers: ``servers``, or the one ``server``."""
+    return list(cc.servers) or [ServerEntry(cc.server)]
 
 
 USER = mapped(
@@ -729,9 +819,19 @@ def _finish_keepalive(t: Found[ClientConfig] | Found[ServerConfig]) -> None:
 
 
 def _finish_client(t: Found[ClientConfig]) -> None:
-    """The secret: from secret_file, else AUTOVPN_SECRET; a stock wstunnel server needs none.
-    The keepalive pair."""
+    """server or servers (the first of which is ``server``).  The secret: from secret_file,
+    else AUTOVPN_SECRET; a stock wstunnel server needs none.  The keepalive pair."""
     _finish_keepalive(t)
+    servers = t.values.get("servers")
+    if not (t.failed("server") or t.failed("servers")):
+        if "server" in t.given and servers:
+            t.error("servers", "give server or servers, not both")
+        elif servers:
+            t.values["server"] = servers[0].url
+            if len(servers) > 1 and t.values.get("protocol") == "wstunnel":
+                t.error("servers", 'several servers need protocol = "autovpn"')
+        elif "server" not in t.given:
+            t.error("server", "required: a wss:// or ws:// URL (or servers = [...])")
     if t.failed("secret_file"):
         return
     secret_file = t.values.get("secret_file")

@@ -28,6 +28,7 @@ from autovpn.config import (
     ListenSpec,
     ServerConfig,
     ServerURL,
+    server_entries,
     state_dir,
 )
 from autovpn.monitor.api import ControlAPI
@@ -45,6 +46,7 @@ from autovpn.routing.rules import RuleKind
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.routing.upstream import Upstream
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
+from autovpn.tunnel.mux.pool import PoolServer, ServerPool
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
 from autovpn.tunnel.wstunnel.client import WstunnelClient, client_settings
@@ -90,7 +92,8 @@ class Engine:
         self.api: ControlAPI | None = None
         self._warm: asyncio.Task[object] | None = None
         self.server: TunnelServer | None = None
-        self.tunnel: TunnelClient | None = None
+        #: The tunnel servers of the native protocol (one or several, with failover).
+        self.pool: ServerPool | None = None
         #: wstunnel v10 protocol: the client (``client.protocol = "wstunnel"``) and the server
         #: side served on the tunnel server's port.
         self.wstunnel: WstunnelClient | None = None
@@ -120,6 +123,11 @@ class Engine:
     @property
     def mode(self) -> Mode:
         return self.router.mode
+
+    @property
+    def tunnel(self) -> TunnelClient | None:
+        """The first server's tunnel client (the only one, unless several are configured)."""
+        return self.pool.clients[0] if self.pool is not None else None
 
     def set_mode(self, mode: Mode | str) -> None:
         """Switch routing mode; established connections keep their route."""
@@ -180,7 +188,7 @@ class Engine:
                 {"kind": lst.kind.value, "host": lst.host, "port": lst.bound_port}
                 for lst in self.listeners
             ],
-            "tunnel": None if self.tunnel is None else self._tunnel_stats(),
+            "tunnel": None if self.pool is None else self._tunnel_stats(),
             "server": None if self.server is None else self._server_stats(),
             "connections": {
                 "accepted": sum(lst.accepted for lst in self.listeners),
@@ -215,14 +223,19 @@ class Engine:
         }
 
     def _tunnel_stats(self) -> dict[str, object]:
-        assert self.tunnel is not None
-        t = self.tunnel
+        assert self.pool is not None
+        pool = self.pool
+        t = pool.clients[0]
         return {
             "server": str(t.settings.server),
-            "up": t.up,
-            "connects": t.connects,
-            "last_error": t.stall_reason() or t.last_error or None,
-            "datagrams_dropped": t.datagrams_dropped,
+            "up": pool.up,
+            "connects": sum(c.connects for c in pool.clients),
+            "last_error": None if pool.up else str(pool.unavailable()),
+            "datagrams_dropped": pool.datagrams_dropped
+            + sum(c.datagrams_dropped for c in pool.clients),
+            "retried": pool.retried,
+            "fallback_direct": pool.fallback_direct,
+            "servers": pool.servers_status(),
             "connections": [
                 {
                     "streams": len(c.streams),
@@ -230,7 +243,8 @@ class Engine:
                     "bytes_in": c.bytes_in,
                     "bytes_out": c.bytes_out,
                 }
-                for c in t.connections
+                for client in pool.clients
+                for c in client.connections
             ],
         }
 
@@ -274,30 +288,46 @@ class Engine:
                 )
             await self._start_wstunnel_client(client)
         elif client is not None:
-            server_url = client.server
-            if server_url.port == 0 and self.server is not None:  # embedded: bound on port 0
-                server_url = dataclasses.replace(server_url, port=self.server.port)
-            self.tunnel = TunnelClient(_client_settings(client, server_url))
-            self.tunnel.start()
+            servers = []
+            for entry in server_entries(client):
+                url = entry.url
+                if url.port == 0 and self.server is not None:  # embedded: bound on port 0
+                    url = dataclasses.replace(url, port=self.server.port)
+                servers.append(
+                    PoolServer(_client_settings(client, url), entry.priority, entry.weight)
+                )
+            self.pool = pool = ServerPool(
+                servers,
+                retries=client.retries,
+                fallback_direct_after=client.fallback_direct_after,
+            )
+            pool.start()
             # Give the first tunnel connection a moment, so that the first connections and
             # datagrams do not race it; a server that is down only delays start-up this long.
-            if not await self.tunnel.wait_up(STARTUP_WAIT):
+            if not await pool.wait_up(STARTUP_WAIT):
                 log.warning(
-                    "no tunnel connection to %s yet (%s); retrying in the background",
-                    server_url,
-                    self.tunnel.last_error or "no answer",
+                    "no tunnel connection yet (%s); retrying in the background",
+                    pool.unavailable(),
                 )
-            self.resolver.opener = self.tunnel.open_socket_stream
-            dialer = Dialer(self.router, self.tunnel, resolver=self.resolver, scores=self.scores)
+            self.resolver.opener = pool.open_socket_stream
+            dialer = Dialer(
+                self.router,
+                pool,
+                client.connect_timeout,
+                resolver=self.resolver,
+                scores=self.scores,
+                retries=client.retries,
+                fallback_direct=lambda: pool.fallback_direct,
+            )
             self._dialers.append(dialer)
             for spec in client.listen:
                 if spec.scheme == "udp":
-                    relay = _make_udp_relay(spec, self.tunnel)
+                    relay = _make_udp_relay(spec, pool)
                     await relay.start()
                     self.udp_relays.append(relay)
                     continue
                 if spec.scheme in FORWARD_LISTENER_SCHEMES:
-                    await self._start_forward(spec, self.tunnel)
+                    await self._start_forward(spec, pool)
                     continue
                 await self._start_listener(spec, dialer, client)
         if cfg.control is not None:
@@ -390,9 +420,9 @@ class Engine:
         for dialer in self._dialers:
             dialer.close()
         self._dialers.clear()
-        if self.tunnel is not None:
-            await self.tunnel.close()
-            self.tunnel = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
         if self.wstunnel is not None:
             await self.wstunnel.close()
             self.wstunnel = None
@@ -419,10 +449,14 @@ class Engine:
             lines.append(
                 f"tunnel server  {'wss' if s.ssl_context else 'ws'}://{s.host}:{self.server.port}"
             )
-        if self.tunnel is not None:
-            lines.append(
-                f"tunnel client  -> {self.tunnel.settings.server}  (mode {self.router.mode.value})"
+        if self.pool is not None:
+            members = self.pool.members
+            servers = ", ".join(
+                str(m.client.settings.server)
+                + (f" (priority {m.priority}, weight {m.weight})" if len(members) > 1 else "")
+                for m in members
             )
+            lines.append(f"tunnel client  -> {servers}  (mode {self.router.mode.value})")
         for relay in self.udp_relays:
             lines.append(
                 f"udp    relay   {relay.host}:{relay.bound_port} -> {relay.target[0]}:"
@@ -488,13 +522,16 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         sni=cc.sni,
         path_prefix=cc.path_prefix,
         pool_size=cc.pool_size,
+        connect_timeout=cc.connect_timeout,
+        open_timeout=cc.open_timeout,
         keepalive_interval=cc.keepalive_interval,
         keepalive_timeout=cc.keepalive_timeout,
+        permanent_backoff=cc.retry_refused_after,
         reverse=tuple(cc.reverse),
     )
 
 
-def _make_udp_relay(spec: ListenSpec, tunnel: TunnelClient) -> UdpRelay:
+def _make_udp_relay(spec: ListenSpec, tunnel: ServerPool) -> UdpRelay:
     assert spec.target_host is not None and spec.target_port is not None
     # wstunnel's default idle timeout for UDP is 30 s; timeout_sec=0 means none.
     timeout = float(spec.option("timeout_sec") or 30)

@@ -17,6 +17,7 @@ from autovpn.config import (
     ListEntry,
     RoutingConfig,
     ServerConfig,
+    ServerEntry,
     UserEntry,
     parse_config,
 )
@@ -26,13 +27,18 @@ from autovpn.toml_tables import Parser, Where, integer, key_of, reference, setti
 SECRET = b"toml-tables-secret-0123"
 
 #: Fields no key sets, whose value a table's finish computes (so they have no default).
-FILLED_BY_FINISH = {(ClientConfig, "secret"), (ServerConfig, "users")}
+FILLED_BY_FINISH = {
+    (ClientConfig, "secret"),
+    (ClientConfig, "server"),  # or the first of servers
+    (ServerConfig, "users"),
+}
 
 
 def test_every_table_is_found() -> None:
     assert tables(Config) == [
         Config,
         ClientConfig,
+        ServerEntry,
         ServerConfig,
         UserEntry,
         RoutingConfig,
@@ -75,10 +81,10 @@ def test_reference_names_every_key_in_full() -> None:
 
 # -- a wrong type: one error, with the full key --------------------------------------------------
 
-#: A valid document with every table present (list entries and users included).
+#: A valid document with every table present (list entries, servers and users included).
 BASE: dict[str, Any] = {
     "mode": "global",
-    "client": {"server": "wss://vpn.example.net:443", "secret_file": "secret"},
+    "client": {"servers": [{"url": "wss://vpn.example.net:443"}], "secret_file": "secret"},
     "server": {
         "listen": "ws://127.0.0.1:8080",
         "secret_file": "secret",

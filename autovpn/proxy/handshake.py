@@ -70,9 +70,9 @@ class HandshakeBase(asyncio.Protocol):
         self.stop_timer()
 
     async def dial(
-        self, host: str, port: int, early: bytes, failure: Callable[[ResetReason], bytes]
+        self, host: str, port: int, early: bytes, failure: Callable[[StreamError], bytes]
     ) -> Upstream | None:
-        """Route and connect for this client; on failure answer ``failure(reason)`` and return
+        """Route and connect for this client; on failure answer ``failure(error)`` and return
         None.  An upstream whose client left meanwhile is discarded, never leaked."""
         assert self.transport is not None
         try:
@@ -80,7 +80,7 @@ class HandshakeBase(asyncio.Protocol):
                 host, port, early, client=self.peer, via=self.listener.kind.value
             )
         except StreamError as exc:
-            self.fail(failure(exc.reason), f"{host}:{port}: {exc}")
+            self.fail(failure(exc), f"{host}:{port}: {exc}")
             return None
         except Exception:  # a bug must not leave the client waiting for the timeout
             log.exception(
@@ -90,7 +90,9 @@ class HandshakeBase(asyncio.Protocol):
                 host,
                 port,
             )
-            self.fail(failure(ResetReason.GENERAL_FAILURE), f"{host}:{port}: internal error")
+            self.fail(
+                failure(StreamError(ResetReason.GENERAL_FAILURE)), f"{host}:{port}: internal error"
+            )
             return None
         self.stop_timer()
         if self.transport.is_closing():

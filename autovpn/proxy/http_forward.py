@@ -78,9 +78,23 @@ def authorization_problem(listener: ProxyListener, head: HttpRequestHead) -> str
     return None
 
 
-def error_response(status: int) -> bytes:
-    """A bare error reply: the status only, never internal detail (STYLE principle 4)."""
-    return HttpError("", status).reply  # body: "502 Bad Gateway\n"
+def error_response(status: int, detail: str = "") -> bytes:
+    """An error reply: the status only, never internal detail (STYLE principle 4).  ``detail``
+    is a line about our own tunnel (``StreamError.public``: "tunnel down: server refused the
+    secret ..."), which the local user may read; it never describes the far side."""
+    if not detail:
+        return HttpError("", status).reply  # body: "502 Bad Gateway\n"
+    line = " ".join(detail.split())  # one line, whatever the reason held
+    return http1.response(
+        status,
+        headers=[("Content-Type", "text/plain; charset=utf-8")],
+        body=f"{status} {line}\n".encode(),
+    )
+
+
+def stream_error_response(exc: StreamError) -> bytes:
+    """The reply for a stream that could not be opened."""
+    return error_response(exc.reason.http_status, exc.public)
 
 
 def origin_keeps_alive(head: ResponseHead) -> bool:
@@ -409,7 +423,7 @@ class HttpForwarder(asyncio.Protocol):
                 head.host, head.port, early, client=self.peer, via="http"
             )
         except StreamError as exc:
-            self._fail(error_response(exc.reason.http_status), f"{head.host}:{head.port}: {exc}")
+            self._fail(stream_error_response(exc), f"{head.host}:{head.port}: {exc}")
             return None
         except Exception:  # a bug: answer, log it, and keep serving everyone else
             log.exception("http client %s: dialling %s:%d failed", self.peer, head.host, head.port)

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 
 from autovpn.errors import RemoteProtocolError
 from autovpn.proxy.handshake import HandshakeBase
-from autovpn.proxy.http_forward import HttpForwarder, authorization_problem, error_response
+from autovpn.proxy.http_forward import (
+    HttpForwarder,
+    authorization_problem,
+    error_response,
+    stream_error_response,
+)
 from autovpn.wire import http_proxy
 
 if TYPE_CHECKING:
@@ -65,7 +70,7 @@ class HttpHandshake(HandshakeBase):
             head.host,
             head.port,
             self._parser.trailing_data,
-            lambda reason: error_response(reason.http_status),
+            stream_error_response,
         )
         if upstream is not None:
             self.transport.write(http_proxy.CONNECTION_ESTABLISHED)

@@ -62,7 +62,7 @@ class Socks5Handshake(HandshakeBase):
             request.host,
             request.port,
             self._parser.trailing_data,
-            lambda reason: socks5.encode_reply(reason.socks5_reply),
+            lambda exc: socks5.encode_reply(exc.reason.socks5_reply),
         )
         if upstream is not None:
             self.transport.write(socks5.encode_reply(socks5.Reply.SUCCEEDED))
