@@ -24,18 +24,35 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from autovpn import __version__
+from autovpn.cli_settings import (
+    add_control_arguments,
+    add_failover_arguments,
+    add_handshake_timeout_argument,
+    add_reverse_limit_arguments,
+    add_routing_arguments,
+    apply_control_arguments,
+    apply_failover_arguments,
+    apply_handshake_timeout_argument,
+    apply_reverse_limit_arguments,
+    apply_routing_arguments,
+    server_entry_flag,
+)
 from autovpn.config import (
     DEFAULT_USER,
+    LISTENER_HANDSHAKE_TIMEOUT,
     MTLS_NEEDS_WSS,
+    SERVER_HANDSHAKE_TIMEOUT,
     ClientConfig,
     Config,
     ListenSpec,
     ServerConfig,
-    ServerEntry,
     ServerURL,
+    certificate_flag,
     check_keepalive,
+    describe_file_error,
     load_file,
-    read_secret,
+    private_key_flag,
+    read_users_file,
     secret_from,
     state_dir,
 )
@@ -95,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a taken proxy or control port: use the next free one (also: client --auto-port)",
     )
+    p.add_argument(
+        "--set-system-proxy",
+        action="store_true",
+        help="point the system's proxy setting at the PAC file while running, restore it on "
+        "exit (GNOME, macOS, Windows; also: client --set-system-proxy)",
+    )
     sub = p.add_subparsers(dest="command")
 
     c = sub.add_parser("client", help="run the local listeners and the tunnel client")
@@ -102,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         "server",
         nargs="*",
         help="wss://host:port (or ws:// behind a TLS proxy); several: the first is used while"
-        " it is up, the next ones are its backups (failover and fail-back)",
+        " it is up, the next ones are its backups (failover and fail-back); with"
+        " ?priority=N&weight=N as in [client] servers",
     )
     c.add_argument(
         "-L",
@@ -142,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="every server down this long: smart mode's default route goes direct (0: off)",
     )
+    add_failover_arguments(c)
     _add_keepalive_arguments(c, "server")
     c.add_argument("--mode", choices=[m.value for m in Mode])
     c.add_argument(
@@ -166,7 +191,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--udp-dst", metavar="HOST:PORT", help="where the tunnel server sends the relayed datagrams"
     )
+    c.add_argument(
+        "--set-system-proxy",
+        action="store_true",
+        default=argparse.SUPPRESS,  # as --auto-port: the top-level flag's value stays
+        help="point the system's proxy setting at the PAC file while running; restored on exit",
+    )
+    add_handshake_timeout_argument(
+        c,
+        "seconds a local SOCKS5/HTTP client has for its request and its connect",
+        LISTENER_HANDSHAKE_TIMEOUT,
+    )
     wstunnel_cli.add_client_arguments(c)
+    add_routing_arguments(c)
+    add_control_arguments(c)
 
     s = sub.add_parser(
         "server",
@@ -198,7 +236,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--auth-failure-window", type=float, metavar="SECONDS", help="that window (60)")
     _add_keepalive_arguments(s, "client")
+    add_reverse_limit_arguments(s)
+    add_handshake_timeout_argument(
+        s,
+        "seconds a tunnel client has for each step: TLS, upgrade request, AUTH",
+        SERVER_HANDSHAKE_TIMEOUT,
+    )
     wstunnel_cli.add_server_arguments(s)
+    add_control_arguments(s)
 
     k = sub.add_parser("check-config", help="validate a config file and report every error")
     k.add_argument("file", type=Path)
@@ -246,7 +291,8 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     base = cfg.client
     if not args.server and base is None:
         raise ConfigError("server", "give the tunnel server URL, e.g. wss://vpn.example.net:443")
-    urls = [ServerURL.parse(url) for url in args.server]
+    entries = [server_entry_flag(text, place) for place, text in enumerate(args.server, 1)]
+    urls = [entry.url for entry in entries]
     server = urls[0] if urls else base.server  # type: ignore[union-attr]
     wstunnel_protocol = args.protocol == "wstunnel" or (
         base is not None and base.protocol == "wstunnel"
@@ -260,9 +306,7 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cc = base if base is not None else ClientConfig(server, secret)
     cc.server, cc.secret = server, secret
     if urls:  # the command line's servers replace the file's: in order, the first preferred
-        cc.servers = [ServerEntry(url, priority) for priority, url in enumerate(urls, 1)]
-        if len(urls) == 1:
-            cc.servers = []
+        cc.servers = entries if len(entries) > 1 else []
     if len(cc.servers) > 1 and wstunnel_protocol:
         raise ConfigError("server", "several servers need the autovpn protocol")
     if args.secret_file:
@@ -275,7 +319,6 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         cc.listen = [ListenSpec("socks5", "127.0.0.1", 1080), ListenSpec("http", "127.0.0.1", 8080)]
     for attr in (
         "user",
-        "tls_ca",
         "sni",
         "path_prefix",
         "pool_size",
@@ -286,14 +329,15 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         value = getattr(args, attr)
         if value is not None:
             setattr(cc, attr, value)
-    if cc.tls_ca is not None and not cc.tls_ca.is_file():
-        raise ConfigError("--tls-ca", f"{cc.tls_ca}: no such file")
+    if args.tls_ca is not None:
+        cc.tls_ca = certificate_flag(args.tls_ca, "--tls-ca")
     if not 1 <= cc.retries <= 10:
         raise ConfigError("--retries", f"{cc.retries}: from 1 to 10")
     if not 0 < cc.connect_timeout <= 300:
         raise ConfigError("--connect-timeout", f"{cc.connect_timeout:g}: more than 0, at most 300")
     if not cc.fallback_direct_after >= 0:  # NaN too
         raise ConfigError("--fallback-direct-after", "seconds, 0 (off) or more")
+    apply_failover_arguments(args, cc)
     _apply_keepalive_arguments(args, cc)
     cc.insecure = cc.insecure or args.insecure
     cc.allow_open = cc.allow_open or args.allow_open
@@ -301,6 +345,9 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
         cfg.mode = Mode(args.mode)
     for note in wstunnel_cli.apply_client_arguments(args, cc):
         print(note, file=sys.stderr)
+    apply_handshake_timeout_argument(args, cc)
+    apply_routing_arguments(args, cfg.routing)
+    apply_control_arguments(args, cfg)
     cfg.client = cc
 
 
@@ -328,7 +375,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     listen = ServerURL.parse(args.listen, key="listen") if args.listen else base.listen  # type: ignore[union-attr]
     users: dict[str, bytes] = dict(base.users) if base is not None else {}
     if args.users_file:
-        users.update(_read_users_file(args.users_file))
+        users.update(read_users_file(args.users_file))
     if args.secret_file or not users:
         users[DEFAULT_USER] = secret_from(args.secret_file, "--secret-file")
     sc = base if base is not None else ServerConfig(listen, users)
@@ -336,9 +383,9 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     if args.secret_file:
         sc.secret_file = args.secret_file
     if args.tls_certificate:
-        sc.tls_certificate = args.tls_certificate
+        sc.tls_certificate = certificate_flag(args.tls_certificate, "--tls-certificate")
     if args.tls_private_key:
-        sc.tls_private_key = args.tls_private_key
+        sc.tls_private_key = private_key_flag(args.tls_private_key, "--tls-private-key")
     if args.path_prefix is not None:
         sc.path_prefix = args.path_prefix
     if args.allow:
@@ -354,7 +401,12 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         if not 0 < args.auth_failure_window < float("inf"):
             raise ConfigError("--auth-failure-window", "seconds, more than 0")
         sc.auth_failure_window = args.auth_failure_window
+    if args.users_file:
+        sc.users_file = args.users_file
+    apply_reverse_limit_arguments(args, sc)
+    apply_handshake_timeout_argument(args, sc)
     wstunnel_cli.apply_server_arguments(args, sc)
+    apply_control_arguments(args, cfg)
     if sc.tls_client_ca_certs is not None and not sc.listen.tls:
         raise ConfigError("--tls-client-ca-certs", MTLS_NEEDS_WSS)
     if sc.listen.tls and (sc.tls_certificate is None or sc.tls_private_key is None):
@@ -364,26 +416,6 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
             "(or serve ws:// behind a TLS-terminating proxy)",
         )
     cfg.server = sc
-
-
-def _read_users_file(path: Path) -> dict[str, bytes]:
-    users: dict[str, bytes] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError("--users-file", f"cannot read {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, secret_file = line.partition(":")
-        if not sep or not name.strip():
-            raise ConfigError(f"--users-file {path}:{number}", "expected NAME:SECRET_FILE")
-        secret_path = Path(secret_file.strip())
-        if not secret_path.is_absolute():
-            secret_path = path.parent / secret_path
-        users[name.strip()] = read_secret(secret_path, f"--users-file {path}:{number}")
-    return users
 
 
 def _configure_logging(level: str) -> None:
@@ -418,6 +450,28 @@ async def _serve(cfg: Config, embedded: bool) -> None:
         await engine.serve_forever()
 
 
+def engine_config(args: argparse.Namespace, cfg: Config) -> tuple[Config, bool]:
+    """What an engine command runs: ``cfg`` (the file's, or the defaults) with the flags over
+    it; True for the embedded default (no command, no file)."""
+    if args.command == "client":
+        _client_from_args(args, cfg)
+        cfg.server = None if args.config is None else cfg.server
+    elif args.command == "server":
+        _server_from_args(args, cfg)
+        cfg.client = None if args.config is None else cfg.client
+    embedded = args.command is None and args.config is None
+    if embedded:
+        # The engine (TLS, certificate making) only for the embedded default.
+        from autovpn.engine import embedded_config
+
+        cfg = embedded_config(state_dir())
+    if args.log_level is not None:
+        cfg.log_level = args.log_level
+    cfg.auto_port = cfg.auto_port or args.auto_port
+    cfg.system_proxy = cfg.system_proxy or args.set_system_proxy
+    return cfg, embedded
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -436,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-config":
             _, errors = load_file(args.file)
             for error in errors:
-                print(f"{args.file}: {error.key}: {error.reason}", file=sys.stderr)
+                print(describe_file_error(args.file, error), file=sys.stderr)
             if not errors:
                 cfg, _ = load_file(args.file)
                 for list_error in cfg.routing.build_router(cfg.mode).errors:
@@ -448,27 +502,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg, errors = load_file(args.config)
             if errors:
                 for error in errors:
-                    print(f"{args.config}: {error.key}: {error.reason}", file=sys.stderr)
+                    print(describe_file_error(args.config, error), file=sys.stderr)
                 return 2
         if args.command == "status":
             return _status_command(args, cfg)
         if args.command in ("mode", "route", "pac", "resolve"):
             return _routing_command(args, cfg)
-        if args.command == "client":
-            _client_from_args(args, cfg)
-            cfg.server = None if args.config is None else cfg.server
-        elif args.command == "server":
-            _server_from_args(args, cfg)
-            cfg.client = None if args.config is None else cfg.client
-        embedded = args.command is None and args.config is None
-        # The engine and the event loop only for the commands that run an engine.
-        from autovpn.engine import embedded_config
+        cfg, embedded = engine_config(args, cfg)
+        # The event loop only for the commands that run an engine.
         from autovpn.eventloop import run
 
-        if embedded:
-            cfg = embedded_config(state_dir())
-        cfg.auto_port = cfg.auto_port or args.auto_port
-        _configure_logging(args.log_level or cfg.log_level)
+        _configure_logging(cfg.log_level)
         # SIGTERM (systemd, docker stop, kill) stops it as Ctrl-C does: the same closing path.
         run(_serve(cfg, embedded), sigterm=True)
     except KeyboardInterrupt:

@@ -46,8 +46,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from autovpn.errors import ConfigError
 from autovpn.net import is_loopback, normalize_host_name, parse_host
+from autovpn.pem import certificate_problem, private_key_problem
 from autovpn.policy import AllowEntry
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.lists import ListFormat
@@ -70,6 +73,7 @@ from autovpn.toml_tables import (
     false_or,
     file_path,
     integer,
+    key_line,
     list_of,
     mapped,
     not_in_file,
@@ -153,36 +157,6 @@ class ReverseSpec:
 
     def __str__(self) -> str:
         return f"server {self.bind_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
-
-
-@dataclass(slots=True)
-class WstunnelClientOptions:
-    """The client's wstunnel-protocol settings (``client.protocol = "wstunnel"``)."""
-
-    headers: tuple[tuple[str, str], ...] = ()
-    headers_file: str | None = None
-    credentials: str | None = None
-    min_idle: int = 0
-    max_backoff: float = 300.0
-    ping_interval: float = DEFAULT_PING_INTERVAL
-    sni_disable: bool = False
-    remote_to_local: tuple[str, ...] = ()  # -R specs
-    reverse_max_backoff: float = 1.0  # --reverse-tunnel-connection-retry-max-backoff
-
-
-@dataclass(slots=True)
-class WstunnelServerOptions:
-    """The server's wstunnel settings (``--restrict-*``, ping frequency, reverse idle timeout)."""
-
-    #: Serve stock wstunnel clients on the tunnel port (``--no-wstunnel`` turns it off).
-    enabled: bool = True
-    restrict_to: tuple[str, ...] = ()
-    restrict_path_prefixes: tuple[str, ...] = ()
-    restrict_config: Path | None = None
-    ping_interval: float = DEFAULT_PING_INTERVAL
-    connect_timeout: float = 10.0
-    #: ``--remote-to-local-server-idle-timeout``: a reverse listener nobody waits on closes.
-    reverse_idle_timeout: float = 180.0
 
 
 def _split_endpoints(text: str, key: str, original: str) -> list[str]:
@@ -505,7 +479,181 @@ SERVER_ENTRY = Parser(
 )
 
 
+SECONDS = Parser(
+    "seconds, 0 or more",
+    frozenset({"integer", "float"}),
+    lambda value, where: _check_interval(value, where.key),
+)
+
+
+def _headers(value: dict[str, str], where: Where) -> tuple[tuple[str, str], ...]:
+    """``{ "X-Name" = "value" }``: names a header line can carry, values without line breaks."""
+    for name, header in value.items():
+        if not name or any(c.isspace() or c in ':"' for c in name):
+            raise where.error(f"{name!r} is not a header name")
+        if "\r" in header or "\n" in header:
+            raise where.at(name).error("a header value cannot hold a line break")
+    return tuple(value.items())
+
+
+HEADERS = mapped(table_of(text()), _headers)
+
+
+def check_reverse(text: str, key: str, protocol: str) -> None:
+    """A ``-R`` spec as the client's protocol takes it: native ``tcp://[BIND:]PORT:HOST:PORT``;
+    wstunnel's ``tcp://``, ``socks5://[BIND:]PORT`` and ``unix://PATH:HOST:PORT``."""
+    if protocol != "wstunnel":
+        parse_reverse(text, key)
+        return
+    scheme = text.partition("://")[0]
+    if scheme not in ("tcp", "socks5", "unix"):
+        raise ConfigError(key, f"{text!r}: wstunnel reverses tcp://, socks5:// and unix://")
+    ListenSpec.parse(text, key)
+
+
+def _pem_file(problem: Callable[[Path], str | None], what: str) -> Parser[Path]:
+    """An existing file that holds a PEM ``what`` (``pem.py``: "not a PEM certificate")."""
+    exists = file_path(must_exist=True)
+
+    def convert(value: str, where: Where) -> Path:
+        path = exists(value, where)
+        reason = problem(path)
+        if reason is not None:
+            raise where.error(reason)
+        return path
+
+    return Parser(f"the path of a PEM {what} file", frozenset({"string"}), convert)
+
+
+CERTIFICATE_FILE = _pem_file(certificate_problem, "certificate")
+PRIVATE_KEY_FILE = _pem_file(private_key_problem, "private key")
+
+
+def certificate_flag(path: Path, flag: str) -> Path:
+    """A flag's certificate file, checked as its key's is (relative to the working directory)."""
+    return CERTIFICATE_FILE(str(path), Where(flag, Path.cwd()))
+
+
+def private_key_flag(path: Path, flag: str) -> Path:
+    """A flag's private key file, checked as its key's is."""
+    return PRIVATE_KEY_FILE(str(path), Where(flag, Path.cwd()))
+
+
 # -- the tables ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class WstunnelClientOptions:
+    """The client's wstunnel-protocol settings (``client.protocol = "wstunnel"``): the table
+    ``[client.wstunnel]``, each key named after its field, each a wstunnel flag."""
+
+    headers: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=toml(
+            HEADERS,
+            'extra headers of the upgrade request, { "X-Name" = "value" } (-H)',
+        ),
+    )
+    headers_file: str | None = field(
+        default=None,
+        metadata=toml(
+            mapped(file_path(must_exist=True), lambda value, where: str(value)),
+            "a file of 'Name: value' lines, read at each connection (--http-headers-file)",
+        ),
+    )
+    credentials: str | None = field(
+        default=None,
+        metadata=toml(
+            text(), "USER[:PASS] for the server's Basic authentication (--http-upgrade-credentials)"
+        ),
+    )
+    min_idle: int = field(
+        default=0,
+        metadata=toml(integer(0), "connections kept open in advance (-c/--connection-min-idle)"),
+    )
+    max_backoff: float = field(
+        default=300.0,
+        metadata=toml(
+            SECONDS, "longest wait between reconnection attempts (--connection-retry-max-backoff)"
+        ),
+    )
+    ping_interval: float = field(
+        default=DEFAULT_PING_INTERVAL,
+        metadata=toml(
+            SECONDS, "seconds between WebSocket pings; 0: none (--websocket-ping-frequency)"
+        ),
+    )
+    sni_disable: bool = field(
+        default=False,
+        metadata=toml(boolean(), "send no SNI and skip the name check (--tls-sni-disable)"),
+    )
+    remote_to_local: tuple[str, ...] = field(
+        default=(),
+        metadata=not_in_file('client.reverse, when client.protocol = "wstunnel" (-R)'),
+    )
+    reverse_max_backoff: float = field(
+        default=1.0,
+        metadata=toml(
+            SECONDS,
+            "longest wait between reverse tunnel requests"
+            " (--reverse-tunnel-connection-retry-max-backoff)",
+        ),
+    )
+
+
+@dataclass(slots=True)
+class WstunnelServerOptions:
+    """The server's wstunnel settings: the table ``[server.wstunnel]`` (``--restrict-*``, ping
+    frequency, reverse idle timeout)."""
+
+    enabled: bool = field(
+        default=True,
+        metadata=toml(
+            boolean(), "serve stock wstunnel clients on the tunnel port (false: --no-wstunnel)"
+        ),
+    )
+    restrict_to: tuple[str, ...] = field(
+        default=(),
+        metadata=toml(
+            mapped(list_of(text()), lambda value, where: tuple(value)),
+            "the only HOST:PORT destinations wstunnel clients may ask for (--restrict-to)",
+        ),
+    )
+    restrict_path_prefixes: tuple[str, ...] = field(
+        default=(),
+        metadata=toml(
+            mapped(list_of(text()), lambda value, where: tuple(value)),
+            "the only path prefixes wstunnel clients may use (-r)",
+        ),
+    )
+    restrict_config: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(must_exist=True),
+            "wstunnel's restrictions.yaml (--restrict-config; not with restrict_to or"
+            " restrict_path_prefixes)",
+        ),
+    )
+    ping_interval: float = field(
+        default=DEFAULT_PING_INTERVAL,
+        metadata=toml(
+            SECONDS, "seconds between WebSocket pings; 0: none (--websocket-ping-frequency)"
+        ),
+    )
+    connect_timeout: float = field(
+        default=10.0, metadata=not_in_file("seconds to dial a wstunnel client's destination")
+    )
+    #: ``--remote-to-local-server-idle-timeout``: a reverse listener nobody waits on closes.
+    reverse_idle_timeout: float = field(
+        default=180.0,
+        metadata=toml(
+            SECONDS,
+            "a reverse listener no client waits on closes after this many seconds"
+            " (--remote-to-local-server-idle-timeout)",
+        ),
+    )
+
+
 
 
 @dataclass(slots=True)
@@ -536,20 +684,20 @@ class ClientConfig:
     tls_ca: Path | None = field(
         default=None,
         metadata=toml(
-            file_path(must_exist=True),
+            CERTIFICATE_FILE,
             "trust this CA (a private CA or a pinned certificate); omit for the system store",
         ),
     )
     tls_certificate: Path | None = field(
         default=None,
         metadata=toml(
-            file_path(must_exist=True),
+            CERTIFICATE_FILE,
             "mTLS: the client certificate to show the server, in either protocol (PEM)",
         ),
     )
     tls_private_key: Path | None = field(
         default=None,
-        metadata=toml(file_path(must_exist=True), "its private key (default: in the certificate)"),
+        metadata=toml(PRIVATE_KEY_FILE, "its private key (default: in the certificate)"),
     )
     insecure: bool = field(
         default=False,
@@ -652,11 +800,19 @@ class ClientConfig:
     )
     wstunnel: WstunnelClientOptions = field(
         default_factory=WstunnelClientOptions,
-        metadata=not_in_file("the wstunnel protocol's flags (-H, -c, --http-upgrade-credentials)"),
+        metadata=toml(
+            table(WstunnelClientOptions),
+            "the wstunnel protocol's settings (-H, -c, --http-upgrade-credentials...)",
+        ),
     )
     reverse: list[ReverseSpec] = field(
         default_factory=list,
-        metadata=not_in_file("native reverse tunnels, -R tcp://[BIND:]PORT:HOST:PORT"),
+        metadata=toml(
+            list_of(text()),
+            "reverse tunnels (-R): the server listens, each connection comes back here;"
+            " tcp://[BIND:]PORT:HOST:PORT, and with protocol = \"wstunnel\" also"
+            " socks5://[BIND:]PORT and unix://PATH:HOST:PORT",
+        ),
     )
 
 
@@ -701,10 +857,10 @@ class ServerConfig:
     )
     tls_certificate: Path | None = field(
         default=None,
-        metadata=toml(file_path(must_exist=True), "the server's certificate chain (PEM)"),
+        metadata=toml(CERTIFICATE_FILE, "the server's certificate chain (PEM)"),
     )
     tls_private_key: Path | None = field(
-        default=None, metadata=toml(file_path(must_exist=True), "its private key (PEM)")
+        default=None, metadata=toml(PRIVATE_KEY_FILE, "its private key (PEM)")
     )
     path_prefix: str = field(
         default="autovpn", metadata=toml(text(), "the HTTP upgrade path prefix")
@@ -723,7 +879,7 @@ class ServerConfig:
     tls_client_ca_certs: Path | None = field(
         default=None,
         metadata=toml(
-            file_path(must_exist=True),
+            CERTIFICATE_FILE,
             "mTLS: every client (both protocols) must present a certificate this CA signed;"
             " a stock wstunnel client is let in by it (needs wss://)",
         ),
@@ -755,7 +911,10 @@ class ServerConfig:
     )
     wstunnel: WstunnelServerOptions = field(
         default_factory=WstunnelServerOptions,
-        metadata=not_in_file("the flags for stock wstunnel clients (--restrict-to, ...)"),
+        metadata=toml(
+            table(WstunnelServerOptions),
+            "how stock wstunnel clients are served (--no-wstunnel, --restrict-to, ...)",
+        ),
     )
     reverse_binds: list[str] = field(
         default_factory=lambda: list(DEFAULT_REVERSE_BINDS),
@@ -801,6 +960,14 @@ class ServerConfig:
             " the AUTOVPN_SECRET environment variable",
         ),
     )
+    users_file: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(must_exist=True),
+            "a file of NAME:SECRET_FILE lines, one user each (--users-file), added to"
+            " [server.users]",
+        ),
+    )
 
 
 def _finish_keepalive(t: Found[ClientConfig] | Found[ServerConfig]) -> None:
@@ -820,8 +987,11 @@ def _finish_keepalive(t: Found[ClientConfig] | Found[ServerConfig]) -> None:
 
 def _finish_client(t: Found[ClientConfig]) -> None:
     """server or servers (the first of which is ``server``).  The secret: from secret_file,
-    else AUTOVPN_SECRET; a stock wstunnel server needs none.  The keepalive pair."""
+    else AUTOVPN_SECRET; a stock wstunnel server needs none.  The keepalive pair.  The reverse
+    tunnels, as the protocol takes them."""
     _finish_keepalive(t)
+    if "reverse" in t.values:
+        _finish_reverse(t, t.values.pop("reverse"))
     servers = t.values.get("servers")
     if not (t.failed("server") or t.failed("servers")):
         if "server" in t.given and servers:
@@ -841,13 +1011,75 @@ def _finish_client(t: Found[ClientConfig]) -> None:
         t.attempt("secret", lambda: secret_from(secret_file, t.key("secret_file")))
 
 
+def _finish_reverse(t: Found[ClientConfig], specs: list[str]) -> None:
+    """``reverse``: native specs become ReverseSpecs; with ``protocol = "wstunnel"`` they go,
+    checked, to the wstunnel client (which parses them when it starts), as -R does."""
+    protocol = t.values.get("protocol", "autovpn")
+    key = t.key("reverse")
+    errors = []
+    for i, spec in enumerate(specs):
+        try:
+            check_reverse(spec, f"{key}[{i}]", protocol)
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        t.errors.extend(errors)
+        t.given.discard("reverse")
+    elif protocol == "wstunnel":
+        options = t.values.setdefault("wstunnel", WstunnelClientOptions())
+        options.remote_to_local = tuple(specs)
+    else:
+        t.values["reverse"] = [parse_reverse(spec, key) for spec in specs]
+
+
+def read_users_file(path: Path, key: str = "--users-file") -> dict[str, bytes]:
+    """The users of a file of ``NAME:SECRET_FILE`` lines (``#`` comments; a relative
+    SECRET_FILE is relative to the file)."""
+    users: dict[str, bytes] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(key, f"cannot read {path}: {reason}") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, secret_file = line.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"{key} {path}:{lineno}", "expected NAME:SECRET_FILE")
+        secret_path = Path(secret_file.strip()).expanduser()
+        if not secret_path.is_absolute():
+            secret_path = path.parent / secret_path
+        users[name.strip()] = read_secret(secret_path, f"{key} {path}:{lineno}")
+    return users
+
+
 def _finish_server(t: Found[ServerConfig]) -> None:
-    """Without [server.users], one user: "default", with secret_file's secret (or
-    AUTOVPN_SECRET).  wss:// needs a certificate and its key.  The keepalive pair."""
+    """The users: [server.users] and users_file's; without either, one user: "default", with
+    secret_file's secret (or AUTOVPN_SECRET).  wss:// needs a certificate and its key.  The
+    keepalive pair.  restrictions.yaml or the restrict lists, not both."""
     _finish_keepalive(t)
-    if not t.values.get("users") and not t.failed("users") and not t.failed("secret_file"):
+    users_file = t.values.get("users_file")
+    if users_file is not None and not t.failed("users"):
+        try:
+            t.values["users"] = {**t.values.get("users", {}), **read_users_file(users_file)}
+        except ConfigError as exc:
+            t.error("users_file", exc.reason if exc.key == "--users-file" else str(exc))
+    if not t.values.get("users") and not (
+        t.failed("users") or t.failed("secret_file") or t.failed("users_file")
+    ):
         secret_file = t.values.get("secret_file")
         t.attempt("users", lambda: {DEFAULT_USER: secret_from(secret_file, t.key("secret_file"))})
+    options = t.values.get("wstunnel")
+    if options is not None and options.restrict_config is not None:
+        if options.restrict_to or options.restrict_path_prefixes:
+            t.errors.append(
+                ConfigError(
+                    t.key("wstunnel") + ".restrict_config",
+                    "conflicts with restrict_to and restrict_path_prefixes",
+                )
+            )
     listen = t.values.get("listen")
     if listen is not None and listen.tls:
         if not {"tls_certificate", "tls_private_key"} <= t.given:
@@ -1074,6 +1306,14 @@ class Config:
             " status, the PAC files and the banner report the port bound",
         ),
     )
+    system_proxy: bool = field(
+        default=False,
+        metadata=toml(
+            boolean(),
+            "point the system's proxy setting at the PAC file while the engine runs (GNOME,"
+            " macOS, Windows) and restore the previous setting when it stops",
+        ),
+    )
 
 
 def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigError]]:
@@ -1084,7 +1324,8 @@ def parse_config(data: dict[str, Any], base: Path) -> tuple[Config, list[ConfigE
 
 
 def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
-    """Parse a TOML config file.  Syntax errors come back as one error naming the line."""
+    """Parse a TOML config file.  Syntax errors come back as one error naming the line; each
+    error's ``line`` is where the file says its key, when it can be told (``key_line``)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -1094,8 +1335,22 @@ def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        return Config(), [ConfigError(str(path), f"TOML syntax: {exc}")]
-    return parse_config(data, path.parent)
+        at = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        return Config(), [
+            ConfigError(str(path), f"TOML syntax: {exc}", int(at.group(1)) if at else None)
+        ]
+    cfg, errors = parse_config(data, path.parent)
+    for error in errors:
+        error.line = key_line(text, error.key)
+    return cfg, errors
+
+
+def describe_file_error(path: Path, error: ConfigError) -> str:
+    """``FILE:LINE: KEY: REASON``, one line (the line left out when it cannot be told)."""
+    where = f"{path}:{error.line}" if error.line is not None else str(path)
+    if error.key == str(path):
+        return f"{where}: {error.reason}"
+    return f"{where}: {error.key}: {error.reason}"
 
 
 def state_dir() -> Path:

@@ -20,12 +20,14 @@ class LocalError(AutovpnError):
 
 
 class ConfigError(LocalError):
-    """A configuration value is invalid.  ``key`` names it as the user wrote it."""
+    """A configuration value is invalid.  ``key`` names it as the user wrote it; ``line`` is
+    where a config file says it, when known (``config.load_file``)."""
 
-    def __init__(self, key: str, reason: str) -> None:
+    def __init__(self, key: str, reason: str, line: int | None = None) -> None:
         super().__init__(f"{key}: {reason}")
         self.key = key
         self.reason = reason
+        self.line = line
 
 
 class BindError(LocalError):

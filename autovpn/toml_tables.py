@@ -454,3 +454,189 @@ def tables(cls: type[Any]) -> list[type[Any]]:
         for inner in parser.tables if parser is not None else ():
             found += [t for t in tables(inner) if t not in found]
     return found
+
+
+# -- where a key is written -----------------------------------------------------------------
+
+#: One part of a key path: its name, and for an item of an array its index (``lists[1]``;
+#: for the n-th ``[[a.b]]`` header, n - 1).
+_Part = tuple[str, int | None]
+
+
+class _Unsure(Exception):
+    """The text is not what this small reader understands; the caller names the file only."""
+
+
+def _key_parts(text: str) -> list[str]:
+    """``a."b.c" . d`` -> ["a", "b.c", "d"]: a TOML dotted key, bare or quoted parts."""
+    parts: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in " \t":
+            i += 1
+        if i < n and text[i] in "\"'":
+            quote = text[i]
+            end = text.find(quote, i + 1)
+            while quote == '"' and end > 0 and text[end - 1] == "\\":
+                end = text.find(quote, end + 1)
+            if end < 0:
+                raise _Unsure
+            parts.append(text[i + 1 : end])
+            i = end + 1
+        else:
+            start = i
+            while i < n and text[i] not in ". \t":
+                i += 1
+            if i == start:
+                raise _Unsure
+            parts.append(text[start:i])
+        while i < n and text[i] in " \t":
+            i += 1
+        if i == n:
+            return parts
+        if text[i] != ".":
+            raise _Unsure
+        i += 1
+
+
+class _Scanner:
+    """Bracket depth and string state across lines, for values that span several."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.multiline: str | None = None  # the closing delimiter of an open """ or '''
+
+    def scan(self, line: str, start: int = 0) -> None:
+        i, n = start, len(line)
+        while i < n:
+            if self.multiline is not None:
+                end = line.find(self.multiline, i)
+                while self.multiline == '"""' and end > 0 and line[end - 1] == "\\":
+                    end = line.find(self.multiline, end + 1)
+                if end < 0:
+                    return
+                i = end + 3
+                self.multiline = None
+                continue
+            c = line[i]
+            if c == "#":
+                return
+            if line.startswith(('"""', "'''"), i):
+                self.multiline = line[i : i + 3]
+                i += 3
+            elif c in "\"'":
+                end = line.find(c, i + 1)
+                while c == '"' and end > 0 and line[end - 1] == "\\":
+                    end = line.find(c, end + 1)
+                if end < 0:
+                    raise _Unsure
+                i = end + 1
+            else:
+                self.depth += c in "[{"
+                self.depth -= c in "]}"
+                i += 1
+
+
+def _statements(text: str) -> Iterator[tuple[int, list[_Part], bool]]:
+    """(line number, full key path, is a table header) of every table header and every
+    ``key = value`` outside a value of a TOML document."""
+    scanner = _Scanner()
+    table: list[_Part] = []
+    seen: dict[tuple[str, ...], int] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if scanner.depth or scanner.multiline is not None:
+            scanner.scan(line)
+            continue
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("["):
+            array = stripped.startswith("[[")
+            close = stripped.find("]]" if array else "]")
+            if close < 0:
+                raise _Unsure
+            names = _key_parts(stripped[2 if array else 1 : close])
+            if array:
+                count = seen[tuple(names)] = seen.get(tuple(names), -1) + 1
+                table = [(name, None) for name in names[:-1]] + [(names[-1], count)]
+            else:
+                table = [(name, None) for name in names]
+            yield number, table, True
+            continue
+        key_text, sep, _ = _split_key(line)
+        if not sep:
+            raise _Unsure
+        yield number, table + [(name, None) for name in _key_parts(key_text)], False
+        scanner.scan(line, len(key_text) + 1)
+    if scanner.depth or scanner.multiline is not None:
+        raise _Unsure
+
+
+def _split_key(line: str) -> tuple[str, str, str]:
+    """``line`` split at the first '=' outside a quoted key."""
+    quote = ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "=":
+            return line[:i], "=", line[i + 1 :]
+    return line, "", ""
+
+
+def _error_path(key: str) -> list[_Part]:
+    """``routing.lists[1].path`` -> [("routing", None), ("lists", 1), ("path", None)]."""
+    parts: list[_Part] = []
+    for name in key.split("."):
+        index: int | None = None
+        while name.endswith("]") and "[" in name:
+            name, _, rest = name.rpartition("[")
+            if rest[:-1].isdecimal() and index is None:
+                index = int(rest[:-1])
+        parts.append((name, index))
+    return parts
+
+
+def _flat(parts: list[_Part]) -> list[_Part]:
+    """Quoted names may hold dots, which error keys do not quote: compare dot by dot."""
+    flat: list[_Part] = []
+    for name, index in parts:
+        *names, last = name.split(".")
+        flat += [(n, None) for n in names] + [(last, index)]
+    return flat
+
+
+def _score(written: list[_Part], wanted: list[_Part]) -> int:
+    """How well a key written in the file points at ``wanted``: the parts they share, twice,
+    plus one if the written key holds ``wanted`` (is its prefix) rather than only sharing its
+    table.  0: nothing shared."""
+    shared = 0
+    for (name, index), (want, want_index) in zip(written, wanted, strict=False):
+        if name != want or (index is not None and want_index is not None and index != want_index):
+            break
+        shared += 1
+    return 2 * shared + (shared == len(written) <= len(wanted) and shared > 0)
+
+
+def key_line(text: str, key: str) -> int | None:
+    """The line of TOML document ``text`` where the value of ``key`` (as errors name it:
+    ``client.listen[1]``, ``routing.lists[0].path``) is written: its own ``key = `` line, the
+    line of the inline table or array that holds it, or when it is not written at all the
+    first line of the table it belongs in.  None when the key's table is not in the text
+    either, or the text is more than this reader follows: the caller then names the file
+    alone.
+
+    tomllib reports no positions, so this reads the text itself: table headers (``[a.b]``,
+    ``[[a.b]]`` counted for the index), dotted and quoted keys, inline tables, and values that
+    span lines (arrays, multi-line strings) are skipped over."""
+    wanted = _flat(_error_path(key))
+    best, best_line = 0, None
+    try:
+        for number, written, _ in _statements(text):
+            score = _score(_flat(written), wanted)
+            if score > best:
+                best, best_line = score, number
+    except _Unsure:
+        return None
+    return best_line

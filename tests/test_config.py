@@ -287,6 +287,10 @@ KEYS = [
     *("action", "format", "name", "keepalive_interval", "keepalive_timeout"),
     "max_reverse_listeners_per_client",
     "handshake_timeout",
+    *("wstunnel", "headers", "headers_file", "credentials", "min_idle", "max_backoff"),
+    *("ping_interval", "sni_disable", "reverse_max_backoff", "reverse", "enabled"),
+    *("restrict_to", "restrict_path_prefixes", "restrict_config", "reverse_idle_timeout"),
+    *("users_file", "system_proxy", "auto_port"),
 ]
 WORDS = [
     *(
@@ -331,7 +335,9 @@ VALID: dict[str, Any] = {
         "server": "wss://vpn.example.net:443",
         "secret_file": "secret",
         "user": "alice",
-        "tls_ca": "secret",
+        "tls_ca": "cert.pem",
+        "tls_certificate": "cert.pem",
+        "tls_private_key": "key.pem",
         "insecure": False,
         "sni": "sni.example",
         "path_prefix": "p",
@@ -342,12 +348,25 @@ VALID: dict[str, Any] = {
         "keepalive_interval": 10,
         "keepalive_timeout": 30.5,
         "handshake_timeout": 20,
+        "reverse": ["tcp://127.0.0.1:2222:127.0.0.1:22"],
+        "wstunnel": {
+            "headers": {"X-Team": "blue"},
+            "headers_file": "list.txt",
+            "credentials": "u:p",
+            "min_idle": 2,
+            "max_backoff": 60,
+            "ping_interval": 0,
+            "sni_disable": True,
+            "reverse_max_backoff": 2.5,
+        },
     },
     "server": {
         "listen": "wss://0.0.0.0:8443",
-        "tls_certificate": "secret",
-        "tls_private_key": "secret",
+        "tls_certificate": "cert.pem",
+        "tls_private_key": "key.pem",
+        "tls_client_ca_certs": "cert.pem",
         "users": {"alice": {"secret_file": "secret"}},
+        "users_file": "users.txt",
         "secret_file": "secret",
         "path_prefix": "p",
         "allow": ["10.0.0.0/8", "db.internal:5432"],
@@ -356,7 +375,16 @@ VALID: dict[str, Any] = {
         "keepalive_interval": 0,
         "keepalive_timeout": 60,
         "handshake_timeout": 2.5,
+        "wstunnel": {
+            "enabled": False,
+            "restrict_to": ["127.0.0.1:22"],
+            "restrict_path_prefixes": ["p1"],
+            "ping_interval": 10,
+            "reverse_idle_timeout": 30,
+        },
     },
+    "system_proxy": True,
+    "auto_port": True,
     "routing": {
         "default": "direct",
         "rules": ["domain:x.test=direct"],
@@ -426,7 +454,33 @@ def test_every_key_of_a_full_config_lands_in_its_field(config_dir: Path) -> None
         "wss://vpn.example.net:443",
         SECRET,
         "alice",
-        config_dir / "secret",
+        config_dir / "cert.pem",
+    )
+    assert (c.tls_certificate, c.tls_private_key) == (
+        config_dir / "cert.pem",
+        config_dir / "key.pem",
+    )
+    assert [str(spec) for spec in c.reverse] == ["server 127.0.0.1:2222 -> 127.0.0.1:22"]
+    w = c.wstunnel
+    assert (w.headers, w.headers_file, w.credentials, w.min_idle, w.sni_disable) == (
+        (("X-Team", "blue"),),
+        str(config_dir / "list.txt"),
+        "u:p",
+        2,
+        True,
+    )
+    assert (w.max_backoff, w.ping_interval, w.reverse_max_backoff) == (60.0, 0.0, 2.5)
+    sw = s.wstunnel
+    assert (sw.enabled, sw.restrict_to, sw.restrict_path_prefixes) == (
+        False,
+        ("127.0.0.1:22",),
+        ("p1",),
+    )
+    assert (sw.ping_interval, sw.reverse_idle_timeout) == (10.0, 30.0)
+    assert (s.tls_client_ca_certs, cfg.system_proxy, cfg.auto_port) == (
+        config_dir / "cert.pem",
+        True,
+        True,
     )
     assert (c.insecure, c.sni, c.path_prefix, c.pool_size, c.allow_open, c.protocol) == (
         False,
@@ -447,8 +501,12 @@ def test_every_key_of_a_full_config_lands_in_its_field(config_dir: Path) -> None
         "socks5://127.0.0.1:1080",
         "udp://127.0.0.1:51820:[::1]:51820",
     ]
-    assert (str(s.listen), s.users, s.path_prefix) == ("wss://0.0.0.0:8443", {"alice": SECRET}, "p")
-    assert (s.tls_certificate, s.tls_private_key) == (config_dir / "secret", config_dir / "secret")
+    assert (str(s.listen), s.path_prefix) == ("wss://0.0.0.0:8443", "p")
+    assert s.users == {"alice": SECRET, "bob": b"bob-secret-0123"}
+    assert (s.tls_certificate, s.tls_private_key) == (
+        config_dir / "cert.pem",
+        config_dir / "key.pem",
+    )
     assert (s.allow, s.reverse_binds) == (
         ["10.0.0.0/8", "db.internal:5432"],
         ["127.0.0.0/8", "::1"],
@@ -473,6 +531,10 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     base = tmp_path_factory.mktemp("config")
     (base / "secret").write_bytes(SECRET)
     (base / "list.txt").write_text("example.test\n")
+    (base / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (base / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+    (base / "bob.secret").write_bytes(b"bob-secret-0123")
+    (base / "users.txt").write_text("# one user a line\nbob:bob.secret\n")
     yield base
 
 

@@ -27,13 +27,14 @@ LAYERS: list[set[str]] = [
         "autovpn.eventloop",
         "autovpn.toml_tables",
         "autovpn.wg",
+        "autovpn.pem",
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},
     {"autovpn.tunnel"},
     {"autovpn.proxy"},
     {"autovpn.monitor"},
-    {"autovpn.engine"},
+    {"autovpn.engine", "autovpn.cli_settings"},  # cli_settings: flags over config, for cli
     {"autovpn.cli"},
     {"autovpn", "autovpn.__main__"},  # the embedding API (lazy re-exports) and `python -m`
 ]

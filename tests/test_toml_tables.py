@@ -19,6 +19,8 @@ from autovpn.config import (
     ServerConfig,
     ServerEntry,
     UserEntry,
+    WstunnelClientOptions,
+    WstunnelServerOptions,
     parse_config,
 )
 from autovpn.errors import ConfigError
@@ -39,8 +41,10 @@ def test_every_table_is_found() -> None:
         Config,
         ClientConfig,
         ServerEntry,
+        WstunnelClientOptions,
         ServerConfig,
         UserEntry,
+        WstunnelServerOptions,
         RoutingConfig,
         ListEntry,
     ]

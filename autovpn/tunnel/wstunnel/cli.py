@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autovpn.config import parse_reverse
+from autovpn.config import certificate_flag, parse_reverse, private_key_flag
 from autovpn.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -157,14 +157,12 @@ def apply_client_arguments(args: argparse.Namespace, cc: ClientConfig) -> list[s
     if args.websocket_ping_frequency is not None:
         w.ping_interval = args.websocket_ping_frequency
     if args.tls_certificate is not None:
-        cc.tls_certificate = args.tls_certificate
-        cc.tls_private_key = args.tls_private_key or args.tls_certificate
-    for flag, given in (
-        ("--tls-certificate", cc.tls_certificate),
-        ("--tls-private-key", cc.tls_private_key),
-    ):
-        if given is not None and not given.is_file():
-            raise ConfigError(flag, f"{given}: no such file")
+        cc.tls_certificate = certificate_flag(args.tls_certificate, "--tls-certificate")
+        if args.tls_private_key is not None:
+            cc.tls_private_key = private_key_flag(args.tls_private_key, "--tls-private-key")
+        else:  # wstunnel's default: the key is in the certificate's file
+            flag = "--tls-private-key (not given: the --tls-certificate file)"
+            cc.tls_private_key = private_key_flag(cc.tls_certificate, flag)
     w.sni_disable = w.sni_disable or args.tls_sni_disable
     if args.remote_to_local and cc.protocol != "wstunnel":
         cc.reverse = [*cc.reverse, *(parse_reverse(spec) for spec in args.remote_to_local)]
@@ -255,9 +253,7 @@ def apply_server_arguments(args: argparse.Namespace, sc: ServerConfig) -> None:
             raise ConfigError("--restrict-config", "conflicts with --restrict-to and -r")
         w.restrict_config = args.restrict_config
     if args.tls_client_ca_certs is not None:
-        if not args.tls_client_ca_certs.is_file():
-            raise ConfigError("--tls-client-ca-certs", f"{args.tls_client_ca_certs}: no such file")
-        sc.tls_client_ca_certs = args.tls_client_ca_certs
+        sc.tls_client_ca_certs = certificate_flag(args.tls_client_ca_certs, "--tls-client-ca-certs")
     if args.websocket_ping_frequency is not None:
         w.ping_interval = args.websocket_ping_frequency
     if args.remote_to_local_server_idle_timeout is not None:
