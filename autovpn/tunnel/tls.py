@@ -13,6 +13,7 @@ import ssl
 from pathlib import Path
 
 from autovpn.errors import ConfigError
+from autovpn.pem import certificate_problem, private_key_problem
 
 log = logging.getLogger("autovpn.tls")
 
@@ -20,6 +21,10 @@ log = logging.getLogger("autovpn.tls")
 def server_context(
     certificate: Path, private_key: Path, client_ca: Path | None = None
 ) -> ssl.SSLContext:
+    _check_pem("tls-certificate", certificate_problem(certificate))
+    _check_pem("tls-private-key", private_key_problem(private_key))
+    if client_ca is not None:
+        _check_pem("tls-client-ca-certs", certificate_problem(client_ca))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -46,6 +51,11 @@ def client_context(
     certificate: Path | None = None,
     private_key: Path | None = None,
 ) -> ssl.SSLContext:
+    if ca_file is not None:
+        _check_pem("tls-ca", certificate_problem(ca_file))
+    if certificate is not None:
+        _check_pem("tls-certificate", certificate_problem(certificate))
+        _check_pem("tls-private-key", private_key_problem(private_key or certificate))
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
@@ -65,6 +75,12 @@ def client_context(
             raise ConfigError("tls-certificate", f"cannot load {certificate}: {exc}") from exc
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _check_pem(key: str, problem: str | None) -> None:
+    """OpenSSL's own words for a file of the wrong kind name neither the file nor the fix."""
+    if problem is not None:
+        raise ConfigError(key, problem)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -41,6 +41,7 @@ from autovpn.errors import (
     TunnelUnavailable,
 )
 from autovpn.net import resolve_target
+from autovpn.tunnel.failures import Failing, certificate_reason
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient
 from autovpn.tunnel.tls import client_context
@@ -63,8 +64,7 @@ def permanent_reason(exc: BaseException) -> str:
     """Why retrying ``exc`` soon cannot help, as one line that says what to do; "" when it is
     transient (unreachable, reset, timed out, a proxy in front answering 502...)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        why = exc.verify_message or "verify failed"
-        return f"certificate not trusted ({why}): use --tls-ca FILE (client.tls_ca)"
+        return certificate_reason(exc)
     if isinstance(exc, handshake.HandshakeError):
         if exc.status in (401, 403):
             return SECRET_REFUSED
@@ -212,6 +212,7 @@ class TunnelClient:
         self._pausing = 0  # pool tasks waiting out a backoff (``kick`` may cut it short)
         self._wake = asyncio.Event()
         self._last_attempt_end = 0.0
+        self.failing = Failing()  # the run of failed connection attempts, for last_error
         # When the last byte came on a connection the keepalive timeout closed, until a new
         # connection is up: the server is known not to answer (see _pick).
         self._silent_since: float | None = None
@@ -419,6 +420,7 @@ class TunnelClient:
             self.connects += 1
             self.failures = 0
             self.permanent = ""
+            self.failing.ended()
             self._silent_since = None
             log.info("tunnel connection to %s is up", self.settings.server)
             self.connections.append(mux)
@@ -452,7 +454,7 @@ class TunnelClient:
     def _failed(self, exc: BaseException, backoff: float) -> float:
         """Record a failed attempt; the delay before the next."""
         self.failures += 1
-        self.last_error = _error_text(exc)
+        self.last_error = self.failing.failed(exc, self.settings.server)
         reason = permanent_reason(exc)
         if reason:
             delay = self.settings.permanent_backoff

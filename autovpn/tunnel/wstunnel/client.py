@@ -32,6 +32,7 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
+from autovpn.tunnel.failures import Failing
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.access import path_safe
 from autovpn.tunnel.wstunnel.relay import WsSide
@@ -133,6 +134,7 @@ class WstunnelClient:
         self.opened = 0
         self.failures = 0
         self.last_error = ""
+        self.failing = Failing()  # the run of failed connection attempts, for last_error
         self._pool: list[tuple[asyncio.Transport, _Idle]] = []
         self._pool_task: asyncio.Task[None] | None = None
         self._pool_wakeup = asyncio.Event()
@@ -212,8 +214,9 @@ class WstunnelClient:
                 try:
                     self._pool.append(await self._connect())
                     backoff = 0.1
+                    self.failing.ended()
                 except (OSError, TimeoutError) as exc:
-                    self.last_error = str(exc) or type(exc).__name__
+                    self.last_error = self.failing.failed(exc, self.settings.server)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self.settings.max_backoff)
                 continue
@@ -235,17 +238,20 @@ class WstunnelClient:
         backoff = 0.1
         while True:
             try:
-                return await self._connect()
+                connected = await self._connect()
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 self.failures += 1
-                self.last_error = str(exc) or type(exc).__name__
+                self.last_error = self.failing.failed(exc, self.settings.server)
                 if self._closing or loop.time() + backoff > deadline:
                     raise TunnelUnavailable(
                         f"no connection to {self.settings.server}: {self.last_error}"
                     ) from None
-                log.info("wstunnel server %s: %s; retrying", self.settings.server, exc)
+                log.info("wstunnel server %s: %s; retrying", self.settings.server, self.last_error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings.max_backoff)
+            else:
+                self.failing.ended()
+                return connected
 
     def _request(self, claims: Claims) -> bytes:
         s = self.settings

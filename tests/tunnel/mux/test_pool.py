@@ -66,9 +66,11 @@ def test_permanent_errors_are_told_from_transient_ones() -> None:
     assert "path" in permanent_reason(HandshakeError("", 404))
     cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
     cert.verify_message = "self-signed certificate in certificate chain"
+    cert.verify_code = 19  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
     assert permanent_reason(cert) == (
-        "certificate not trusted (self-signed certificate in certificate chain):"
-        " use --tls-ca FILE (client.tls_ca)"
+        "server certificate not trusted (self-signed certificate in certificate"
+        " chain): if the server uses a private CA (autovpn cert wrote its ca.pem), trust it"
+        " with --tls-ca FILE (tls_ca in [client])"
     )
     for transient in (
         ConnectionRefusedError(111, "Connection refused"),
