@@ -20,7 +20,7 @@ import secrets
 import time
 from pathlib import Path
 
-from autovpn import __version__
+from autovpn import __version__, sysproxy
 from autovpn.config import (
     DEFAULT_USER,
     ClientConfig,
@@ -31,6 +31,7 @@ from autovpn.config import (
     server_entries,
     state_dir,
 )
+from autovpn.errors import ConfigError
 from autovpn.monitor.api import ControlAPI
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_with_auto_port
@@ -91,6 +92,8 @@ class Engine:
         self.router, self.resolver, self.scores = _routing_parts(config)
         self.api: ControlAPI | None = None
         self._warm: asyncio.Task[object] | None = None
+        #: ``system_proxy``: the system's proxy setting while it points at our PAC file.
+        self.system_proxy: sysproxy.Applied | None = None
         self.server: TunnelServer | None = None
         #: The tunnel servers of the native protocol (one or several, with failover).
         self.pool: ServerPool | None = None
@@ -269,6 +272,12 @@ class Engine:
 
     async def _start(self) -> None:
         cfg = self.config
+        if cfg.system_proxy and (cfg.client is None or cfg.control is None):
+            raise ConfigError(
+                "system_proxy",
+                "the system proxy points at the PAC file of the control API and the local"
+                " proxies: it needs both (a client, and control not false)",
+            )
         self.scores.load(state_dir() / SCORES_FILE)
         if cfg.server is not None:
             self.server = TunnelServer(_server_settings(cfg.server))
@@ -340,6 +349,9 @@ class Engine:
                 auto_port=cfg.auto_port,
             )
             await self.api.start()
+            if cfg.system_proxy:
+                # Blocking (a few gsettings/networksetup runs): once, at start.
+                self.system_proxy = sysproxy.point_at(f"{self.api.url}/proxy.pac", state_dir())
         if cfg.routing.warm_at_start:
             self._warm = asyncio.get_running_loop().create_task(
                 self.resolver.resolve_many(self.list_names("all")), name="dns-warm-up"
@@ -395,6 +407,14 @@ class Engine:
         self.forwards.append(forward)
 
     async def close(self) -> None:
+        if self.system_proxy is not None:
+            # First, while the PAC file is still served; synchronous, so that a second
+            # Ctrl-C during the closing cannot leave the system pointing at nothing.
+            try:
+                self.system_proxy.restore()
+            except sysproxy.SystemProxyError as exc:
+                log.error("%s; the next --set-system-proxy run restores it", exc)
+            self.system_proxy = None
         if self.api is not None:
             await self.api.close()
             self.api = None
@@ -464,6 +484,11 @@ class Engine:
             )
         if self.api is not None:
             lines.append(f"control api    {self.api.url}  (PAC: {self.api.url}/proxy.pac)")
+        if self.system_proxy is not None:
+            lines.append(
+                f"system proxy   {self.system_proxy.backend.name} -> {self.system_proxy.pac_url}"
+                "  (restored on exit)"
+            )
         for listener in self.listeners:
             auth = " (auth)" if listener.credentials else ""
             lines.append(

@@ -28,6 +28,7 @@ LAYERS: list[set[str]] = [
         "autovpn.toml_tables",
         "autovpn.wg",
         "autovpn.pem",
+        "autovpn.sysproxy",
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},
