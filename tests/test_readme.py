@@ -144,7 +144,7 @@ def _namespace_skip() -> str | None:
         return "the README's commands run in a Linux network namespace"
     missing = [tool for tool in ("unshare", "nsenter", "ip", "curl") if shutil.which(tool) is None]
     if missing:
-        return f"needs {', '.join(missing)} (util-linux, iproute2, curl)"
+        return f"needs {', '.join(missing)} (Debian: util-linux, iproute2, curl)"
     if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
         return "cannot create a private network namespace here (not root?)"
     return None
@@ -330,6 +330,9 @@ def test_quick_start_runs_as_written(machine: Machine) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(  # the mTLS block makes the client certificates with it
+    shutil.which("openssl") is None, reason="openssl is not installed (Debian: openssl)"
+)
 def test_a_real_set_up_runs_as_written(machine: Machine) -> None:
     run_section(machine, REAL_SETUP)
     servers = [line for line in machine.log if line.startswith("$ autovpn server ")]
