@@ -20,7 +20,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 from autovpn import __version__
@@ -96,8 +96,15 @@ def _apply_keepalive_arguments(args: argparse.Namespace, cfg: ClientConfig | Ser
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong flag value is one line, not that line under forty lines of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autovpn", description="Proxy engine: wss tunnel + routing.")
+    p = _Parser(prog="autovpn", description="Proxy engine: wss tunnel + routing.")
     p.add_argument("--version", action="version", version=f"autovpn {__version__}")
     p.add_argument("--config", type=Path, help="TOML config file (flags win over it)")
     p.add_argument(
@@ -902,7 +909,7 @@ async def _resolve_in_process(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _wg_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _wg_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     w = sub.add_parser("wg", help="WireGuard keys and a client config for the UDP relay")
     wsub = w.add_subparsers(dest="wg_command", required=True)
     keys = wsub.add_parser("keys", help="print a new key pair")

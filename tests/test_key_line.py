@@ -151,3 +151,14 @@ def test_a_missing_key_names_its_table_and_a_syntax_error_its_line(
     assert main(["check-config", str(path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"{path}:2: TOML syntax: ")
+
+
+def test_a_wrong_flag_value_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not the error under forty lines of usage: the line, and where the help is."""
+    with pytest.raises(SystemExit) as exited:
+        main(["client", "--pool-size", "x", "wss://vpn.example.net"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "autovpn client: error: argument --pool-size: invalid int value: 'x'"
+        " (see autovpn client --help)"
+    ]
