@@ -1,6 +1,7 @@
 """Configuration: typed values, parsed from a TOML file and/or command-line flags.
 
-Everything the flags say, the file can say (flags win).  Each table of the file is a dataclass
+Everything the flags say, the file can say (flags win), and the reverse
+(``tests/test_flag_parity.py``).  Each table of the file is a dataclass
 here whose fields carry their key, parser and doc (``toml(...)``; the checker is
 ``autovpn.toml_tables``), so a new key is one field plus its test.  ``load_file`` collects
 *every* error with its full key, so ``autovpn check-config`` reports them all at once.
@@ -13,6 +14,7 @@ Example::
 
     mode = "global"                      # global | smart | direct
     log_level = "info"
+    system_proxy = false                 # true: the system uses our PAC file while we run
 
     [client]
     server = "wss://vpn.example.net:443" # or several, tried by priority (lower first):
@@ -26,6 +28,9 @@ Example::
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
     handshake_timeout = 30               # seconds a local client has for its SOCKS5/HTTP request
+    reverse = ["tcp://127.0.0.1:2222:127.0.0.1:22"]   # -R: the server's port 2222 comes here
+    [client.wstunnel]                    # wstunnel's client flags (protocol = "wstunnel")
+    headers = { "X-Team" = "blue" }      # -H
 
     [server]
     listen = "wss://0.0.0.0:8443"
@@ -37,8 +42,11 @@ Example::
     auth_failure_limit = 10              # failures per address within the window; 0: no limit
     auth_failure_window = 60             # seconds; also how long such an address is refused
     handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
+    users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
     [server.users]
     alice = { secret_file = "alice.secret" }
+    [server.wstunnel]                    # how stock wstunnel clients are served
+    enabled = true                       # false: --no-wstunnel
 """
 
 from __future__ import annotations

@@ -162,3 +162,21 @@ def test_a_wrong_flag_value_is_one_line(capsys: pytest.CaptureFixture[str]) -> N
         "autovpn client: error: argument --pool-size: invalid int value: 'x'"
         " (see autovpn client --help)"
     ]
+
+
+def test_the_documented_example_has_only_real_keys_each_found(tmp_path: Path) -> None:
+    """config.py's example: every key is one the checker knows, and each error (its files do
+    not exist here) is found on the key's own line."""
+    import autovpn.config
+
+    example = (autovpn.config.__doc__ or "").split("Example::", 1)[1]
+    text = "\n".join(line[4:] for line in example.splitlines())
+    path = tmp_path / "example.toml"
+    path.write_text(text)
+    _, errors = load_file(path)
+    assert errors, "the example names files that are not here"
+    for error in errors:
+        assert "unknown key" not in error.reason, error
+        assert error.line is not None, error
+        last = error.key.rpartition(".")[2].partition("[")[0]
+        assert last in text.splitlines()[error.line - 1], (error, error.line)
