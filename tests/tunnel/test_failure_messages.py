@@ -125,6 +125,7 @@ def test_the_wstunnel_client_says_the_same() -> None:
     run(main_())
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
 def test_a_client_without_tls_ca_is_told_to_give_it(tmp_path: Path, certs: Certs) -> None:
     """What the README's client command did before it had --tls-ca, as a user sees it."""
     secret = tmp_path / "secret"
