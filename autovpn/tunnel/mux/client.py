@@ -459,12 +459,14 @@ class TunnelClient:
         if reason:
             delay = self.settings.permanent_backoff
             if reason != self.permanent:
+                # The error's own words, unless the reason already is them (certificates).
+                detail = "" if self.last_error.startswith(reason) else f" ({self.last_error})"
                 log.error(
-                    "tunnel to %s: %s; retrying in %.0f s (%s)",
+                    "tunnel to %s: %s; retrying in %.0f s%s",
                     self.settings.server,
                     reason,
                     delay,
-                    self.last_error,
+                    detail,
                 )
             self.permanent = reason
         else:
