@@ -5,7 +5,7 @@ after a grace period).  ``find_*`` functions locate the peers without installing
 peer that is not found is reported as absent by the harness.
 
 How to install the peers is in docs/benchmarks.md.  In short: pproxy in its own virtualenv
-(it crashes when uvloop is importable), v2ray from Debian.
+(it crashes when uvloop is importable), v2ray, stunnel4 and dante-server from Debian.
 """
 
 from __future__ import annotations
@@ -103,10 +103,14 @@ class Running:
     #: Processes started as their own session, stopped by process group: socat forks a child
     #: per UDP peer, and a child left behind keeps the port busy (testing-recipes.md).
     groups: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Whether its processes fork the workers that carry the traffic (danted's negotiate,
+    #: request and I/O children): then ``pids`` counts their descendants too.
+    forks: bool = False
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        pids = [p.pid for p in self.procs]
+        return _with_descendants(pids) if self.forks else pids
 
     def check(self) -> None:
         for p in self.procs:
@@ -147,6 +151,24 @@ def _children(pid: int) -> list[int]:
             if int(raw[raw.rindex(")") + 2 :].split()[1]) == pid:
                 out.append(int(entry))
     return out
+
+
+def _with_descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them now (from /proc).  A child that exits between two
+    CPU samples still counts: its parent's cutime/cstime holds it once it is reaped."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                raw = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found = list(roots)
+    for pid in found:  # grows while it is walked: breadth-first over the process tree
+        found.extend(children.get(pid, ()))
+    return found
 
 
 def _stop_children(pid: int, grace: float = 2.0) -> None:
@@ -241,6 +263,36 @@ def v2ray_version(binary: str) -> str:
         out = subprocess.run(args, capture_output=True, text=True)
         if out.returncode == 0 and out.stdout:
             return " ".join(out.stdout.split()[:2])
+    return "?"
+
+
+def find_stunnel() -> str | None:
+    """stunnel 5 (Debian's ``stunnel4``): $BENCH_STUNNEL, or on PATH."""
+    return os.environ.get("BENCH_STUNNEL") or shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+def stunnel_version(binary: str) -> str:
+    # ``-version`` prints to stderr: "stunnel 5.68 on x86_64-pc-linux-gnu platform"
+    out = subprocess.run([binary, "-version"], capture_output=True, text=True)
+    for line in (out.stderr + out.stdout).splitlines():
+        if line.startswith("stunnel "):
+            return " ".join(line.split()[:2])
+    return "?"
+
+
+def find_danted() -> str | None:
+    """dante-server's ``danted``: $BENCH_DANTED, on PATH, or /usr/sbin (not on a user's PATH)."""
+    found = os.environ.get("BENCH_DANTED") or shutil.which("danted")
+    if found is None and Path("/usr/sbin/danted").is_file():
+        found = "/usr/sbin/danted"
+    return found
+
+
+def danted_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("Dante v"):
+            return "dante " + line.split()[1].rstrip(".").lstrip("v")
     return "?"
 
 
@@ -437,6 +489,106 @@ def start_v2ray(work: Workdir, binary: str) -> Running:
             [binary, "-config", str(work.path / "v2ray-client.json")],
             work.path / "v2ray-client.log",
         )
+        run.procs.append(client)
+        wait_port(socks, client)
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+def stunnel_client_conf(accept: int, connect: int, ca: Path) -> str:
+    """The stunnel client of the C chain: plain SOCKS5 in on ``accept``, TLS out to
+    ``connect``, the server's certificate verified against the harness's CA for localhost."""
+    return f"""\
+; written by benchmarks/chains.py: the C chain's TLS client
+foreground = yes
+pid =
+debug = warning
+
+[socks]
+client = yes
+accept = 127.0.0.1:{accept}
+connect = 127.0.0.1:{connect}
+sni = localhost
+verifyChain = yes
+CAfile = {ca}
+checkHost = localhost
+"""
+
+
+def stunnel_server_conf(accept: int, connect: int, cert: Path, key: Path) -> str:
+    """The stunnel server of the C chain: TLS in on ``accept``, plain out to danted."""
+    return f"""\
+; written by benchmarks/chains.py: the C chain's TLS server
+foreground = yes
+pid =
+debug = warning
+
+[socks]
+accept = 127.0.0.1:{accept}
+cert = {cert}
+key = {key}
+connect = 127.0.0.1:{connect}
+"""
+
+
+def danted_conf(port: int) -> str:
+    """dante-server: SOCKS5 without authentication on 127.0.0.1:``port``, to 127.0.0.0/8 only.
+
+    No ``user.*`` lines: danted runs as whoever starts it (as root it warns, and goes on).
+    ``log: error`` keeps a connection that works out of the log."""
+    return f"""\
+# written by benchmarks/chains.py: the C chain's SOCKS5 server
+logoutput: stderr
+internal: 127.0.0.1 port = {port}
+external: 127.0.0.1
+clientmethod: none
+socksmethod: none
+client pass {{
+    from: 127.0.0.0/8 to: 0.0.0.0/0
+    log: error
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: connect
+    log: error
+}}
+"""
+
+
+def start_stunnel_dante(work: Workdir, stunnel: str, danted: str) -> Running:
+    """SOCKS5 → stunnel client → TLS → stunnel server → danted (SOCKS5, no auth) → target.
+
+    Both stunnels run in the foreground with no pid file (a thread per connection, one
+    process each).  danted runs in the foreground too (no ``-D``) with its pid file in the work
+    directory, but it forks negotiate, request and I/O children: it gets its own session and is
+    stopped by process group after its children (``Running.groups``: killed first, its mother
+    exits without reaping them, and PID 1 here reaps no orphans), and its CPU and memory are
+    counted with its descendants' (``Running.forks``)."""
+    socks, tls, dante = free_port(), free_port(), free_port()
+    client_conf = work.path / "stunnel-client.conf"
+    server_conf = work.path / "stunnel-server.conf"
+    dante_conf = work.path / "danted.conf"
+    client_conf.write_text(stunnel_client_conf(socks, tls, work.ca))
+    server_conf.write_text(stunnel_server_conf(tls, dante, work.cert, work.key))
+    dante_conf.write_text(danted_conf(dante))
+    run = Running("stunnel+dante", socks, forks=True)
+    try:
+        proc = _popen(
+            [danted, "-f", str(dante_conf), "-p", str(work.path / "danted.pid")],
+            work.path / "danted.log",
+            # its lock and shared-memory files go to TMPDIR: keep them in the work directory
+            dict(os.environ, TMPDIR=str(work.path)),
+            session=True,
+        )
+        run.procs.append(proc)
+        run.groups.append(proc)
+        wait_port(dante, proc)
+        server = _popen([stunnel, str(server_conf)], work.path / "stunnel-server.log")
+        run.procs.append(server)
+        wait_port(tls, server)
+        client = _popen([stunnel, str(client_conf)], work.path / "stunnel-client.log")
         run.procs.append(client)
         wait_port(socks, client)
     except BaseException:

@@ -18,8 +18,8 @@ UDP chains (direct, autovpn's UDP relay, a socat relay) get a fresh chain per re
 The ``memory`` group starts a lone ``autovpn server`` per repetition and measures its RSS before
 and after a burst of 20,000 tunnel handshakes (``benchmarks/memory_burst.py``).
 
-``--only`` takes chain names (direct, autovpn, pproxy, pproxy-ws, v2ray, socat) and/or groups
-(tcp, udp, wireguard, routing, memory); with no group named, all groups run.
+``--only`` takes chain names (direct, autovpn, pproxy, pproxy-ws, v2ray, stunnel+dante, socat)
+and/or groups (tcp, udp, wireguard, routing, memory); with no group named, all groups run.
 
 CPU of the chain processes comes from /proc/PID/stat (utime+stime) sampled around each test;
 the load generator (benchmarks/loadgen.py, its own uvloop process) reports its own CPU share.
@@ -409,6 +409,23 @@ def chain_specs(peers: bool, only: Sequence[str] | None = None) -> list[ChainSpe
                     "v2ray", "v2ray VLESS ws+TLS", None, why_absent="v2ray not found (apt v2ray)"
                 )
             )
+        stunnel, danted = chains.find_stunnel(), chains.find_danted()
+        title = "stunnel+dante TLS (C)"
+        if stunnel is not None and danted is not None:
+            specs.append(
+                ChainSpec(
+                    "stunnel+dante",
+                    title,
+                    lambda w: chains.start_stunnel_dante(w, stunnel, danted),
+                    f"{chains.stunnel_version(stunnel)}, {chains.danted_version(danted)}",
+                )
+            )
+        else:
+            missing = " and ".join(
+                what for what, found in (("stunnel", stunnel), ("danted", danted)) if found is None
+            )
+            why = f"{missing} not found (apt stunnel4 dante-server)"
+            specs.append(ChainSpec("stunnel+dante", title, None, why_absent=why))
     names = [o for o in only or () if o not in GROUPS]
     if names:
         specs = [s for s in specs if s.name in names]
@@ -865,7 +882,9 @@ def run_benchmarks(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="256 MiB transfers, 2 s of connections")
-    p.add_argument("--peers", action="store_true", help="also measure pproxy and v2ray")
+    p.add_argument(
+        "--peers", action="store_true", help="also measure pproxy, v2ray and stunnel+dante"
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions per chain (default 3)")
     p.add_argument(
         "--only",
