@@ -1,9 +1,9 @@
 """The tunnel client: a small pool of mux connections to one server, kept up by reconnects.
 
-``TunnelClient.open_stream(host, port)`` picks the live connection with the fewest streams,
-opens a stream and waits for the server's OPEN_OK (or its RESET, raised as StreamError with the
-reason the listener maps to a SOCKS5 reply or HTTP status).  Names travel to the server
-unresolved, so the client never leaks DNS for tunnelled names.
+``TunnelClient.open_stream(host, port)`` picks the live connection with the fewest streams
+(among equals, each in turn), opens a stream and waits for the server's OPEN_OK (or its RESET,
+raised as StreamError with the reason the listener maps to a SOCKS5 reply or HTTP status).
+Names travel to the server unresolved, so the client never leaks DNS for tunnelled names.
 
 Connect errors are told apart: a *permanent* one (the server refused the secret, its
 certificate is not trusted, it speaks another protocol version) is retried only after
@@ -223,6 +223,7 @@ class TunnelClient:
         self._flow_conn: dict[int, MuxConnection] = {}
         self._next_flow = 1
         self.datagrams_dropped = 0
+        self._turn = 0  # where _least_loaded starts looking among equally loaded connections
         self.reverse = (
             ReverseClient(settings.reverse, settings.connect_timeout) if settings.reverse else None
         )
@@ -529,7 +530,7 @@ class TunnelClient:
             if not live:
                 self.datagrams_dropped += 1
                 return False
-            conn = min(live, key=lambda c: len(c.streams))
+            conn = self._least_loaded(live)
             self._flow_conn[flow] = conn
         if conn.writing_paused or len(data) > frames.MAX_DATAGRAM_PAYLOAD:
             self.datagrams_dropped += 1
@@ -560,16 +561,33 @@ class TunnelClient:
         elif since is not None and mux.last_recv > since:
             self._silent_since = None
 
+    def _least_loaded(self, live: list[MuxConnection]) -> MuxConnection:
+        """The live connection with the fewest open streams; among equals, the next one in
+        turn.  Without the turn, streams that end before the next one opens (short requests)
+        would all ride the first connection, and behind ``autovpn server --workers N`` one
+        worker would do all the work (the pool's connections land on different workers)."""
+        n = len(live)
+        if n == 1:
+            return live[0]
+        self._turn = start = (self._turn + 1) % n
+        best = live[start]
+        fewest = len(best.streams)
+        for i in range(1, n):
+            c = live[(start + i) % n]
+            if len(c.streams) < fewest:
+                best, fewest = c, len(c.streams)
+        return best
+
     async def _pick(self) -> MuxConnection:
         live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
         if live:  # the common case, without touching the loop
-            return min(live, key=lambda c: len(c.streams))
+            return self._least_loaded(live)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.connect_timeout
         while True:
             live = [c for c in self.connections if not (c.closed or c.draining or c.stalled)]
             if live:
-                return min(live, key=lambda c: len(c.streams))
+                return self._least_loaded(live)
             if self.permanent:
                 raise TunnelUnavailable(
                     f"{self.settings.server}: {self.permanent}",
