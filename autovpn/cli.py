@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from autovpn.cli_settings import (
 from autovpn.config import (
     DEFAULT_USER,
     LISTENER_HANDSHAKE_TIMEOUT,
+    MAX_WORKERS,
     MTLS_NEEDS_WSS,
     SERVER_HANDSHAKE_TIMEOUT,
     ClientConfig,
@@ -64,6 +66,7 @@ from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
 if TYPE_CHECKING:
     from autovpn.monitor.client import Reply
+    from autovpn.workers import WorkerRole
 
 log = logging.getLogger("autovpn")
 
@@ -242,6 +245,13 @@ def _parser() -> argparse.ArgumentParser:
         "refused at once for that long (10; 0: no limit)",
     )
     s.add_argument("--auth-failure-window", type=float, metavar="SECONDS", help="that window (60)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes accepting on the address (SO_REUSEPORT, Linux; default: one per core;"
+        " 1: a single process)",
+    )
     _add_keepalive_arguments(s, "client")
     add_reverse_limit_arguments(s)
     add_handshake_timeout_argument(
@@ -399,6 +409,12 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         for entry in args.allow:
             AllowEntry.parse(entry)
         sc.allow = list(sc.allow) + list(args.allow)
+    if args.workers is not None:
+        if not 1 <= args.workers <= MAX_WORKERS:
+            raise ConfigError(
+                "--workers", f"{args.workers}: give 1 to {MAX_WORKERS} (1: a single process)"
+            )
+        sc.workers = args.workers
     _apply_keepalive_arguments(args, sc)
     if args.auth_failure_limit is not None:
         if args.auth_failure_limit < 0:
@@ -425,20 +441,27 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cfg.server = sc
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, worker: int | None = None) -> None:
+    who = "" if worker is None else f"[worker {worker}] "
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
 
-async def _serve(cfg: Config, embedded: bool) -> None:
+async def _serve(cfg: Config, embedded: bool, role: WorkerRole | None = None) -> None:
     # The engine (tunnel, TLS, listeners) only for the commands that run one.
     from autovpn.engine import Engine
     from autovpn.eventloop import loop_factory
 
     async with Engine(cfg) as engine:
+        if role is not None:
+            # A worker of `autovpn server --workers N`: the parent prints the banner.
+            assert engine.server is not None
+            role.ready(engine.api.url if engine.api is not None else None, engine.server.port)
+            await engine.serve_forever()
+            return
         name, _ = loop_factory()
         # stdio:// owns stdout (ssh ProxyCommand): everything else goes to stderr then.
         stdio = cfg.client is not None and any(s.scheme == "stdio" for s in cfg.client.listen)
@@ -480,6 +503,7 @@ def engine_config(args: argparse.Namespace, cfg: Config) -> tuple[Config, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    role = _worker_role()
     args = _parser().parse_args(argv)
     try:
         if args.command == "wg":
@@ -519,14 +543,28 @@ def main(argv: list[str] | None = None) -> int:
         # The event loop only for the commands that run an engine.
         from autovpn.eventloop import run
 
-        _configure_logging(cfg.log_level)
+        _configure_logging(cfg.log_level, None if role is None else role.index)
+        if role is not None:
+            role.quiet_start()
+            role.configure(cfg)
+        else:
+            # The supervisor only for a server that may run workers.
+            from autovpn.workers import plan, supervise
+
+            count, note = plan(cfg)
+            if note:
+                print(note, file=sys.stderr)
+            if count > 1:
+                return supervise(sys.argv[1:] if argv is None else argv, count, cfg)
         # SIGTERM (systemd, docker stop, kill) stops it as Ctrl-C does: the same closing path.
-        run(_serve(cfg, embedded), sigterm=True)
+        run(_serve(cfg, embedded, role), sigterm=True)
     except KeyboardInterrupt:
-        print("\nautovpn stopped", file=sys.stderr)
+        if role is None:  # a worker's parent says it once for all
+            print("\nautovpn stopped", file=sys.stderr)
         return 130
     except Terminated:
-        print("autovpn stopped (SIGTERM)", file=sys.stderr)
+        if role is None:
+            print("autovpn stopped (SIGTERM)", file=sys.stderr)
         return 0
     except ConfigError as exc:
         print(f"autovpn: configuration error: {exc}", file=sys.stderr)
@@ -547,6 +585,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autovpn: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_role() -> WorkerRole | None:
+    """This process's place under ``autovpn server --workers N``, or None (the usual case).
+
+    Read first: a worker asks to die with its parent before it does anything else (and exits
+    at once if its parent is already gone)."""
+    if not os.environ.get("AUTOVPN_WORKER"):
+        return None
+    # The supervisor's module only in its workers.
+    from autovpn.workers import WorkerRole
+
+    role = WorkerRole.from_env()
+    if role is not None:
+        role.attach()
+    return role
 
 
 # -- routing commands: talk to the running engine, or answer from the config ------------------
@@ -744,6 +798,16 @@ def _status_command(args: argparse.Namespace, cfg: Config) -> int:
             f"  server: {server['connections']} tunnel connections, "
             f"{server['streams_open']} streams open, {server['streams_opened']} opened, "
             f"{server['streams_failed']} failed, {server['upgrades_refused']} upgrades refused"
+        )
+    for worker in data.get("workers") or []:
+        counters = worker.get("server") or {}
+        state = worker.get("error") or (
+            f"{counters.get('connections', 0)} tunnel connections, "
+            f"{counters.get('streams_open', 0)} streams open"
+        )
+        print(
+            f"    worker {worker['index']} (pid {worker['pid']}, {worker['restarts']} restarts):"
+            f" {state}"
         )
     conns = data.get("connections") or {}
     routed = conns.get("routed", {})

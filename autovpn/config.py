@@ -43,6 +43,7 @@ Example::
     auth_failure_window = 60             # seconds; also how long such an address is refused
     handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
     users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
+    workers = 4                          # processes on the port (Linux); default: one per core
     [server.users]
     alice = { secret_file = "alice.secret" }
     [server.wstunnel]                    # how stock wstunnel clients are served
@@ -105,6 +106,8 @@ DEFAULT_REVERSE_BINDS = ("127.0.0.0/8", "::1/128")
 #: a port on the server): a client is a native user, or a wstunnel client's certificate CN or
 #: else its address.  Without it one anonymous client opened 300 listeners in 4 s.
 MAX_REVERSE_LISTENERS_PER_CLIENT = 16
+#: Most worker processes one server runs (``server.workers``, ``--workers``).
+MAX_WORKERS = 256
 #: wstunnel's ``--websocket-ping-frequency`` default, on both sides.
 DEFAULT_PING_INTERVAL = 30.0
 #: Authentication failures (either protocol) one address may have within the window before
@@ -975,6 +978,18 @@ class ServerConfig:
             "a file of NAME:SECRET_FILE lines, one user each (--users-file), added to"
             " [server.users]",
         ),
+    )
+    workers: int | None = field(
+        default=None,
+        metadata=toml(
+            integer(1, MAX_WORKERS),
+            "processes accepting on the listen address (SO_REUSEPORT, Linux); default: one per"
+            " core; 1: a single process (docs/deploy.md)",
+        ),
+    )
+    reuse_port: bool = field(
+        default=False,
+        metadata=not_in_file("a worker of `autovpn server --workers N`: bind with SO_REUSEPORT"),
     )
 
 

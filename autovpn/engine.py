@@ -525,6 +525,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         auth_failure_limit=sc.auth_failure_limit,
         auth_failure_window=sc.auth_failure_window,
         handshake_timeout=sc.handshake_timeout,
+        reuse_port=sc.reuse_port,
     )
 
 

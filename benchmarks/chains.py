@@ -10,6 +10,7 @@ How to install the peers is in docs/benchmarks.md.  In short: pproxy in its own 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -100,6 +101,9 @@ class Running:
     socks_port: int | None
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     udp_port: int | None = None  # the UDP relay's port (UDP chains)
+    #: Processes the chain's own processes started (a server's workers): their CPU and memory
+    #: count too, and their parent stops them.
+    children: list[int] = field(default_factory=list)
     #: Processes started as their own session, stopped by process group: socat forks a child
     #: per UDP peer, and a child left behind keeps the port busy (testing-recipes.md).
     groups: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -110,7 +114,7 @@ class Running:
     @property
     def pids(self) -> list[int]:
         pids = [p.pid for p in self.procs]
-        return _with_descendants(pids) if self.forks else pids
+        return _with_descendants(pids) if self.forks else pids + self.children
 
     def check(self) -> None:
         for p in self.procs:
@@ -303,12 +307,34 @@ def start_direct(work: Workdir) -> Running:
     return Running("direct", None)
 
 
+@functools.cache
+def _knows_workers() -> bool:
+    """Whether the autovpn measured has ``server --workers`` (BENCH_AUTOVPN_SRC may be older)."""
+    env = dict(os.environ, PYTHONPATH=str(autovpn_source()))
+    out = subprocess.run(
+        [sys.executable, "-m", "autovpn", "server", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(autovpn_source()),
+    )
+    return "--workers" in out.stdout
+
+
 def _start_autovpn_pair(
-    work: Workdir, run: Running, listen: str, log_name: str
+    work: Workdir,
+    run: Running,
+    listen: str,
+    log_name: str,
+    *,
+    workers: int = 1,
+    pool_size: int = 1,
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """``autovpn server wss://… --allow 127.0.0.0/8`` and ``autovpn client -L LISTEN wss://…``
     as two processes (the secret in AUTOVPN_SECRET); returns (server, client) once the server
-    listens.  The caller waits for the client's own port.
+    listens.  The caller waits for the client's own port.  The server runs ``workers``
+    processes (one by default: the chains compare one process with one process), the
+    client ``pool_size`` tunnel connections.
 
     Their state (engine records, IP scores) stays in the chain's work directory: never the
     user's own state directory, whose engines' records it would mix with."""
@@ -331,14 +357,34 @@ def _start_autovpn_pair(
             str(work.key),
             "--allow",
             "127.0.0.0/8",
+            *(["--workers", str(workers)] if workers > 1 or _knows_workers() else []),
         ],
         work.path / f"{log_name}-server.log",
         env,
     )
     run.procs.append(server)
     wait_port(server_port, server)
+    if workers > 1:
+        # The supervisor's banner comes once every worker listens.
+        log = work.path / f"{log_name}-server.log"
+        deadline = time.monotonic() + 60
+        while "worker processes" not in log.read_text(errors="replace"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{workers} workers did not start: {exit_report(server)}")
+            time.sleep(0.05)
+        run.children = _children(server.pid)
+    pool = ["--pool-size", str(pool_size)] if pool_size > 1 else []
     client = _popen(
-        [*py, "client", "-L", listen, "--tls-ca", str(work.ca), f"wss://127.0.0.1:{server_port}"],
+        [
+            *py,
+            "client",
+            "-L",
+            listen,
+            "--tls-ca",
+            str(work.ca),
+            *pool,
+            f"wss://127.0.0.1:{server_port}",
+        ],
         work.path / f"{log_name}-client.log",
         env,
     )

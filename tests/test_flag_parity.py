@@ -558,6 +558,13 @@ def cases(d: Path) -> list[Case]:
             lambda sc: sc.max_reverse_listeners_per_client,
         ),
         s(
+            "--workers",
+            "workers",
+            ["--workers", "3"],
+            3,
+            lambda sc: sc.workers,
+        ),
+        s(
             "--allow-anonymous",
             "allow_anonymous",
             ["--allow-anonymous"],

@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
     {"autovpn.proxy"},
     {"autovpn.monitor"},
     {"autovpn.engine", "autovpn.cli_settings"},  # cli_settings: flags over config, for cli
+    {"autovpn.workers"},  # the supervisor of `autovpn server --workers N`
     {"autovpn.cli"},
     {"autovpn", "autovpn.__main__"},  # the embedding API (lazy re-exports) and `python -m`
 ]

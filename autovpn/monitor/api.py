@@ -33,11 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
@@ -83,11 +84,15 @@ class EngineView(Protocol):
     @property
     def mode(self) -> Mode: ...
     def set_mode(self, mode: Mode | str) -> None: ...
-    def status(self) -> dict[str, object]: ...
+    def status(self) -> dict[str, object] | Awaitable[dict[str, object]]:
+        """The engine's state; awaitable where it must be gathered (a server's workers)."""
+        ...
+
     def list_names(self, which: str = "proxy") -> list[str]: ...
     async def explain(
         self, host: str, port: int, *, resolve: bool = False
     ) -> dict[str, object]: ...
+
 
 log = logging.getLogger("autovpn.api")
 
@@ -403,7 +408,10 @@ class ControlAPI:
             return
         if path == "/status":
             self._require(method, "GET")
-            self._send_json(writer, HTTPStatus.OK, self.engine.status())
+            status = self.engine.status()
+            if inspect.isawaitable(status):
+                status = await status
+            self._send_json(writer, HTTPStatus.OK, status)
         elif path == "/mode":
             if method == "GET":
                 self._send_json(writer, HTTPStatus.OK, {"mode": self.engine.mode.value})

@@ -198,6 +198,8 @@ def wireguard(certs: Certs, tmp_path: Path) -> Iterator[tuple[Topology, _ServerP
             str(secret_file),
             "--allow",
             "127.0.0.0/8",
+            "--workers",  # one process, which the test kills
+            "1",
         ],
         dict(os.environ),
     )

@@ -124,6 +124,9 @@ async def server_process(certs: Certs, port: int, tmp_path: Path) -> AsyncIterat
         str(certs.key),
         "--allow",
         "127.0.0.0/8",
+        # One process: the tests kill a server with SIGKILL, as a whole, at once.
+        "--workers",
+        "1",
         state=tmp_path / f"server-{port}",
     ) as process:
         yield process

@@ -226,6 +226,9 @@ def server_args(certs: Certs, port: int) -> list[str]:
         str(certs.key),
         "--allow",
         "127.0.0.0/8",
+        # One process, killed with SIGKILL by the tests: the server dies as a whole at once.
+        "--workers",
+        "1",
     ]
 
 

@@ -72,6 +72,10 @@ class ServerSettings:
     #: ``auth_failure_window`` seconds; then it is refused at once (429) that long.  0: off.
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW
+    #: Bind with SO_REUSEPORT: the workers of ``autovpn server --workers N`` share the address
+    #: (the kernel spreads new connections over them).  Off otherwise, so that a second server
+    #: on a taken port fails to start instead of sharing it.
+    reuse_port: bool = False
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -258,6 +262,7 @@ class TunnelServer:
                 s.port,
                 ssl=s.ssl_context,
                 backlog=1024,
+                reuse_port=s.reuse_port or None,
                 ssl_handshake_timeout=s.handshake_timeout if s.ssl_context else None,
             )
         except OSError as exc:

@@ -59,6 +59,9 @@ async def server_process(certs: Certs, tmp_path: Path) -> AsyncIterator[tuple[in
             str(secret),
             "--allow",
             "127.0.0.0/8",
+            # One process: SIGSTOP stops it (a supervisor's workers would go on serving).
+            "--workers",
+            "1",
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
             env=env,

@@ -1,0 +1,316 @@
+"""``autovpn server --workers N``: N processes on one address (SO_REUSEPORT), one supervisor.
+
+Real processes throughout: the server is ``python -m autovpn server`` with its workers, the
+client an engine in this process.  The supervisor's rules (back-off, how many workers) are
+pure functions, tested as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autovpn.config import ServerURL, parse_config
+from autovpn.engine import Engine
+from autovpn.workers import Backoff, plan, sum_workers
+from tests.conftest import (
+    SECRET,
+    Certs,
+    echo_handler,
+    engine_config,
+    env_without_proxies,
+    eventually,
+    free_port,
+    run,
+    socks_open,
+    socks_port,
+    tcp_server,
+)
+from tests.server_process import ServerProcess, autovpn_server
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="workers need Linux's SO_REUSEPORT"
+)
+
+
+# -- the rules ---------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets_after_a_stable_run() -> None:
+    b = Backoff(first=0.5, most=4.0, stable=10.0)
+    assert [b.delay(0.1) for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert b.delay(10.0) == 0.5  # it ran long enough: the crash was not a loop
+    assert b.delay(0.2) == 1.0
+
+
+def _config(tmp_path: Path, server: dict[str, Any], client: bool = False) -> Any:
+    (tmp_path / "secret").write_bytes(SECRET)
+    doc: dict[str, Any] = {"server": {"secret_file": "secret", **server}}
+    if client:
+        doc["client"] = {"server": "wss://127.0.0.1:8443", "secret_file": "secret"}
+    cfg, errors = parse_config(doc, tmp_path)
+    assert errors == []
+    return cfg
+
+
+def test_how_many_processes_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr("autovpn.workers.cpu_count", lambda: 8)
+    listen = {"listen": "ws://127.0.0.1:8080"}
+    assert plan(_config(tmp_path, listen)) == (8, None)  # default: one per core
+    assert plan(_config(tmp_path, {**listen, "workers": 3})) == (3, None)
+    assert plan(_config(tmp_path, {**listen, "workers": 1})) == (1, None)
+    # An engine with a client is one process; said only when workers were asked for.
+    assert plan(_config(tmp_path, listen, client=True)) == (1, None)
+    count, note = plan(_config(tmp_path, {**listen, "workers": 2}, client=True))
+    assert count == 1 and note is not None and "client" in note
+    on_port_0 = _config(tmp_path, {**listen, "workers": 2})
+    on_port_0.server.listen = ServerURL(False, "127.0.0.1", 0)
+    count, note = plan(on_port_0)
+    assert count == 1 and note is not None and "port 0" in note
+    # No SO_REUSEPORT that spreads connections: one process, and the start says so.
+    monkeypatch.setattr(sys, "platform", "darwin")
+    count, note = plan(_config(tmp_path, {**listen, "workers": 4}))
+    assert count == 1 and note is not None and "darwin" in note
+    assert plan(_config(tmp_path, listen)) == (1, None)
+
+
+def test_the_workers_key_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(SECRET)
+    doc = {"server": {"listen": "ws://127.0.0.1:8080", "secret_file": "secret", "workers": 0}}
+    _, errors = parse_config(doc, tmp_path)
+    assert [(e.key, e.reason) for e in errors] == [("server.workers", "must be between 1 and 256")]
+
+
+def test_the_status_sums_the_workers_counters() -> None:
+    one = {"server": {"connections": 2, "streams_open": 1, "udp": {"flows": 1}, "x": None}}
+    two = {"server": {"connections": 3, "streams_open": 0, "udp": None}}
+    assert sum_workers([one, None, two]) == {
+        "connections": 5,
+        "streams_open": 1,
+        "udp": {"flows": 1},
+    }
+
+
+# -- real processes --------------------------------------------------------------------------
+
+
+def _exists(pid: int) -> bool:
+    """The process is there (running, or a zombie nobody reaped)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def _reap(pid: int, block: bool = False) -> int | None:
+    """Reap a child of this process: its wait status, or None while it runs."""
+    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    return status if done else None
+
+
+def _parent_of(pid: int) -> int:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return int(raw[raw.rindex(")") + 2 :].split()[1])
+
+
+async def _echo_through(eng: Engine, echo: int) -> None:
+    reader, writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+    try:
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+    finally:
+        writer.close()
+
+
+async def _cli_status(state: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autovpn",
+        "status",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(env_without_proxies(), AUTOVPN_STATE_DIR=str(state)),
+    )
+    async with asyncio.timeout(30):
+        out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    return out.decode()
+
+
+async def _connections_per_worker(server: ServerProcess, total: int) -> list[int]:
+    """Each worker's tunnel connections, once every worker answered and they add up to
+    ``total``."""
+    status: dict[str, Any] = {}
+    async with asyncio.timeout(30):
+        while True:
+            status = await server.status()
+            answered = all("error" not in w for w in status["workers"])
+            if answered and status["server"].get("connections") == total:
+                break
+            await asyncio.sleep(0.1)
+    return [w["server"]["connections"] for w in status["workers"]]
+
+
+@linux_only
+def test_two_workers_share_the_port_and_a_pool_lands_on_both(certs: Certs, tmp_path: Path) -> None:
+    """16 pool connections from distinct source ports: the kernel's hash puts them all on one
+    of two workers with probability 2 x 2^-16."""
+    pool = 16
+
+    async def main() -> None:
+        async with (
+            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            tcp_server(echo_handler) as echo,
+        ):
+            pids = server.worker_pids
+            assert len(pids) == 2 and server.pid not in pids
+            assert [_parent_of(p) for p in pids] == [server.pid, server.pid]
+            # What each worker would say at start, worker 0 says once for all.
+            assert server.text().count("tunnel server listening on") == 1, server.text()
+            cfg = engine_config(certs, server=False, server_port=server.port, pool_size=pool)
+            async with Engine(cfg) as eng:
+                per_worker = await _connections_per_worker(server, pool)
+                assert sum(per_worker) == pool and min(per_worker) >= 1, per_worker
+                status = await server.status()
+                assert [w["pid"] for w in status["workers"]] == pids
+                # One stream at a time takes each connection in turn: the 16 streams ran on
+                # the 16 connections, so each worker opened one per connection it holds.
+                for _ in range(pool):
+                    await _echo_through(eng, echo)
+                opened = await server.status()
+                assert all("error" not in w for w in opened["workers"]), opened
+                assert opened["server"]["streams_opened"] == pool
+                per_stream = [w["server"]["streams_opened"] for w in opened["workers"]]
+                assert per_stream == per_worker, opened
+                # `autovpn status` shows the sums and each worker.
+                shown = await _cli_status(tmp_path / "server-state")
+                assert f"server: {pool} tunnel connections" in shown, shown
+                for index, pid in enumerate(pids):
+                    assert f"worker {index} (pid {pid}, 0 restarts)" in shown, shown
+
+    run(main())
+
+
+@linux_only
+def test_a_dead_worker_is_started_again(certs: Certs, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            tcp_server(echo_handler) as echo,
+        ):
+            first, second = server.worker_pids
+            cfg = engine_config(certs, server=False, server_port=server.port, pool_size=4)
+            async with Engine(cfg) as eng:
+                os.kill(first, signal.SIGKILL)
+                # The supervisor reaps it and starts another after its back-off (0.5 s).
+                status: dict[str, Any] = {}
+                async with asyncio.timeout(30):
+                    while True:
+                        status = await server.status()
+                        w0 = status["workers"][0]
+                        if w0["pid"] not in (first, None) and "error" not in w0:
+                            break
+                        await asyncio.sleep(0.1)
+                assert w0["restarts"] == 1
+                assert status["workers"][1]["pid"] == second
+                assert not _exists(first)  # reaped, not a zombie
+                assert f"worker 0 (pid {first}) exited with signal 9" in server.text()
+                # The client's connections to the dead worker came back (on either worker).
+                await eventually(lambda: eng.tunnel is not None and eng.tunnel.up, within=20)
+                await _connections_per_worker(server, 4)
+                for _ in range(4):
+                    await _echo_through(eng, echo)
+
+    run(main())
+
+
+@linux_only
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_to_the_supervisor_stops_every_worker(
+    certs: Certs, tmp_path: Path, sig: int, code: int
+) -> None:
+    async def main() -> None:
+        async with (
+            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            tcp_server(echo_handler) as echo,
+        ):
+            pids = server.worker_pids
+            cfg = engine_config(certs, server=False, server_port=server.port, pool_size=2)
+            async with Engine(cfg) as eng:
+                await _echo_through(eng, echo)
+                server.proc.send_signal(sig)
+                async with asyncio.timeout(30):
+                    assert await server.proc.wait() == code, server.text()
+                # The supervisor waited for its workers: none is left, not even as a zombie.
+                assert not any(_exists(p) for p in pids), server.text()
+                with socket.socket() as s:
+                    assert s.connect_ex(("127.0.0.1", server.port)) != 0
+                assert "Traceback" not in server.text()
+
+    run(main())
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@linux_only
+def test_a_killed_supervisor_leaves_no_worker_serving(certs: Certs, tmp_path: Path) -> None:
+    """SIGKILL cannot be passed on: each worker asked the kernel to kill it with its parent
+    (PR_SET_PDEATHSIG).  This test process becomes the workers' reaper meanwhile (a child
+    subreaper), so that it can see them exit and reap them (PID 1 here reaps no orphans)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    async def main() -> None:
+        assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        left: list[int] = []
+        try:
+            async with autovpn_server(certs, tmp_path, "--workers", "2") as server:
+                left = server.worker_pids
+                server.proc.kill()
+                await server.proc.wait()
+                deadline = time.monotonic() + 15
+                while left and time.monotonic() < deadline:
+                    for pid in list(left):
+                        status = _reap(pid)
+                        if status is not None:
+                            assert os.WIFSIGNALED(status), status
+                            assert os.WTERMSIG(status) == signal.SIGKILL
+                            left.remove(pid)
+                    await asyncio.sleep(0.05)
+                assert left == [], "workers outlived their supervisor"
+                with socket.socket() as s:
+                    assert s.connect_ex(("127.0.0.1", server.port)) != 0
+        finally:
+            for pid in left:  # the failure case: do not leave them running
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid, block=True)
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+    run(main())
+
+
+@linux_only
+def test_a_worker_that_cannot_listen_fails_the_start(certs: Certs, tmp_path: Path) -> None:
+    """Another program holds the port (without SO_REUSEPORT): no worker can bind, and the
+    supervisor exits with an error instead of starting them again and again."""
+    port = free_port()
+
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            with pytest.raises(AssertionError, match="exited before it was ready") as failed:
+                async with autovpn_server(certs, tmp_path, "--workers", "2", port=port):
+                    pass
+        text = str(failed.value)
+        assert "did not start" in text and f"127.0.0.1:{port}" in text, text
+
+    run(main())
