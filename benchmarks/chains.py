@@ -308,7 +308,7 @@ def start_direct(work: Workdir) -> Running:
 
 
 @functools.cache
-def _knows_workers() -> bool:
+def knows_workers() -> bool:
     """Whether the autovpn measured has ``server --workers`` (BENCH_AUTOVPN_SRC may be older)."""
     env = dict(os.environ, PYTHONPATH=str(autovpn_source()))
     out = subprocess.run(
@@ -357,7 +357,7 @@ def _start_autovpn_pair(
             str(work.key),
             "--allow",
             "127.0.0.0/8",
-            *(["--workers", str(workers)] if workers > 1 or _knows_workers() else []),
+            *(["--workers", str(workers)] if workers > 1 or knows_workers() else []),
         ],
         work.path / f"{log_name}-server.log",
         env,

@@ -11,7 +11,8 @@ keeps a view of unsent bytes, which is harmless for constant data); writes drive
 ``pause_writing``/``resume_writing``, so the generator never buffers more than the water mark.
 
 Tests:
-  download  the target streams bytes after a one-byte request; the client counts them.
+  download  the target streams bytes after a one-byte request; the client counts them (over
+            ``streams`` connections at once, 1 by default).
   upload    the client streams bytes; the target counts them.
   conns     50 workers each open a SOCKS5 connection, send a short HTTP request, read the
             response to EOF, close; repeated for a fixed time.  Time to first byte is measured
@@ -330,23 +331,33 @@ async def _warm_up(socks: tuple[str, int] | None, port: int, deadline: float = 2
         await asyncio.sleep(0.1)
 
 
-async def test_download(socks: tuple[str, int] | None, size: int, seconds: float) -> dict[str, Any]:
+async def test_download(
+    socks: tuple[str, int] | None, size: int, seconds: float, streams: int = 1
+) -> dict[str, Any]:
+    """``size`` bytes downloaded over ``streams`` connections at once (each ``size //
+    streams``); the time runs from the requests to the last byte of the last one."""
     server, port = await _serve(_Pump)
     await _warm_up_http(socks)
-    transport = await open_through(socks, ("127.0.0.1", port))
-    counter = _Counter(size)
-    transport.set_protocol(counter)
-    counter.connection_made(transport)
+    downloads: list[tuple[asyncio.Transport, _Counter]] = []
+    for _ in range(streams):
+        transport = await open_through(socks, ("127.0.0.1", port))
+        counter = _Counter(size // streams)
+        transport.set_protocol(counter)
+        counter.connection_made(transport)
+        downloads.append((transport, counter))
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    transport.resume_reading()
-    transport.write(b"G")
-    # asyncio.wait, not a timeout around ``await counter.done``: that would cancel the future.
-    await asyncio.wait({counter.done}, timeout=seconds)
-    counter.finish()
-    wall = counter.last - t0
+    for transport, _ in downloads:
+        transport.resume_reading()
+        transport.write(b"G")
+    # asyncio.wait, not a timeout around the futures: that would cancel them.
+    await asyncio.wait({counter.done for _, counter in downloads}, timeout=seconds)
+    for _, counter in downloads:
+        counter.finish()
+    wall = max(counter.last for _, counter in downloads) - t0
     cpu = cpu_seconds() - cpu0
     server.close()
-    return {"bytes": counter.count, "seconds": wall, "gen_cpu": cpu, "gen_share": cpu / wall}
+    total = sum(counter.count for _, counter in downloads)
+    return {"bytes": total, "seconds": wall, "gen_cpu": cpu, "gen_share": cpu / wall}
 
 
 async def test_upload(socks: tuple[str, int] | None, size: int, seconds: float) -> dict[str, Any]:
@@ -697,7 +708,9 @@ async def test_udp(
 async def _main(test: str, args: dict[str, Any]) -> dict[str, Any] | None:
     socks = ("127.0.0.1", int(args["socks"])) if args.get("socks") else None
     if test == "download":
-        return await test_download(socks, int(args["size"]), float(args["seconds"]))
+        return await test_download(
+            socks, int(args["size"]), float(args["seconds"]), int(args.get("streams", 1))
+        )
     if test == "upload":
         return await test_upload(socks, int(args["size"]), float(args["seconds"]))
     if test == "conns":

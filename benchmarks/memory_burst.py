@@ -117,6 +117,8 @@ class Server:
                 str(work.key),
                 "--allow",
                 "127.0.0.0/8",
+                # One process: its RSS is the server's (a supervisor's workers are others).
+                *(["--workers", "1"] if chains.knows_workers() else []),
                 *extra_args,
             ],
             work.path / f"memory-server-{self.port}.log",

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +257,19 @@ def test_c_chain_refuses_a_server_its_ca_did_not_sign(tmp_path: Path) -> None:
     ):
         time.sleep(0.05)
     assert alive == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers need Linux")
+def test_workers_bench_runs_one_and_two_workers() -> None:
+    from benchmarks import workers_bench
+
+    sizes = workers_bench.Sizes(transfer=8 << 20, transfer_seconds=10.0, conn_seconds=0.5)
+    samples = workers_bench.run_bench([1, 2], 1, sizes, log=lambda s: None)
+    rows = workers_bench.summarize(samples)
+    assert [r["workers"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["conns_per_s"] > 0 and row["down_mbs"] > 0
+        assert row["cpu_s_per_gib"] > 0
+    # Each process's CPU is its own: the supervisor and both workers are listed.
+    assert set(rows[1]["cpu_down"]) == {"client", "supervisor", "worker 0", "worker 1"}
+    assert "| 2 |" in workers_bench.render(rows)
