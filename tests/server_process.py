@@ -63,14 +63,12 @@ class ServerProcess:
         return "".join(self.output)
 
 
-def server_args(certs: Certs, port: int, secret: Path) -> list[str]:
+def server_args(certs: Certs, port: int, secret: Path, tls: bool = True) -> list[str]:
+    pem = ["--tls-certificate", str(certs.cert), "--tls-private-key", str(certs.key)]
     return [
         "server",
-        f"wss://127.0.0.1:{port}",
-        "--tls-certificate",
-        str(certs.cert),
-        "--tls-private-key",
-        str(certs.key),
+        f"{'wss' if tls else 'ws'}://127.0.0.1:{port}",
+        *(pem if tls else []),
         "--secret-file",
         str(secret),
         "--allow",
@@ -81,11 +79,17 @@ def server_args(certs: Certs, port: int, secret: Path) -> list[str]:
 
 @asynccontextmanager
 async def autovpn_server(
-    certs: Certs, tmp_path: Path, *extra: str, port: int | None = None, name: str = "server"
+    certs: Certs,
+    tmp_path: Path,
+    *extra: str,
+    port: int | None = None,
+    name: str = "server",
+    tls: bool = True,
 ) -> AsyncIterator[ServerProcess]:
-    """A tunnel server on 127.0.0.1 (wss, the test CA, user "default" with SECRET) with the
-    ``extra`` flags (``--workers 2``...), once its banner is out (its workers listen).  On
-    exit it gets SIGTERM (SIGKILL after 30 s) and is waited for."""
+    """A tunnel server on 127.0.0.1 (wss with the test CA's certificate, or ws:// without
+    ``tls``; user "default" with SECRET) with the ``extra`` flags (``--workers 2``...), once
+    its banner is out (its workers listen).  On exit it gets SIGTERM (SIGKILL after 30 s)
+    and is waited for."""
     port = port or free_port()
     secret = tmp_path / f"{name}.secret"
     secret.write_bytes(SECRET)
@@ -97,7 +101,7 @@ async def autovpn_server(
         sys.executable,
         "-m",
         "autovpn",
-        *server_args(certs, port, secret),
+        *server_args(certs, port, secret, tls),
         *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
