@@ -192,7 +192,8 @@ def test_bad_requests(certs: Certs) -> None:
             assert r.status == 413
             reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)  # type: ignore[union-attr]
             writer.write(b"garbage\r\n\r\n")
-            assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+            answer = await reader.read()  # aiohttp answers an unparsed request as HTTP/1.0
+            assert answer.split(b" ", 2)[1] == b"400" and answer.startswith(b"HTTP/1.")
             writer.close()
             await writer.wait_closed()
 
@@ -290,7 +291,9 @@ def test_a_client_leaving_a_streamed_resolve_does_not_break_the_engine(certs: Ce
             )
             reader, writer = await asyncio.open_connection("127.0.0.1", eng.api.bound_port)
             writer.write(head.encode())
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"transfer-encoding: chunked" in head.lower()
+            await reader.readline()  # the first chunk's size
             assert json.loads(await reader.readline())["total"] >= 290
             writer.close()  # leave early
             await writer.wait_closed()
