@@ -5,6 +5,8 @@
     GET  /route?host=H&port=P[&resolve=1]   explain a routing decision (JSON)
     POST /resolve?list=proxy|direct|all[&concurrency=N]   batch-resolve a list; the answer
                                   streams one JSON line per name, then a summary line
+    GET  /                        the dashboard (``static/``), with its page token (``guard.py``)
+    GET  /metrics                 the counters in Prometheus's text format (``monitor/metrics.py``)
     GET  /proxy.pac               the PAC file for the current mode
     GET  /global.pac /smart.pac /direct.pac
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.resources
 import json
 import logging
 import secrets
@@ -53,6 +56,7 @@ from aiohttp.web import Response, StreamResponse
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from autovpn import logs
 from autovpn.monitor.engines import (
     ENGINES_DIR,
     EngineRecord,
@@ -61,6 +65,8 @@ from autovpn.monitor.engines import (
     write_record,
 )
 from autovpn.monitor.guard import ControlPolicy, check_request
+from autovpn.monitor.metrics import CONTENT_TYPE as METRICS_TYPE
+from autovpn.monitor.metrics import exposition
 from autovpn.ports import AUTO_PORT_TRIES, bind_error, port_holder, port_in_use
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.dns import Resolution, SplitResolver
@@ -105,6 +111,26 @@ MAX_HEADERS = 64  # header lines in one request
 MAX_BODY = 64 * 1024  # POST bodies are tiny JSON objects
 READ_TIMEOUT = 10.0  # an idle keep-alive connection is closed after this long
 PAC_TYPE = "application/x-ns-proxy-autoconfig"
+#: The dashboard's files, shipped in the package (package-data): no build step, no CDN.
+STATIC = {
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
+#: The dashboard loads only its own files and talks only to its own origin; no page may
+#: frame it (a framed mode switch could be clicked by a user who thinks it is another page).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
+        " img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("autovpn.monitor").joinpath("static", name).read_bytes()
 
 
 class _HttpError(Exception):
@@ -194,6 +220,8 @@ class _Handler(RequestHandler):
     ) -> StreamResponse:
         if isinstance(exc, LineTooLong):
             status, message = 431, f"a request head line over {MAX_LINE} bytes"
+        elif isinstance(exc, HttpProcessingError) and "Too many headers" in exc.message:
+            status, message = 431, f"over {MAX_HEADERS} header lines"
         elif isinstance(exc, HttpProcessingError):
             message = "bad request: " + (exc.message.split(":", 1)[0] or "not HTTP")
         elif status >= 500:
@@ -274,10 +302,15 @@ class ControlAPI:
         self.auto_port = auto_port
         # New at every start, so a token read from an old file stops working; never logged.
         self.token = secrets.token_urlsafe(32)
+        #: The dashboard's token, embedded in ``GET /``: it may switch the mode from our own
+        #: origin, nothing else (``guard.py`` says why that is safe).  New at every start.
+        self.page_token = secrets.token_urlsafe(32)
+        logs.redact(self.token, self.page_token)
         self.policy: ControlPolicy | None = None
         #: This engine's record in the state directory while it runs (``monitor/engines.py``).
         self.record: EngineRecord | None = None
         self.pacs = PacCache()
+        self._exposition = exposition(engine.status)
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
 
@@ -291,6 +324,10 @@ class ControlAPI:
         app[_POLICY] = self
         r = app.router
         r.add_get("/status", self._status, allow_head=False)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/", self._dashboard)
+        for path in STATIC:
+            r.add_get(path, self._static_file)
         r.add_route("GET", "/mode", self._get_mode)
         r.add_route("POST", "/mode", self._post_mode)
         r.add_get("/route", self._route, allow_head=False)
@@ -368,6 +405,7 @@ class ControlAPI:
             token_file=str(token_file) if token_file is not None else None,
             bound_host=self.host,
             hosts=self.hosts,
+            page_token=self.page_token,
         )
         if self.state is not None:
             try:
@@ -402,6 +440,26 @@ class ControlAPI:
 
     async def _status(self, request: web.Request) -> Response:
         return web.json_response(self.engine.status(), dumps=_dumps_indented)
+
+    async def _dashboard(self, request: web.Request) -> Response:
+        page = _static("dashboard.html").replace(b"{{PAGE_TOKEN}}", self.page_token.encode())
+        headers = {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",  # it carries the page token
+            **PAGE_HEADERS,
+        }
+        return Response(body=page, headers=headers)
+
+    async def _static_file(self, request: web.Request) -> Response:
+        name, content_type = STATIC[request.path]
+        return Response(
+            body=_static(name), headers={"Content-Type": content_type, **PAGE_HEADERS}
+        )
+
+    async def _metrics(self, request: web.Request) -> Response:
+        # Read-only, no token (a scraper has none): the Host guard still applies.
+        body = self._exposition()
+        return Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     async def _get_mode(self, request: web.Request) -> Response:
         return web.json_response({"mode": self.engine.mode.value}, dumps=_dumps_indented)
