@@ -45,20 +45,19 @@ def _servers(status: Status, stats: Mapping[str, Any]) -> Table:
         table.add_column(column)
     health = stats.get("health", {})
     groups = stats.get("servers", {})
-    names = set(health) | set(groups)
     tunnel = status.get("tunnel")
-    if isinstance(tunnel, dict):
-        names.add(str(tunnel["server"]))
-    for name in sorted(names):
+    # The pool's servers as they are now (state, connections), by URL.
+    live = {s["url"]: s for s in tunnel.get("servers", [])} if isinstance(tunnel, dict) else {}
+    for name in sorted(set(health) | set(groups) | set(live)):
         history = health.get(name) or []
         last = history[-1] if history else {}
         state = last.get("state", "?")
-        if isinstance(tunnel, dict) and str(tunnel["server"]) == name:
-            state = "up" if tunnel.get("up") else "down"
-            rtts = [c["rtt_ms"] for c in tunnel.get("connections", []) if c["rtt_ms"] is not None]
-            rtt = f"{min(rtts):.1f} ms" if rtts else "-"
-        else:
-            rtt = "-" if last.get("rtt_ms") is None else f"{last['rtt_ms']:.1f} ms"
+        rtt = "-" if last.get("rtt_ms") is None else f"{last['rtt_ms']:.1f} ms"
+        now = live.get(name)
+        if now is not None:
+            state = now["state"]
+            rtts = [c["rtt_ms"] for c in now.get("connections", []) if c["rtt_ms"] is not None]
+            rtt = f"{min(rtts):.1f} ms" if rtts else rtt
         loss = "-" if last.get("loss") is None else f"{last['loss'] * 100:.0f}%"
         figures = groups.get(name, {})
         table.add_row(

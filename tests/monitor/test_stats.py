@@ -199,3 +199,30 @@ def test_top_domains_are_bounded_and_keep_the_busiest() -> None:
     assert not stats.open and not stats.ended
     assert ratio(1, 4) == 0.25 and ratio(0, 0) is None and ratio(5, 4) == 1.0
 
+
+
+def test_a_proxied_connection_counts_for_the_server_the_pool_chose(certs: Certs) -> None:
+    """Two servers, the first unreachable: the pool sends the stream to the second, and the
+    statistics name that one (the flow learns its server when the stream is open)."""
+    from autovpn.config import ServerEntry, ServerURL
+    from tests.conftest import free_port
+
+    async def main() -> None:
+        cfg = stats_config(certs)
+        assert cfg.client is not None
+        dead = ServerURL(True, "127.0.0.1", free_port())
+        cfg.client.servers = [ServerEntry(dead, 1), ServerEntry(ServerURL(True, "127.0.0.1", 0), 2)]
+        async with Engine(cfg) as eng, tcp_server(echo_handler) as echo:
+            assert eng.stats is not None and eng.server is not None
+            await echo_through(eng, echo, 1000)
+            await eventually(lambda: not eng.stats.open)  # type: ignore[union-attr]
+            live = f"wss://127.0.0.1:{eng.server.port}"
+            snap: Any = eng.stats.snapshot()
+            assert set(snap["servers"]) == {live}
+            assert snap["servers"][live]["bytes_up"] == 1000
+            eng.sample_health()
+            assert {str(dead), live} <= set(eng.stats.health)
+            assert eng.stats.health[live][-1].state == "up"
+            assert eng.stats.health[str(dead)][-1].state != "up"
+
+    run(main())

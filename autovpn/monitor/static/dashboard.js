@@ -115,15 +115,17 @@ function render(st) {
   last = { t: now, up: sum.up, down: sum.down };
   drawGraph();
 
-  const servers = new Set([...Object.keys(stats.servers || {}), ...Object.keys(stats.health || {})]);
-  if (st.tunnel) servers.add(st.tunnel.server);
+  const live = {}; // the pool's servers as they are now, by URL
+  for (const s of (st.tunnel && st.tunnel.servers) || []) live[s.url] = s;
+  const servers = new Set([...Object.keys(stats.servers || {}), ...Object.keys(stats.health || {}),
+                           ...Object.keys(live)]);
   fill("servers", [...servers].sort().map(name => {
     const h = (stats.health || {})[name] || [];
     const s = h.length ? h[h.length - 1] : {};
     let state = s.state || "?", rtt = s.rtt_ms;
-    if (st.tunnel && st.tunnel.server === name) {
-      state = st.tunnel.up ? "up" : "down";
-      const rtts = st.tunnel.connections.map(c => c.rtt_ms).filter(x => x !== null);
+    if (live[name]) {
+      state = live[name].state;
+      const rtts = live[name].connections.map(c => c.rtt_ms).filter(x => x !== null);
       if (rtts.length) rtt = Math.min(...rtts);
     }
     const g = (stats.servers || {})[name] || { open: 0, total: 0 };
