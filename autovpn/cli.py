@@ -122,7 +122,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-file",
         type=Path,
-        help="log to this file, rotated at log_max_bytes (config log_file); default stderr",
+        help="log to this file, rotated at --log-max-bytes (config log_file); default stderr",
+    )
+    p.add_argument(
+        "--log-max-bytes",
+        type=int,
+        metavar="N",
+        help="rotate --log-file past N bytes, 0 never (config log_max_bytes; 10 MiB)",
+    )
+    p.add_argument(
+        "--log-backups",
+        type=int,
+        metavar="N",
+        help="rotated log files kept (config log_backups; 5)",
+    )
+    p.add_argument(
+        "--no-stats",
+        dest="stats",
+        action="store_false",
+        default=None,
+        help="keep no traffic statistics (config stats = false)",
     )
     p.add_argument(
         "--auto-port",
@@ -438,13 +457,13 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cfg.server = sc
 
 
-def _configure_logging(args: argparse.Namespace, cfg: Config) -> None:
+def _configure_logging(cfg: Config) -> None:
     from autovpn import logs  # only the commands that run an engine log
 
     logs.configure(
-        args.log_level or cfg.log_level,
-        fmt=args.log_format or cfg.log_format,
-        file=args.log_file or cfg.log_file,
+        cfg.log_level,
+        fmt=cfg.log_format,
+        file=cfg.log_file,
         max_bytes=cfg.log_max_bytes,
         backups=cfg.log_backups,
     )
@@ -519,6 +538,12 @@ def engine_config(args: argparse.Namespace, cfg: Config) -> tuple[Config, bool]:
         cfg = embedded_config(state_dir())
     if args.log_level is not None:
         cfg.log_level = args.log_level
+    for attr in ("log_format", "log_file", "log_max_bytes", "log_backups", "stats"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if cfg.log_max_bytes < 0 or cfg.log_backups < 0:
+        raise ConfigError("--log-max-bytes/--log-backups", "give a number, 0 or more")
     cfg.auto_port = cfg.auto_port or args.auto_port
     cfg.system_proxy = cfg.system_proxy or args.set_system_proxy
     return cfg, embedded
@@ -564,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         # The event loop only for the commands that run an engine.
         from autovpn.eventloop import run
 
-        _configure_logging(args, cfg)
+        _configure_logging(cfg)
         # SIGTERM (systemd, docker stop, kill) stops it as Ctrl-C does: the same closing path.
         run(_serve(cfg, embedded), sigterm=True)
     except KeyboardInterrupt:
