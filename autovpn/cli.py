@@ -118,6 +118,35 @@ def _parser() -> argparse.ArgumentParser:
         type=str.lower,
     )
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text (default) or one JSON object each (config log_format)",
+    )
+    p.add_argument(
+        "--log-file",
+        type=Path,
+        help="log to this file, rotated at --log-max-bytes (config log_file); default stderr",
+    )
+    p.add_argument(
+        "--log-max-bytes",
+        type=int,
+        metavar="N",
+        help="rotate --log-file past N bytes, 0 never (config log_max_bytes; 10 MiB)",
+    )
+    p.add_argument(
+        "--log-backups",
+        type=int,
+        metavar="N",
+        help="rotated log files kept (config log_backups; 5)",
+    )
+    p.add_argument(
+        "--no-stats",
+        dest="stats",
+        action="store_false",
+        default=None,
+        help="keep no traffic statistics (config stats = false)",
+    )
+    p.add_argument(
         "--auto-port",
         action="store_true",
         help="a taken proxy or control port: use the next free one (also: client --auto-port)",
@@ -299,6 +328,9 @@ def _routing_parsers(sub: Any) -> None:
     pac.add_argument("--mode", choices=[m.value for m in Mode])
     st = sub.add_parser("status", parents=[control], help="the running engine's state and counters")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", action="store_true", help="a live view, redrawn every --interval")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
+    st.add_argument("--count", type=int, default=None, help=argparse.SUPPRESS)  # tests
     v = sub.add_parser("resolve", parents=[control], help="batch-resolve the routing lists")
     v.add_argument("--list", choices=["proxy", "direct", "all"], default="proxy")
     v.add_argument("--concurrency", type=int, default=None, help="names in flight (50)")
@@ -441,13 +473,44 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cfg.server = sc
 
 
-def _configure_logging(level: str, worker: int | None = None) -> None:
-    who = "" if worker is None else f"[worker {worker}] "
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s",
-        stream=sys.stderr,
+def _configure_logging(cfg: Config) -> None:
+    from autovpn import logs  # only the commands that run an engine log
+
+    logs.configure(
+        cfg.log_level,
+        fmt=cfg.log_format,
+        file=cfg.log_file,
+        max_bytes=cfg.log_max_bytes,
+        backups=cfg.log_backups,
     )
+    logs.redact(*_secrets_of(cfg))
+
+
+#: Path prefixes everybody knows (the defaults): not secrets, and too common to redact.
+_PUBLIC_PREFIXES = frozenset({"autovpn", "v1"})
+
+
+def _secrets_of(cfg: Config) -> list[str | bytes | None]:
+    """What the log must never show: secrets, passwords, a secret path prefix (-P)."""
+    found: list[str | bytes | None] = []
+    client, server = cfg.client, cfg.server
+    if client is not None:
+        found += [client.secret, client.wstunnel.credentials]
+        found += [value for name, value in client.wstunnel.headers if _is_credential(name)]
+        if client.path_prefix not in _PUBLIC_PREFIXES:
+            found.append(client.path_prefix)
+        found += [password for spec in client.listen for _, password in spec.users]
+    if server is not None:
+        found += list(server.users.values())
+        found += list(server.wstunnel.restrict_path_prefixes)
+        if server.path_prefix not in _PUBLIC_PREFIXES:
+            found.append(server.path_prefix)
+    return found
+
+
+def _is_credential(header: str) -> bool:
+    name = header.lower()
+    return "auth" in name or "token" in name or "cookie" in name or "secret" in name
 
 
 async def _serve(cfg: Config, embedded: bool, role: WorkerRole | None = None) -> None:
@@ -497,6 +560,12 @@ def engine_config(args: argparse.Namespace, cfg: Config) -> tuple[Config, bool]:
         cfg = embedded_config(state_dir())
     if args.log_level is not None:
         cfg.log_level = args.log_level
+    for attr in ("log_format", "log_file", "log_max_bytes", "log_backups", "stats"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if cfg.log_max_bytes < 0 or cfg.log_backups < 0:
+        raise ConfigError("--log-max-bytes/--log-backups", "give a number, 0 or more")
     cfg.auto_port = cfg.auto_port or args.auto_port
     cfg.system_proxy = cfg.system_proxy or args.set_system_proxy
     return cfg, embedded
@@ -543,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         # The event loop only for the commands that run an engine.
         from autovpn.eventloop import run
 
-        _configure_logging(cfg.log_level, None if role is None else role.index)
+        _configure_logging(cfg)
         if role is not None:
             role.quiet_start()
             role.configure(cfg)
@@ -755,6 +824,24 @@ async def _explain_offline(cfg: Config, host: str, port: int, resolve: bool) -> 
     return explained
 
 
+def _watch(urls: list[str], args: argparse.Namespace) -> int:
+    # rich only for --watch: the one-shot status stays within its start-up budget.
+    from autovpn.monitor.watch import watch
+
+    def fetch() -> dict[str, Any]:
+        reply = _ask(urls, "GET", "/status")
+        if reply is None or reply.status != 200:
+            raise AutovpnError(f"the engine at {', '.join(urls)} stopped answering")
+        data: dict[str, Any] = reply.json()
+        return data
+
+    try:
+        watch(fetch, interval=max(args.interval, 0.1), count=args.count)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _status_command(args: argparse.Namespace, cfg: Config) -> int:
     urls, _ = _target(args, cfg, read_only=True)
     reply = _ask(urls, "GET", "/status")
@@ -762,6 +849,8 @@ def _status_command(args: argparse.Namespace, cfg: Config) -> int:
         print(f"autovpn: no running engine at {', '.join(urls) or '(none)'}", file=sys.stderr)
         return 1
     data = reply.json()
+    if args.watch:
+        return _watch(urls, args)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -820,6 +909,19 @@ def _status_command(args: argparse.Namespace, cfg: Config) -> int:
             f"  udp relay {relay['listen']} -> {relay['target']}: {relay['received']} in, "
             f"{relay['replies']} back, {relay['dropped']} dropped"
         )
+    stats = data.get("stats")
+    if isinstance(stats, dict):
+        for route, r in stats.get("routes", {}).items():
+            failed = sum(r["failures"].values())
+            print(
+                f"  route {route}: {r['open']} open, {r['total']} total, {_size(r['bytes_up'])}"
+                f" up, {_size(r['bytes_down'])} down" + (f", {failed} failed" if failed else "")
+            )
+        top = list(stats.get("domains", {}).items())[:5]
+        if top:
+            print("  top domains: " + ", ".join(f"{name} ({d['total']})" for name, d in top))
+    if data.get("metrics"):
+        print(f"  metrics: {data['metrics']}  (live: autovpn status --watch)")
     return 0
 
 
@@ -835,6 +937,17 @@ def _print_server(server: dict[str, Any], several: bool) -> None:
             f"    connection {i}: {conn['streams']} streams, rtt {rtt}, "
             f"{conn['bytes_in']:,} B in, {conn['bytes_out']:,} B out"
         )
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
 
 
 def _local_pac(cfg: Config, mode: Mode) -> int:

@@ -1303,6 +1303,35 @@ class Config:
     log_level: str = field(
         default="info", metadata=toml(choice("debug", "info", "warning", "error"), "log level")
     )
+    log_format: str = field(
+        default="text",
+        metadata=toml(
+            choice("text", "json"), "text lines, or one JSON object per line (--log-format)"
+        ),
+    )
+    log_file: Path | None = field(
+        default=None,
+        metadata=toml(
+            file_path(),
+            "write the log to this file, rotated at log_max_bytes (--log-file); default stderr",
+        ),
+    )
+    log_max_bytes: int = field(
+        default=10 << 20,
+        metadata=toml(integer(0), "rotate log_file past this size (0: never rotate)"),
+    )
+    log_backups: int = field(
+        default=5,
+        metadata=toml(integer(0, 1000), "rotated log files kept (log_file.1, .2 ...)"),
+    )
+    stats: bool = field(
+        default=True,
+        metadata=toml(
+            boolean(),
+            "keep traffic statistics (per listener, route, server, user, domain; /metrics and"
+            " the access log's byte counts): false saves their small cost",
+        ),
+    )
     routing: RoutingConfig = field(
         default_factory=RoutingConfig,
         metadata=toml(table(RoutingConfig), "smart mode's rules and lists, and the DNS"),

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ from autovpn.routing.router import Action, Mode, Router
 from autovpn.routing.rules import RuleKind
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.routing.upstream import Upstream
+from autovpn.stats import HEALTH_INTERVAL, HealthSample, Stats, ratio
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.pool import PoolServer, ServerPool
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
@@ -107,6 +109,15 @@ class Engine:
         self.udp_relays: list[UdpRelay | WstunnelUdpRelay] = []
         self._dialers: list[Dialer] = []
         self._stopped = asyncio.Event()
+        #: Traffic statistics (``autovpn.stats``); None with ``stats = false`` or
+        #: ``AUTOVPN_STATS=0`` (the benchmarks' switch).
+        self.stats: Stats | None = (
+            Stats() if config.stats and os.environ.get("AUTOVPN_STATS", "1") != "0" else None
+        )
+        self._health: asyncio.Task[None] | None = None
+        #: Ping and datagram counters at the previous health sample: loss is their change.
+        self._last_pings: dict[int, tuple[int, int]] = {}
+        self._last_datagrams = (0, 0)
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -221,9 +232,56 @@ class Engine:
                 "cache_entries": len(self.resolver.cache),
                 "cache_hits": self.resolver.cache.hits,
                 "queries": dict(self.resolver.queries),
+                # Lookups the cache answered, of all (each query is one that it did not).
+                "cache_hit_rate": ratio(
+                    self.resolver.cache.hits,
+                    self.resolver.cache.hits + sum(self.resolver.queries.values()),
+                ),
             },
             "scored_addresses": len(self.scores.stats),
+            "metrics": f"{self.api.url}/metrics" if self.api is not None else None,
+            "stats": None if self.stats is None else self.stats.snapshot(),
         }
+
+    def sample_health(self) -> None:
+        """One health sample of each tunnel server (``Stats.health``): its state, the lowest
+        RTT of its connections' own pings, and the share of pings lost since the previous
+        sample; and the share of UDP datagrams dropped (the pool's and the servers')."""
+        if self.stats is None or self.pool is None:
+            return
+        pool = self.pool
+        handed = sum(getattr(u.stats, "sent", 0) for u in self.udp_relays)
+        dropped = pool.datagrams_dropped + sum(c.datagrams_dropped for c in pool.clients)
+        d_handed, d_dropped = handed - self._last_datagrams[0], dropped - self._last_datagrams[1]
+        self._last_datagrams = (handed, dropped)
+        datagram_loss = ratio(d_dropped, d_handed + d_dropped)
+        now_pings: dict[int, tuple[int, int]] = {}
+        now = round(time.time(), 3)
+        for client in pool.clients:
+            conns = [c for c in client.connections if not c.closed]
+            sent = answered = 0
+            for c in conns:
+                was = self._last_pings.get(id(c), (0, 0))
+                now_pings[id(c)] = (c.pings_sent, c.pings_answered)
+                sent += c.pings_sent - was[0]
+                answered += c.pings_answered - was[1]
+            rtts = [c.rtt for c in conns if c.rtt is not None]
+            self.stats.sample_health(
+                str(client.settings.server),
+                HealthSample(
+                    time=now,
+                    state=client.state,
+                    rtt_ms=round(min(rtts) * 1000, 2) if rtts else None,
+                    loss=ratio(sent - answered, sent),
+                    datagram_loss=datagram_loss,
+                ),
+            )
+        self._last_pings = now_pings
+
+    async def _sample_health_forever(self) -> None:
+        while True:
+            self.sample_health()
+            await asyncio.sleep(HEALTH_INTERVAL)
 
     def _tunnel_stats(self) -> dict[str, object]:
         assert self.pool is not None
@@ -281,6 +339,7 @@ class Engine:
         self.scores.load(state_dir() / SCORES_FILE)
         if cfg.server is not None:
             self.server = TunnelServer(_server_settings(cfg.server))
+            self.server.stats = self.stats
             await self.server.start()
             options = cfg.server.wstunnel
             if options.enabled:
@@ -327,6 +386,7 @@ class Engine:
                 scores=self.scores,
                 retries=client.retries,
                 fallback_direct=lambda: pool.fallback_direct,
+                stats=self.stats,
             )
             self._dialers.append(dialer)
             for spec in client.listen:
@@ -352,6 +412,10 @@ class Engine:
             if cfg.system_proxy:
                 # Blocking (a few gsettings/networksetup runs): once, at start.
                 self.system_proxy = sysproxy.point_at(f"{self.api.url}/proxy.pac", state_dir())
+        if self.stats is not None and self.pool is not None:
+            self._health = asyncio.get_running_loop().create_task(
+                self._sample_health_forever(), name="tunnel-health"
+            )
         if cfg.routing.warm_at_start:
             self._warm = asyncio.get_running_loop().create_task(
                 self.resolver.resolve_many(self.list_names("all")), name="dns-warm-up"
@@ -360,7 +424,13 @@ class Engine:
     async def _start_wstunnel_client(self, client: ClientConfig) -> None:
         self.wstunnel = WstunnelClient(client_settings(client))
         self.wstunnel.start()
-        dialer = Dialer(self.router, self.wstunnel, resolver=self.resolver, scores=self.scores)
+        dialer = Dialer(
+            self.router,
+            self.wstunnel,
+            resolver=self.resolver,
+            scores=self.scores,
+            stats=self.stats,
+        )
         self._dialers.append(dialer)
         for spec in client.listen:
             if spec.scheme in FORWARD_LISTENER_SCHEMES:
@@ -418,6 +488,11 @@ class Engine:
         if self.api is not None:
             await self.api.close()
             self.api = None
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+            self._health = None
         if self._warm is not None:
             self._warm.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -29,6 +29,8 @@ LAYERS: list[set[str]] = [
         "autovpn.wg",
         "autovpn.pem",
         "autovpn.sysproxy",
+        "autovpn.stats",  # counters the relays write and the control API reads
+        "autovpn.logs",  # log destinations, formats and redaction (the CLI configures them)
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},

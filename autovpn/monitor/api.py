@@ -5,6 +5,8 @@
     GET  /route?host=H&port=P[&resolve=1]   explain a routing decision (JSON)
     POST /resolve?list=proxy|direct|all[&concurrency=N]   batch-resolve a list; the answer
                                   streams one JSON line per name, then a summary line
+    GET  /                        the dashboard (``static/``), with its page token (``guard.py``)
+    GET  /metrics                 the counters in Prometheus's text format (``monitor/metrics.py``)
     GET  /proxy.pac               the PAC file for the current mode
     GET  /global.pac /smart.pac /direct.pac
 
@@ -24,8 +26,10 @@ directory (``engines/<role>-<host>-<port>.token``, ``monitor/engines.py``); it i
 logged.  If the configured port is taken the API binds the next free one with ``auto_port``,
 else an ephemeral port; it logs which, and its record (its URL) is where the CLI finds it.
 
-Requests are read with named limits (``MAX_HEAD``, ``MAX_BODY``); every response closes the
-connection (the clients are one-shot: the CLI, a PAC fetch).
+The server is aiohttp's (``aiohttp.web``), with our limits (``MAX_LINE``, ``MAX_HEADERS``,
+``MAX_BODY``); the guard is its middleware, so it runs before every route, unknown paths
+included.  Only the engine imports this module: the CLI talks to it with the standard
+library (``monitor/client.py``), since importing aiohttp alone costs about 250 ms.
 """
 
 from __future__ import annotations
@@ -33,19 +37,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib.resources
 import inspect
 import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
 
+from aiohttp import ClientConnectionResetError, ClientSession, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.typedefs import Handler
+from aiohttp.web import Response, StreamResponse
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from autovpn import logs
 from autovpn.monitor.engines import (
     ENGINES_DIR,
     EngineRecord,
@@ -53,13 +65,14 @@ from autovpn.monitor.engines import (
     remove_record,
     write_record,
 )
-from autovpn.monitor.guard import ControlPolicy, check_request, is_pac_path
+from autovpn.monitor.guard import ControlPolicy, check_request
+from autovpn.monitor.metrics import CONTENT_TYPE as METRICS_TYPE
+from autovpn.monitor.metrics import exposition
 from autovpn.ports import AUTO_PORT_TRIES, bind_error, port_holder, port_in_use
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.dns import Resolution, SplitResolver
 from autovpn.routing.pac import render_pac
 from autovpn.routing.router import Mode, Router
-from autovpn.wire import http1
 
 __all__ = [
     "EngineView",
@@ -93,26 +106,35 @@ class EngineView(Protocol):
         self, host: str, port: int, *, resolve: bool = False
     ) -> dict[str, object]: ...
 
-
 log = logging.getLogger("autovpn.api")
 
-MAX_HEAD = 16 * 1024  # request line + headers
-MAX_HEADERS = 100  # header lines of a request
+#: The longest request line or header line (aiohttp's max_line_size and max_field_size);
+#: longer ones are answered 431.
+MAX_LINE = 8 * 1024
+MAX_HEADERS = 64  # header lines in one request
 MAX_BODY = 64 * 1024  # POST bodies are tiny JSON objects
-READ_TIMEOUT = 10.0
-#: Requests: a head over ``MAX_HEAD`` is a 431, its request line included; a bad one a 400.
-_REQUEST_LIMITS = http1.HeadLimits(
-    max_line=MAX_HEAD,
-    max_headers=MAX_HEADERS,
-    max_head=MAX_HEAD,
-    line_name="MAX_HEAD",
-    start_line_status=431,
-)
-#: Answers, read by ``request`` and ``stream_lines`` with the same bounds.
-_RESPONSE_LIMITS = replace(
-    _REQUEST_LIMITS, error_status=502, start_line_status=502, too_large_status=502
-)
+READ_TIMEOUT = 10.0  # an idle keep-alive connection is closed after this long
 PAC_TYPE = "application/x-ns-proxy-autoconfig"
+#: The dashboard's files, shipped in the package (package-data): no build step, no CDN.
+STATIC = {
+    "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+}
+#: The dashboard loads only its own files and talks only to its own origin; no page may
+#: frame it (a framed mode switch could be clicked by a user who thinks it is another page).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
+        " img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("autovpn.monitor").joinpath("static", name).read_bytes()
 
 
 class _HttpError(Exception):
@@ -169,7 +191,7 @@ def _proxy_ports(engine: EngineView) -> tuple[int, int]:
     return http.bound_port, socks.bound_port
 
 
-def _fresh(headers: dict[str, str], pac: PacFile) -> bool:
+def _fresh(headers: Mapping[str, str], pac: PacFile) -> bool:
     """RFC 9110 section 13.1.2 / 13.1.3: If-None-Match wins over If-Modified-Since."""
     inm = headers.get("if-none-match")
     if inm is not None:
@@ -182,6 +204,84 @@ def _fresh(headers: dict[str, str], pac: PacFile) -> bool:
         except (TypeError, ValueError):
             return False
     return False
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection protocol, with our answer to a request it cannot parse.
+
+    aiohttp answers every parse error 400 with a text body and logs it with its traceback;
+    a head over the limits (``MAX_LINE``) is 431 Request Header Fields Too Large here (RFC
+    6585 section 5), and every refusal is one JSON line, like the API's other errors.  The
+    offending line is not logged: it may be anything a local program sent, a token included.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status, message = 431, f"a request head line over {MAX_LINE} bytes"
+        elif isinstance(exc, HttpProcessingError) and "Too many headers" in exc.message:
+            status, message = 431, f"over {MAX_HEADERS} header lines"
+        elif isinstance(exc, HttpProcessingError):
+            message = "bad request: " + (exc.message.split(":", 1)[0] or "not HTTP")
+        elif status >= 500:
+            log.error("control API: %s %s failed", request.method, request.path, exc_info=exc)
+            message = "internal error (the engine's log says more)"
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had begun; the connection is dropped")
+        reply = _json_error(status, message or HTTPStatus(status).phrase)
+        reply.force_close()
+        return reply
+
+
+def _json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    # One line: what a person or a log sees first says why.
+    return web.json_response(
+        {"error": message}, status=status, headers=dict(headers or {}), dumps=_dumps_line
+    )
+
+
+def _dumps_line(obj: object) -> str:
+    return json.dumps(obj) + "\n"
+
+
+def _dumps_indented(obj: object) -> str:
+    return json.dumps(obj, indent=1) + "\n"
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> StreamResponse:
+    """Every route, the PAC files and unknown paths included: a rebinding page must not read
+    them either.  Bodies are capped first (the old server read them before answering)."""
+    api = request.app[_POLICY]
+    length = request.content_length
+    if length is not None and length > MAX_BODY:
+        return _json_error(413, f"body over {MAX_BODY} bytes")
+    if api.policy is None:
+        return _json_error(503, "the control API is starting")
+    refusal = check_request(api.policy, request.method, request.path, request.headers)
+    if refusal is not None:
+        return _json_error(refusal.status, refusal.reason, refusal.headers)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        reason = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else ""
+        if exc.status == 404:
+            reason = f"no such endpoint: {request.path}"
+        elif exc.status == 405:
+            reason = f"use {headers.get('Allow', 'another method')}"
+        elif exc.status == 413:
+            reason = f"body over {MAX_BODY} bytes"
+        return _json_error(exc.status, reason or HTTPStatus(exc.status).phrase, headers)
+    response.headers.setdefault("Cache-Control", "no-cache")
+    return response
 
 
 class ControlAPI:
@@ -206,26 +306,58 @@ class ControlAPI:
         self.auto_port = auto_port
         # New at every start, so a token read from an old file stops working; never logged.
         self.token = secrets.token_urlsafe(32)
+        #: The dashboard's token, embedded in ``GET /``: it may switch the mode from our own
+        #: origin, nothing else (``guard.py`` says why that is safe).  New at every start.
+        self.page_token = secrets.token_urlsafe(32)
+        logs.redact(self.token, self.page_token)
         self.policy: ControlPolicy | None = None
         #: This engine's record in the state directory while it runs (``monitor/engines.py``).
         self.record: EngineRecord | None = None
         self.pacs = PacCache()
+        self._exposition = exposition(self._status_now)
+        self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()  # owned here: cancelled by close()
+
+    def _status_now(self) -> dict[str, object]:
+        """The status for a scrape, which is synchronous: a supervisor of workers gathers its
+        status over the network, so its /metrics has no counters yet (its /status sums them)."""
+        status = self.engine.status()
+        if inspect.isawaitable(status):
+            if inspect.iscoroutine(status):
+                status.close()
+            return {}
+        return status
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.bound_port}"
 
-    async def _bind(self) -> asyncio.Server:
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY)
+        app[_POLICY] = self
+        r = app.router
+        r.add_get("/status", self._status, allow_head=False)
+        r.add_get("/metrics", self._metrics)
+        r.add_get("/", self._dashboard)
+        for path in STATIC:
+            r.add_get(path, self._static_file)
+        r.add_route("GET", "/mode", self._get_mode)
+        r.add_route("POST", "/mode", self._post_mode)
+        r.add_get("/route", self._route, allow_head=False)
+        r.add_post("/resolve", self._resolve)
+        for name in ("proxy", "global", "smart", "direct"):
+            r.add_get(f"/{name}.pac", self._pac)
+        return app
+
+    async def _bind(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
         """The configured port; if taken, the next free ones with ``auto_port``, then any
         port (the engine's record in the state directory says which, for the CLI)."""
+        loop = asyncio.get_running_loop()
         tries = AUTO_PORT_TRIES if self.auto_port and self.port else 1
         for port in range(self.port, min(self.port + tries, 65536)):
             try:
-                server = await asyncio.start_server(self._handle, self.host, port, limit=MAX_HEAD)
+                server = await loop.create_server(factory, self.host, port)
             except OSError as exc:
                 if not port_in_use(exc) or self.port == 0:
                     raise bind_error("control API", self.host, port, exc) from exc
@@ -239,7 +371,7 @@ class ControlAPI:
                     port,
                 )
             return server
-        server = await asyncio.start_server(self._handle, self.host, 0, limit=MAX_HEAD)
+        server = await loop.create_server(factory, self.host, 0)
         log.warning(
             "control API: %s:%d is taken (by %s)%s; listening on port %d instead (the CLI finds"
             " it through the state directory)",
@@ -252,7 +384,29 @@ class ControlAPI:
         return server
 
     async def start(self) -> None:
-        self._server = await self._bind()
+        loop = asyncio.get_running_loop()
+        # No access log of aiohttp's: the CLI polls, and a request line may carry a token.
+        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        manager = runner.server
+        assert manager is not None
+
+        # aiohttp's annotation wants a Logger; None is how it turns the access log off.
+        quiet: dict[str, Any] = {"access_log": None}
+
+        def factory() -> asyncio.Protocol:
+            return _Handler(
+                manager,
+                loop=loop,
+                **quiet,
+                max_line_size=MAX_LINE,
+                max_field_size=MAX_LINE,
+                max_headers=MAX_HEADERS,
+                keepalive_timeout=READ_TIMEOUT,
+            )
+
+        self._server = await self._bind(factory)
         self.bound_port = self._server.sockets[0].getsockname()[1]
         token_file = None
         if self.state is not None:
@@ -265,6 +419,7 @@ class ControlAPI:
             token_file=str(token_file) if token_file is not None else None,
             bound_host=self.host,
             hosts=self.hosts,
+            page_token=self.page_token,
         )
         if self.state is not None:
             try:
@@ -283,207 +438,119 @@ class ControlAPI:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for w in list(self._writers):
-                w.close()
-            handlers = list(self._handlers)
-            for task in handlers:
-                task.cancel()
-            await asyncio.gather(*handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
+        if self._runner is not None:
+            # Open keep-alive connections and requests in progress (a streamed resolve) end.
+            await self._runner.shutdown()
+            await self._runner.cleanup()
+            self._runner = None
         if self.record is not None:
             # Only our own files: a record is never another engine's (its port is ours).
             remove_record(self.record, self.token)
             self.record = None
 
-    # -- HTTP ------------------------------------------------------------------------------
+    # -- routes ----------------------------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        self._writers.add(writer)
-        try:
-            try:
-                async with asyncio.timeout(READ_TIMEOUT):
-                    method, target, headers, body = await self._read_request(reader)
-                await self._dispatch(method, target, headers, body, writer)
-            except _HttpError as exc:
-                # One line: what a person or a log sees first says why.
-                body = (json.dumps({"error": str(exc)}) + "\n").encode()
-                self._send(writer, exc.status, body, "application/json", exc.headers)
-            await writer.drain()
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _status(self, request: web.Request) -> Response:
+        status = self.engine.status()
+        if inspect.isawaitable(status):
+            status = await status
+        return web.json_response(status, dumps=_dumps_indented)
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader
-    ) -> tuple[str, str, dict[str, str], bytes]:
-        parser = http1.RequestHeadParser(_REQUEST_LIMITS)
-        try:
-            head = None
-            while head is None:
-                data = await reader.read(MAX_HEAD)
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", None)  # gone mid-head: no answer
-                head = parser.receive_data(data)
-            if not head.version.startswith("HTTP/1."):
-                raise _HttpError(HTTPStatus.BAD_REQUEST, "bad request line")
-            if head.get_all("transfer-encoding"):
-                raise _HttpError(HTTPStatus.NOT_IMPLEMENTED, "chunked request bodies")
-            length = http1.BodyFramer.for_request(head).content_length
-        except http1.HttpError as exc:
-            raise _HttpError(HTTPStatus(exc.status), str(exc)) from None
-        if length > MAX_BODY:
-            raise _HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
-        body = parser.trailing_data[:length]  # what came with the head
-        if len(body) < length:
-            body += await reader.readexactly(length - len(body))
-        headers = {name.lower(): value for name, value in head.headers}
-        return head.method, head.target, headers, body
-
-    def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        status: HTTPStatus,
-        body: bytes,
-        content_type: str,
-        extra: dict[str, str] | None = None,
-        *,
-        head_only: bool = False,
-    ) -> None:
-        fields = {
-            "Content-Type": content_type,
-            "Content-Length": str(len(body)),
-            "Cache-Control": "no-cache",
-            "Connection": "close",
-            **(extra or {}),
+    async def _dashboard(self, request: web.Request) -> Response:
+        page = _static("dashboard.html").replace(b"{{PAGE_TOKEN}}", self.page_token.encode())
+        headers = {
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",  # it carries the page token
+            **PAGE_HEADERS,
         }
-        head = http1.render(f"HTTP/1.1 {status.value} {status.phrase}", fields.items())
-        writer.write(head + (b"" if head_only else body))
+        return Response(body=page, headers=headers)
 
-    def _send_json(self, writer: asyncio.StreamWriter, status: HTTPStatus, obj: object) -> None:
-        body = (json.dumps(obj, indent=1) + "\n").encode()
-        self._send(writer, status, body, "application/json")
-
-    async def _dispatch(
-        self,
-        method: str,
-        target: str,
-        headers: dict[str, str],
-        body: bytes,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        url = urlsplit(target)
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        path = url.path
-        # Every route, the PAC files included: a rebinding page must not read them either.
-        if self.policy is None:
-            raise _HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "the control API is starting")
-        refusal = check_request(self.policy, method, path, headers)
-        if refusal is not None:
-            raise _HttpError(refusal.status, refusal.reason, refusal.headers)
-        if is_pac_path(path):
-            if method not in ("GET", "HEAD"):
-                raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED)
-            name = path[1:-4]
-            mode = self.engine.mode if name == "proxy" else Mode(name)
-            pac = self.pacs.get(self.engine, mode)
-            cache = {
-                "ETag": pac.etag,
-                "Last-Modified": formatdate(pac.last_modified, usegmt=True),
-            }
-            if _fresh(headers, pac):
-                fields = [*cache.items(), ("Connection", "close")]
-                writer.write(http1.render("HTTP/1.1 304 Not Modified", fields))
-                return
-            self._send(writer, HTTPStatus.OK, pac.text, PAC_TYPE, cache, head_only=method == "HEAD")
-            return
-        if path == "/status":
-            self._require(method, "GET")
-            status = self.engine.status()
-            if inspect.isawaitable(status):
-                status = await status
-            self._send_json(writer, HTTPStatus.OK, status)
-        elif path == "/mode":
-            if method == "GET":
-                self._send_json(writer, HTTPStatus.OK, {"mode": self.engine.mode.value})
-                return
-            self._require(method, "POST")
-            value: Any = query.get("mode")
-            if value is None:
-                try:
-                    value = json.loads(body or b"{}").get("mode")
-                except (ValueError, AttributeError):
-                    raise _HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON") from None
-            try:
-                mode = Mode(value)
-            except ValueError:
-                raise _HttpError(
-                    HTTPStatus.BAD_REQUEST, "mode must be global, smart or direct"
-                ) from None
-            previous = self.engine.mode
-            self.engine.set_mode(mode)
-            self._send_json(writer, HTTPStatus.OK, {"mode": mode.value, "previous": previous.value})
-        elif path == "/route":
-            self._require(method, "GET")
-            host = query.get("host")
-            port = query.get("port", "443")
-            if not host or not port.isdecimal() or not 0 < int(port) < 65536:
-                raise _HttpError(HTTPStatus.BAD_REQUEST, "give host= and a port= in 1-65535")
-            resolve = query.get("resolve") in ("1", "true", "yes")
-            explained = await self.engine.explain(host, int(port), resolve=resolve)
-            self._send_json(writer, HTTPStatus.OK, explained)
-        elif path == "/resolve":
-            self._require(method, "POST")
-            await self._resolve(query, writer)
-        else:
-            raise _HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
-
-    @staticmethod
-    def _require(method: str, allowed: str) -> None:
-        if method != allowed:
-            raise _HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {allowed}")
-
-    async def _resolve(self, query: dict[str, str], writer: asyncio.StreamWriter) -> None:
-        which = query.get("list", "proxy")
-        if which not in ("proxy", "direct", "all"):
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "list must be proxy, direct or all")
-        conc = query.get("concurrency", "")
-        if conc and (not conc.isdecimal() or not 1 <= int(conc) <= 1000):
-            raise _HttpError(HTTPStatus.BAD_REQUEST, "concurrency must be 1-1000")
-        names = self.engine.list_names(which)
-        # Streamed: no Content-Length, the body ends when the connection closes.
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-            + json.dumps({"total": len(names)}).encode()
-            + b"\n"
+    async def _static_file(self, request: web.Request) -> Response:
+        name, content_type = STATIC[request.path]
+        return Response(
+            body=_static(name), headers={"Content-Type": content_type, **PAGE_HEADERS}
         )
+
+    async def _metrics(self, request: web.Request) -> Response:
+        # Read-only, no token (a scraper has none): the Host guard still applies.
+        body = self._exposition()
+        return Response(body=body, headers={"Content-Type": METRICS_TYPE})
+
+    async def _get_mode(self, request: web.Request) -> Response:
+        return web.json_response({"mode": self.engine.mode.value}, dumps=_dumps_indented)
+
+    async def _post_mode(self, request: web.Request) -> Response:
+        value: Any = request.query.get("mode")
+        if value is None:
+            body = await request.read()
+            try:
+                value = json.loads(body or b"{}").get("mode")
+            except (ValueError, AttributeError):
+                return _json_error(400, "body must be JSON")
+        try:
+            mode = Mode(value)
+        except ValueError:
+            return _json_error(400, "mode must be global, smart or direct")
+        previous = self.engine.mode
+        self.engine.set_mode(mode)
+        return web.json_response(
+            {"mode": mode.value, "previous": previous.value}, dumps=_dumps_indented
+        )
+
+    async def _route(self, request: web.Request) -> Response:
+        host = request.query.get("host")
+        port = request.query.get("port", "443")
+        if not host or not port.isdecimal() or not 0 < int(port) < 65536:
+            return _json_error(400, "give host= and a port= in 1-65535")
+        resolve = request.query.get("resolve") in ("1", "true", "yes")
+        explained = await self.engine.explain(host, int(port), resolve=resolve)
+        return web.json_response(explained, dumps=_dumps_indented)
+
+    async def _pac(self, request: web.Request) -> Response:
+        name = request.path[1:-4]
+        mode = self.engine.mode if name == "proxy" else Mode(name)
+        try:
+            pac = self.pacs.get(self.engine, mode)
+        except _HttpError as exc:
+            return _json_error(exc.status, str(exc))
+        cache = {"ETag": pac.etag, "Last-Modified": formatdate(pac.last_modified, usegmt=True)}
+        if _fresh(request.headers, pac):
+            return Response(status=304, headers=cache)
+        return Response(body=pac.text, headers={"Content-Type": PAC_TYPE, **cache})
+
+    async def _resolve(self, request: web.Request) -> StreamResponse:
+        which = request.query.get("list", "proxy")
+        if which not in ("proxy", "direct", "all"):
+            return _json_error(400, "list must be proxy, direct or all")
+        conc = request.query.get("concurrency", "")
+        if conc and (not conc.isdecimal() or not 1 <= int(conc) <= 1000):
+            return _json_error(400, "concurrency must be 1-1000")
+        names = self.engine.list_names(which)
+        # Streamed (chunked): one JSON line per name as it resolves, then a summary line.
+        response = StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        response.headers["Cache-Control"] = "no-cache"
+        await response.prepare(request)
+        await response.write(json.dumps({"total": len(names)}).encode() + b"\n")
         start = time.perf_counter()
         failed = 0
+        gone = False
 
         async def progress(name: str, result: object) -> None:
-            nonlocal failed
+            nonlocal failed, gone
             if isinstance(result, Resolution):
                 line = {"name": name, "addresses": list(result.addresses)}
             else:
                 failed += 1
                 line = {"name": name, "error": str(result)}
-            if writer.is_closing():
+            if gone:
                 return  # the client left; the batch still warms the cache
-            writer.write(json.dumps(line).encode() + b"\n")
             try:
-                await writer.drain()  # backpressure: a slow reader slows the batch
-            except ConnectionError:
-                writer.close()
+                # backpressure: a slow reader slows the batch
+                await response.write(json.dumps(line).encode() + b"\n")
+            except (ConnectionError, ClientConnectionResetError):
+                gone = True
 
         await self.engine.resolver.resolve_many(
             names, concurrency=int(conc) if conc else None, progress=progress
@@ -493,10 +560,17 @@ class ControlAPI:
             "failed": failed,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        writer.write(json.dumps(summary).encode() + b"\n")
+        if not gone:
+            with contextlib.suppress(ConnectionError, ClientConnectionResetError):
+                await response.write(json.dumps(summary).encode() + b"\n")
+                await response.write_eof()
+        return response
 
 
-# -- the client side (used by the CLI) ------------------------------------------------------
+_POLICY = web.AppKey("control_api", ControlAPI)
+
+
+# -- a client for tests and tools in asyncio code (the CLI has monitor/client.py) ----------
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,41 +583,10 @@ class Reply:
         return json.loads(self.body)
 
 
-def _split_url(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r}: expected http://HOST:PORT")
-    return parts.hostname, parts.port
-
-
 def _auth(token: str | None, headers: dict[str, str] | None) -> dict[str, str]:
     if token is None:
         return dict(headers or {})
     return {"Authorization": f"Bearer {token}", **(headers or {})}
-
-
-async def _open_request(
-    url: str, method: str, path: str, body: bytes, headers: dict[str, str] | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int, dict[str, str]]:
-    host, port = _split_url(url)
-    reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
-    try:
-        name = f"[{host}]" if ":" in host else host  # an IPv6 address in Host has brackets
-        fields = {"Host": f"{name}:{port}", "Content-Length": str(len(body)), **(headers or {})}
-        writer.write(http1.render(f"{method} {path} HTTP/1.1", fields.items()) + body)
-        parser = http1.ResponseHeadParser(_RESPONSE_LIMITS)
-        head = None
-        while head is None:
-            # Line by line, so that the body stays in the reader for the caller.
-            line = await reader.readline()
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            head = parser.receive_data(line)
-        got = {name.lower(): value for name, value in head.headers}
-        return reader, writer, head.status, got
-    except BaseException:
-        writer.close()
-        raise
 
 
 async def request(
@@ -558,21 +601,15 @@ async def request(
     """One request to a control API at ``url`` (``http://127.0.0.1:9090``); the caller
     bounds the time (``asyncio.timeout``).  ``token``: the engine's control token, which
     state-changing requests need (``EngineRecord.read_token``)."""
-    headers = _auth(token, headers)
-    reader, writer, status, got = await _open_request(url, method, path, body, headers)
-    try:
-        n = got.get("content-length")
-        if method == "HEAD" or status in (204, 304):
-            data = b""  # RFC 9110 section 6.4.1: no content, whatever the headers say
-        elif n is not None:
-            data = await reader.readexactly(int(n))
-        else:
-            data = await reader.read()
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return Reply(status, got, data)
+    async with (
+        ClientSession(skip_auto_headers=("User-Agent", "Content-Type")) as session,
+        session.request(
+            method, url + path, data=body or None, headers=_auth(token, headers)
+        ) as response,
+    ):
+        data = await response.read()
+        got = {k.lower(): v for k, v in response.headers.items()}
+        return Reply(response.status, got, data)
 
 
 async def stream_lines(
@@ -585,17 +622,13 @@ async def stream_lines(
 ) -> int:
     """A streamed JSON-lines answer (``POST /resolve``): ``on_line`` gets each parsed line.
     Returns the HTTP status; an error body is passed to ``on_line`` as one object."""
-    reader, writer, status, got = await _open_request(url, method, path, b"", _auth(token, None))
-    try:
-        if status != 200:
-            n = got.get("content-length")
-            data = await (reader.readexactly(int(n)) if n is not None else reader.read())
-            on_line(json.loads(data or b"{}"))
-            return status
-        while line := await reader.readline():
+    async with (
+        ClientSession() as session,
+        session.request(method, url + path, headers=_auth(token, None)) as response,
+    ):
+        if response.status != 200:
+            on_line(json.loads(await response.read() or b"{}"))
+            return response.status
+        while line := await response.content.readline():
             on_line(json.loads(line))
-        return status
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        return response.status

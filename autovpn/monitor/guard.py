@@ -19,6 +19,18 @@ us with ``Host: evil.example:9090``).  Three checks close both:
   directory at start (``monitor/engines.py``), where the CLI reads it.  A page cannot read that
   file, so even a request that slips past the first two checks cannot change anything.
 
+The dashboard (``GET /``) cannot read that file, yet its mode switch must work.  The page
+carries a second secret instead, the *page token*, which the API writes into the page it
+serves.  Who can read the page?  Only a same-origin reader: a cross-origin page's request for
+it is answered, but the browser does not let that page read the answer (no CORS headers
+here), and a rebinding page never gets an answer at all (Host).  So the page token is accepted
+for ``POST /mode`` only, and only with an ``Origin`` that is our own (a browser's same-origin
+POST always sends it) and no ``Sec-Fetch-Site`` but ``same-origin``.  What it does not stop: a
+local program that can reach the API can read ``GET /`` like a browser and switch the mode
+(not resolve, nor anything the control token guards); the mode is what the dashboard shows to
+whoever can reach it anyway.  The page is also served with ``frame-ancestors 'none'``, so no
+other page can frame it and trick a click (``monitor/api.py``).
+
 The checks see only a header mapping (lower-case names, or a case-insensitive mapping such
 as aiohttp's), so any HTTP server can call ``check_request``.  No I/O here.
 """
@@ -50,6 +62,8 @@ _SAME_ORIGIN_SITES = frozenset({"same-origin", "none"})
 #: route but the PAC files (which browsers fetch on their own: ``none``, or no header).
 _FOREIGN_SITES = frozenset({"cross-site", "same-site"})
 _PAC_NAMES = frozenset({"proxy", "global", "smart", "direct"})
+#: What the dashboard's page token may do (see the module docstring): switch the mode.
+PAGE_TOKEN_ROUTES = frozenset({("POST", "/mode")})
 _DEFAULT_HTTP_PORT = 80
 
 
@@ -76,6 +90,8 @@ class ControlPolicy:
     token: str
     token_file: str | None = None
     names: frozenset[str] = frozenset()
+    #: The dashboard's token (``GET /`` embeds it): ``POST /mode`` from our own origin only.
+    page_token: str = ""
 
     @classmethod
     def build(
@@ -86,13 +102,14 @@ class ControlPolicy:
         token_file: str | None = None,
         bound_host: str = "",
         hosts: Iterable[str] = (),
+        page_token: str = "",
     ) -> ControlPolicy:
         names = {normalize_host_name(h) for h in hosts}
         bound = normalize_host_name(bound_host) if bound_host else ""
         # A wildcard bind is not a name any client should use; loopback is accepted anyway.
         if bound and bound not in ("0.0.0.0", "::") and not _is_loopback_name(bound):
             names.add(bound)
-        return cls(port, token, token_file, frozenset(n for n in names if n))
+        return cls(port, token, token_file, frozenset(n for n in names if n), page_token)
 
 
 def _is_loopback_name(name: str) -> bool:
@@ -168,6 +185,12 @@ def _check_origin(origin: str | None, host: tuple[str, int]) -> Refusal | None:
     return None
 
 
+def _matches(given: str, secret: str) -> bool:
+    return bool(secret) and hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), secret.encode()
+    )
+
+
 def _bearer(authorization: str | None) -> str | None:
     if authorization is None:
         return None
@@ -202,10 +225,16 @@ def check_request(
     if not changes_state:
         return None
     given = _bearer(headers.get("authorization"))
+    if given is not None and _matches(given, policy.token):
+        return None
     if (
         given is not None
-        and policy.token
-        and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), policy.token.encode())
+        and (method, path) in PAGE_TOKEN_ROUTES
+        # A browser's POST from our own page: Origin is present (and was checked above to
+        # be ours), and Fetch Metadata, where sent, says same-origin.
+        and headers.get("origin") is not None
+        and headers.get("sec-fetch-site", "same-origin") == "same-origin"
+        and _matches(given, policy.page_token)
     ):
         return None
     where = (

@@ -22,15 +22,23 @@ from autovpn.proxy.relay import Pipe, abort_all, link
 from autovpn.routing.router import Action, Decision, Router
 from autovpn.routing.rules import normalize_host, parse_ip
 from autovpn.routing.scoring import ScoreBook, interleave_families
+from autovpn.stats import Flow, Stats
 
 if TYPE_CHECKING:
     from autovpn.routing.dns import SplitResolver
 
 log = logging.getLogger("autovpn.access")
+route_log = logging.getLogger("autovpn.route")
 
 
 class Upstream(Protocol):
     def attach(self, transport: asyncio.Transport) -> None: ...
+
+
+class MeteredUpstream(Upstream, Protocol):
+    def bind(self, flow: Flow) -> None:
+        """Count the relay's bytes in ``flow`` and end it when the relay ends (a tunnel's
+        upstream also names the server it went to)."""
 
 
 class _DirectUpstream:
@@ -38,6 +46,13 @@ class _DirectUpstream:
 
     def __init__(self, local: Pipe) -> None:
         self.local = local
+
+    def bind(self, flow: Flow) -> None:
+        local = self.local
+        remote = local.peer
+        assert remote is not None
+        local.flow = remote.flow = flow
+        flow.meter = local  # up: what the client's side read; down: the target's side
 
     def attach(self, transport: asyncio.Transport) -> None:
         transport.set_protocol(self.local)
@@ -93,7 +108,7 @@ def discard(upstream: Upstream) -> None:
 class TunnelOpener(Protocol):
     """What the dialer needs of a tunnel: our mux client, or the wstunnel-protocol client."""
 
-    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> Upstream: ...
+    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> MeteredUpstream: ...
 
 
 def _retry_direct(exc: StreamError) -> bool:
@@ -117,6 +132,10 @@ class Dialer:
 
     ``fallback_direct``: true while smart mode's default route should go DIRECT because every
     tunnel server is down (``client.fallback_direct_after``); never for a rule or a list.
+
+    With ``stats``, each connection is a ``Flow`` (``autovpn.stats``) from the routing decision
+    to its end, whose end writes the access log line.  Without, the access log has the
+    decision only.
     """
 
     def __init__(
@@ -131,8 +150,10 @@ class Dialer:
         retries: int = 1,
         retry_backoff: float = 0.1,
         fallback_direct: Callable[[], bool] | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self.router = router
+        self.stats = stats
         self.tunnel = tunnel
         self.connect_timeout = connect_timeout
         self.resolver = resolver
@@ -169,19 +190,54 @@ class Dialer:
                 mode=decision.mode,
             )
         self.counts[decision.action] += 1
-        log.info("%s %s %s:%d -> %s (%s)", via, client, host, port, action.value, decision.reason)
+        # The decision as it is made: the access log's line without statistics, a debug line
+        # with them (the access line, with bytes and result, is written at the end).
+        (log if self.stats is None else route_log).log(
+            logging.INFO if self.stats is None else logging.DEBUG,
+            "%s %s %s:%d -> %s (%s)",
+            via,
+            client,
+            host,
+            port,
+            action.value,
+            decision.reason,
+        )
+        if self.stats is None:
+            return await self._open(action, decision, host, port, early), decision
+        flow = self.stats.start(
+            listener=via or "?",
+            client=client,
+            host=host,
+            port=port,
+            route=action.value,
+            rule=decision.reason,
+        )
+        try:
+            upstream = await self._open(action, decision, host, port, early)
+        except StreamError as exc:
+            flow.end("rejected" if action is Action.REJECT else exc.reason.name.lower(), str(exc))
+            raise
+        except BaseException as exc:
+            flow.end(type(exc).__name__)
+            raise
+        upstream.bind(flow)
+        return upstream, decision
+
+    async def _open(
+        self, action: Action, decision: Decision, host: str, port: int, early: bytes
+    ) -> MeteredUpstream:
         if action is Action.REJECT:
             raise StreamError(ResetReason.NOT_ALLOWED, f"rejected by routing: {decision.reason}")
         if action is Action.PROXY:
             assert self.tunnel is not None
-            return await self.tunnel.open_upstream(host, port, early), decision
-        return await self._direct(host, port, early), decision
+            return await self.tunnel.open_upstream(host, port, early)
+        return await self._direct(host, port, early)
 
     def close(self) -> None:
         """End the DIRECT relays (tunnelled streams end with their tunnel)."""
         abort_all(self.pipes)
 
-    async def _direct(self, host: str, port: int, early: bytes) -> Upstream:
+    async def _direct(self, host: str, port: int, early: bytes) -> _DirectUpstream:
         for attempt in range(1, self.retries + 1):
             try:
                 return await self._direct_once(host, port, early)
@@ -193,7 +249,7 @@ class Dialer:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _direct_once(self, host: str, port: int, early: bytes) -> Upstream:
+    async def _direct_once(self, host: str, port: int, early: bytes) -> _DirectUpstream:
         loop = asyncio.get_running_loop()
         local, remote = Pipe(), Pipe(self.pipes)
         link(local, remote)

@@ -57,8 +57,13 @@ class HandshakeBase(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    def fail(self, reply: bytes, why: str) -> None:
+    def fail(self, reply: bytes, why: str, reason: str | None = "handshake") -> None:
+        """Answer ``reply`` and close.  ``reason``: the failure's name in the statistics
+        (None when its connection's ``Flow`` already counted it)."""
         self.listener.failed += 1
+        stats = self.listener.dialer.stats
+        if stats is not None and reason is not None:
+            stats.failure(self.listener.kind.value, self.peer, reason)
         self.stop_timer()
         log.info("%s client %s: %s", self.listener.kind.value, self.peer, why)
         if self.transport is not None and not self.transport.is_closing():
@@ -80,7 +85,7 @@ class HandshakeBase(asyncio.Protocol):
                 host, port, early, client=self.peer, via=self.listener.kind.value
             )
         except StreamError as exc:
-            self.fail(failure(exc), f"{host}:{port}: {exc}")
+            self.fail(failure(exc), f"{host}:{port}: {exc}", None)
             return None
         except Exception:  # a bug must not leave the client waiting for the timeout
             log.exception(
@@ -91,7 +96,8 @@ class HandshakeBase(asyncio.Protocol):
                 port,
             )
             self.fail(
-                failure(StreamError(ResetReason.GENERAL_FAILURE)), f"{host}:{port}: internal error"
+                failure(StreamError(ResetReason.GENERAL_FAILURE)), f"{host}:{port}: internal error",
+                None,
             )
             return None
         self.stop_timer()

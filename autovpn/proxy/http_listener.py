@@ -50,7 +50,7 @@ class HttpHandshake(HandshakeBase):
         self.transport.pause_reading()
         problem = authorization_problem(self.listener, head)
         if problem is not None:
-            self.fail(http_proxy.proxy_auth_required(), problem)
+            self.fail(http_proxy.proxy_auth_required(), problem, "auth")
             return
         if head.is_connect:
             self.listener.spawn(self._connect(head), f"http-{self.peer}")

@@ -12,6 +12,7 @@ import asyncio
 from typing import Final, cast
 
 from autovpn.net import reset_transport
+from autovpn.stats import RESULT_OK, Flow
 
 #: Read buffer shared by every pipe: ``buffer_updated`` copies out of it synchronously.
 _READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
@@ -20,7 +21,7 @@ _READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 class Pipe(asyncio.BufferedProtocol):
     """One side of a direct relay.  Create both, then ``link`` them."""
 
-    __slots__ = ("transport", "peer", "eof", "closed", "early", "registry")
+    __slots__ = ("transport", "peer", "eof", "closed", "early", "registry", "nread", "flow")
 
     def __init__(self, registry: set[Pipe] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -30,6 +31,9 @@ class Pipe(asyncio.BufferedProtocol):
         self.early = b""
         #: The set of live pipes this one belongs to (so an engine can close them all).
         self.registry = registry
+        self.nread = 0  # bytes read from this side's socket (one addition per read)
+        #: The connection's record (``autovpn.stats``), ended by whichever side is lost first.
+        self.flow: Flow | None = None
         if registry is not None:
             registry.add(self)
 
@@ -51,10 +55,16 @@ class Pipe(asyncio.BufferedProtocol):
         if peer is not None and peer.transport is not None and not peer.closed:
             peer.transport.resume_reading()  # paused while we were not attached (bounded)
 
+    def counts(self) -> tuple[int, int]:
+        """Bytes read by this side and by its peer (``autovpn.stats.Metered``)."""
+        peer = self.peer
+        return self.nread, 0 if peer is None else peer.nread
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.nread += nbytes
         peer = self.peer
         if peer is not None and not peer.closed:
             if peer.transport is not None:
@@ -85,6 +95,8 @@ class Pipe(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.flow is not None:
+            self.flow.end(RESULT_OK if exc is None else type(exc).__name__)
         if self.registry is not None:
             self.registry.discard(self)
         peer = self.peer

@@ -30,7 +30,14 @@ from autovpn.engine import Engine
 from autovpn.policy import DestinationPolicy
 from autovpn.routing.router import Mode
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from tests.conftest import SECRET, Certs, engine_config, env_without_proxies, run
+from tests.conftest import (
+    SECRET,
+    Certs,
+    engine_config,
+    env_without_proxies,
+    eventually,
+    run,
+)
 from tests.routing.dnsserver import dns_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -158,7 +165,10 @@ def test_chromium_follows_the_engine_pac(certs: Certs, caplog: pytest.LogCapture
                         # (Chromium's own background fetches of Google names are proxied by
                         # the default lists too; they reach only this loopback server.)
                         assert "www.proxied.test" in server_dns.names()
-                        assert f"www.proxied.test:{port} -> proxy" in caplog.text
+                        # The access log's line, written when Chromium's connection ends.
+                        await eventually(
+                            lambda: f"-> www.proxied.test:{port} proxy" in caplog.text
+                        )
                         direct = await asyncio.to_thread(
                             chromium_dump,
                             pac,

@@ -247,3 +247,30 @@ def test_the_host_is_checked_before_the_token() -> None:
     assert "control.token" not in r.reason
     r = check("POST", "/mode", origin="null")
     assert r is not None and r.status is HTTPStatus.FORBIDDEN
+
+
+# -- the dashboard's page token ---------------------------------------------------------------
+
+PAGE = "p4ge-" + "y" * 38
+PAGE_POLICY = ControlPolicy.build(PORT, TOKEN, page_token=PAGE)
+OWN = f"http://127.0.0.1:{PORT}"
+
+
+def test_the_page_token_switches_the_mode_from_our_own_origin_only() -> None:
+    bearer = f"Bearer {PAGE}"
+    ok = {"origin": OWN, "authorization": bearer}
+    assert check("POST", "/mode", PAGE_POLICY, **ok) is None
+    assert check("POST", "/mode", PAGE_POLICY, **ok, sec_fetch_site="same-origin") is None
+    # Not without a browser's Origin (a bare client), nor from another site or a subdomain.
+    assert status(check("POST", "/mode", PAGE_POLICY, authorization=bearer)) == 401
+    for site in ("same-site", "cross-site", "none"):
+        refused = check("POST", "/mode", PAGE_POLICY, **ok, sec_fetch_site=site)
+        assert status(refused) in (401, 403), site
+    other = {"origin": "http://127.0.0.1:1", "authorization": bearer}
+    assert status(check("POST", "/mode", PAGE_POLICY, **other)) == 403
+    # Nothing but the mode: a batch resolve needs the control token.
+    assert status(check("POST", "/resolve", PAGE_POLICY, **ok)) == 401
+    assert check("POST", "/resolve", PAGE_POLICY, origin=OWN, authorization=BEARER) is None
+    # No page token configured: an empty bearer is no match.
+    assert status(check("POST", "/mode", POLICY, origin=OWN, authorization="Bearer ")) == 401
+    assert status(check("POST", "/mode", POLICY, origin=OWN, authorization=bearer)) == 401

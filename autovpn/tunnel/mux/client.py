@@ -41,6 +41,7 @@ from autovpn.errors import (
     TunnelUnavailable,
 )
 from autovpn.net import resolve_target
+from autovpn.stats import Flow
 from autovpn.tunnel.failures import Failing, certificate_reason
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient
@@ -180,6 +181,14 @@ class StreamUpstream:
 
     def __init__(self, ep: StreamEndpoint) -> None:
         self.ep = ep
+
+    def bind(self, flow: Flow) -> None:
+        """Count this stream's bytes in ``flow``, end it with the stream, and name the server
+        the pool chose (the flow's totals are counted at its end)."""
+        ep = self.ep
+        ep.flow = flow
+        flow.meter = ep
+        flow.server = ep.conn.peer
 
     def attach(self, transport: asyncio.Transport) -> None:
         transport.set_protocol(self.ep)

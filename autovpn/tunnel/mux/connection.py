@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Final, cast
 
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason, StreamError
 from autovpn.eventloop import LoopBuffers
 from autovpn.net import reset_transport
+from autovpn.stats import RESULT_OK, Recorder
 from autovpn.wire import frames
 from autovpn.wire.frames import (
     FLAG_ACK,
@@ -111,6 +113,9 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.timed_out = False  # closed by the keepalive timeout, not by the peer or us
         self.close_code: int | None = None  # the peer's WebSocket close code, if it sent one
         self.rtt: float | None = None
+        #: PINGs sent and answered: the loss figure of the tunnel's health (``autovpn.stats``).
+        self.pings_sent = 0
+        self.pings_answered = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self._mask_outgoing = client and not unmasked
@@ -288,8 +293,9 @@ class MuxConnection(asyncio.BufferedProtocol):
                 ep.on_reset(why, message, from_peer=True)
         elif ftype == TYPE_PING:
             if flags & FLAG_ACK:
+                self.pings_answered += 1
                 if self._ping_sent_at is not None:
-                    self.rtt = self.loop.time() - self._ping_sent_at
+                    self.rtt = time.perf_counter() - self._ping_sent_at
                     self._ping_sent_at = None
             else:
                 self.send_frame(frames.frame(FrameType.PING, 0, bytes(payload), FLAG_ACK))
@@ -458,7 +464,9 @@ class MuxConnection(asyncio.BufferedProtocol):
 
     def ping(self) -> None:
         if self._ping_sent_at is None:
-            self._ping_sent_at = self.loop.time()
+            # perf_counter: uvloop's clock has millisecond steps, a LAN round trip less.
+            self._ping_sent_at = time.perf_counter()
+        self.pings_sent += 1
         self.send_frame(frames.frame(FrameType.PING, 0, os.urandom(8)))
 
     def goaway(self) -> None:
@@ -580,6 +588,9 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         "opened",
         "on_connect",
         "early",
+        "nread",
+        "nwritten",
+        "flow",
     )
 
     def __init__(self, conn: MuxConnection, sid: int = 0, send_credit: int = 0) -> None:
@@ -600,6 +611,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.opened: asyncio.Future[None] | None = None
         self.on_connect: Callable[[StreamEndpoint], None] | None = None
         self.early = b""
+        self.nread = 0  # bytes read from our socket (one addition per read)
+        self.nwritten = 0  # bytes of DATA written to our socket
+        #: Where the stream's end is told (``autovpn.stats``: its ``Flow``, or on a server its
+        #: user's ``StreamTally``).
+        self.flow: Recorder | None = None
 
     # -- socket side (asyncio protocol) ----------------------------------------------------------
 
@@ -625,12 +641,17 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self._write_eof()
         self.update_reading()
 
+    def counts(self) -> tuple[int, int]:
+        """Bytes read from our socket and written to it (``autovpn.stats.Metered``)."""
+        return self.nread, self.nwritten
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return _LOCAL_READ_BUFFER
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.done:
             return
+        self.nread += nbytes
         data = bytes(_LOCAL_READ_BUFFER[:nbytes])
         if self.unsent or self.send_credit < nbytes:
             # Past our credit (a read that was in flight when we paused): keep the rest.
@@ -661,6 +682,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self._grant()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.flow is not None:
+            self.flow.finish(self, RESULT_OK if exc is None else type(exc).__name__)
         if not self.done:
             self.done = True
             if not (self.fin_in and self.fin_out) and not self.conn.closed:
@@ -698,6 +721,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self.conn.reset_stream(self.sid, ResetReason.PROTOCOL_ERROR, why)
             return
         self.recv_unacked += n
+        self.nwritten += n
         if self.transport is not None:
             self.transport.write(bytes(piece))
             self._grant()
@@ -761,6 +785,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
                 self.transport.close()
 
     def on_reset(self, reason: ResetReason, message: str, from_peer: bool) -> None:
+        if self.flow is not None:
+            self.flow.finish(self, reason.name.lower())
         already = self.done
         self.done = True
         self.conn.forget(self.sid)

@@ -34,6 +34,7 @@ from autovpn.ifaddrs import HostAddresses
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_error
+from autovpn.stats import TUNNEL, Flow, Stats
 from autovpn.tunnel.auth_limit import AuthFailureLimiter
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint, open_ok
 from autovpn.tunnel.mux.reverse import ReverseListeners
@@ -210,6 +211,8 @@ class TunnelServer:
         self.refused = 0
         self.streams_opened = 0
         self.streams_failed = 0
+        #: Per-user counters (``autovpn.stats``), when the engine keeps statistics.
+        self.stats: Stats | None = None
         self._server: asyncio.Server | None = None
         self._dials: set[asyncio.Task[None]] = set()
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
@@ -272,7 +275,10 @@ class TunnelServer:
             "wss" if s.ssl_context else "ws",
             s.host,
             self.port,
-            handshake.tunnel_path(s.path_prefix),
+            # A prefix other than the default is a secret of sorts (-P): not in the log.
+            handshake.tunnel_path(s.path_prefix)
+            if s.path_prefix == handshake.DEFAULT_PATH_PREFIX
+            else " (with its path prefix)",
         )
 
     async def close(self) -> None:
@@ -388,6 +394,18 @@ class TunnelServer:
         ep.recv_unacked = len(early)  # early data counts against our window like DATA
         ep.recv_budget -= len(early)
         ep.on_connect = open_ok
+        stats = self.stats
+        if stats is not None:
+            user = self._users.get(conn, "?")
+            if stats.logs_access():  # a line per stream: it needs the stream's own record
+                flow = ep.flow = stats.start(
+                    listener=TUNNEL, client=conn.peer, host=host, port=port, route="", user=user
+                )
+                flow.meter = ep
+                flow.reverse = True  # up is what the client sends: written to the target
+            else:  # counted per user, without a record per stream
+                tally = ep.flow = stats.tally(user)
+                tally.open.add(ep)
         conn.streams[sid] = ep
         task = conn.loop.create_task(self._dial(ep, host, port), name=f"dial-{host}:{port}")
         self._dials.add(task)
@@ -430,11 +448,14 @@ class TunnelServer:
             reason, message = exc.reason, str(exc)
         except (OSError, TimeoutError) as exc:
             reason, message = reset_reason_for(exc), str(exc) or type(exc).__name__
-            log.info("dial %s:%d for %s failed: %s", host, port, conn.peer, message)
+            if not isinstance(ep.flow, Flow):  # else the access log line says it, once
+                log.info("dial %s:%d for %s failed: %s", host, port, conn.peer, message)
         except Exception as exc:  # a bug (say in a resolver hook) must not leave it unanswered
             log.exception("dial %s:%d for %s failed unexpectedly", host, port, conn.peer)
             reason, message = ResetReason.GENERAL_FAILURE, type(exc).__name__
         self.streams_failed += 1
+        if ep.flow is not None:
+            ep.flow.finish(ep, reason.name.lower(), message)
         if not ep.done:
             ep.done = True
             conn.reset_stream(ep.sid, reason, message)

@@ -32,6 +32,7 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
+from autovpn.stats import Flow
 from autovpn.tunnel.failures import Failing
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.access import path_safe
@@ -120,6 +121,13 @@ class WsUpstream:
 
     def __init__(self, ws: WsSide) -> None:
         self.ws = ws
+
+    def bind(self, flow: Flow) -> None:
+        """Count this tunnel's bytes in ``flow`` (WebSocket bytes: frames included) and end
+        it with the tunnel."""
+        self.ws.flow = flow
+        flow.meter = self.ws
+        flow.server = self.ws.peer
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.ws.attach_local(transport)

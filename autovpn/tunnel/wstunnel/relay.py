@@ -26,6 +26,7 @@ from typing import Any, Final, cast
 from autovpn.errors import RemoteProtocolError
 from autovpn.eventloop import LoopBuffers
 from autovpn.net import reset_transport
+from autovpn.stats import RESULT_OK, Flow
 from autovpn.wire.wstunnel import FrameSplitter, Session, SessionState
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
@@ -64,6 +65,8 @@ class WsSide(asyncio.BufferedProtocol):
         self.closed = False
         self.bytes_in = 0
         self.bytes_out = 0
+        #: The connection's record (``autovpn.stats``), ended when the tunnel closes.
+        self.flow: Flow | None = None
         self._loop = asyncio.get_running_loop()
         self._buffer = _WS_READ_BUFFERS.get(self._loop)
         self._ping_interval = ping_interval
@@ -116,6 +119,10 @@ class WsSide(asyncio.BufferedProtocol):
 
     # -- WebSocket in --------------------------------------------------------------------------
 
+    def counts(self) -> tuple[int, int]:
+        """Bytes sent and received on the WebSocket (``autovpn.stats.Metered``)."""
+        return self.bytes_out, self.bytes_in
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
 
@@ -156,6 +163,8 @@ class WsSide(asyncio.BufferedProtocol):
         # MuxConnection.connection_lost).
         self.transport = None
         self._cancel_timers()
+        if self.flow is not None:
+            self.flow.end(RESULT_OK if self.ended_cleanly else "tunnel_lost")
         local = self.local.transport
         if local is not None and not self.local.closed:
             if self.ended_cleanly:
