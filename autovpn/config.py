@@ -1362,6 +1362,12 @@ def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
         return Config(), [
             ConfigError(str(path), f"TOML syntax: {exc}", int(at.group(1)) if at else None)
         ]
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        return Config(), [ConfigError(str(path), "TOML: arrays or tables nested too deeply")]
+    except ValueError as exc:
+        # Not a TOMLDecodeError: an integer of more than 4300 digits (int()'s own limit).
+        return Config(), [ConfigError(str(path), f"TOML: {exc}")]
     cfg, errors = parse_config(data, path.parent)
     for error in errors:
         error.line = key_line(text, error.key)
