@@ -16,6 +16,7 @@ from typing import Any
 
 from autovpn.config import LISTENER_HANDSHAKE_TIMEOUT
 from autovpn.errors import ConfigError
+from autovpn.limits import LISTENER_MAX_CONNECTIONS_PER_ADDRESS, ConnectionsPerAddress
 from autovpn.net import is_loopback
 from autovpn.ports import bind_error
 from autovpn.proxy.dialer import Dialer
@@ -51,6 +52,7 @@ class ProxyListener:
         *,
         allow_open: bool = False,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_connections_per_address: int = LISTENER_MAX_CONNECTIONS_PER_ADDRESS,
     ) -> None:
         if not is_loopback(host) and not credentials and not allow_open:
             raise ConfigError(
@@ -64,6 +66,10 @@ class ProxyListener:
         self.dialer = dialer
         self.credentials = credentials or Credentials()
         self.handshake_timeout = handshake_timeout
+        #: Connections per client address, from accept until the socket closes.
+        self.clients = ConnectionsPerAddress(
+            max_connections_per_address, "client.max_connections_per_address"
+        )
         self.accepted = 0
         self.failed = 0
         self.udp_stats = UdpRelayStats()  # all UDP associations of this listener

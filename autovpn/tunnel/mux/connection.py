@@ -35,6 +35,7 @@ from typing import Final, cast
 
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason, StreamError
 from autovpn.eventloop import LoopBuffers
+from autovpn.limits import MAX_STREAMS_PER_CONNECTION
 from autovpn.net import reset_transport
 from autovpn.wire import frames
 from autovpn.wire.frames import (
@@ -99,9 +100,14 @@ class MuxConnection(asyncio.BufferedProtocol):
         on_lost: Callable[[MuxConnection], None] | None = None,
         authenticate: Callable[[int, int, int, bytes | memoryview], None] | None = None,
         peer: str = "",
+        max_streams: int = MAX_STREAMS_PER_CONNECTION,
     ) -> None:
         self.client = client
         self.window = window
+        #: Streams (both directions) past which the peer's OPENs are refused: each may buffer
+        #: one window here, so this bounds what one connection can make us hold.
+        self.max_streams = max_streams
+        self.streams_refused = 0
         self.peer = peer
         self.streams: dict[int, StreamEndpoint] = {}
         self.writing_paused = False
@@ -311,6 +317,19 @@ class MuxConnection(asyncio.BufferedProtocol):
             return
         if self.draining:
             self._send_reset(sid, ResetReason.REFUSED_STREAM, "shutting down")
+            return
+        if len(self.streams) >= self.max_streams:
+            if not self.streams_refused:  # once per connection: not one line per OPEN
+                log.warning(
+                    "tunnel %s: %d streams open, the limit (max_streams_per_connection);"
+                    " refusing new ones until some end",
+                    self.peer,
+                    len(self.streams),
+                )
+            self.streams_refused += 1
+            self._send_reset(
+                sid, ResetReason.REFUSED_STREAM, f"more than {self.max_streams} streams open"
+            )
             return
         self._on_open(self, sid, window, kind, host, port, early)
 

@@ -257,4 +257,6 @@ class H2Tunnels(asyncio.Protocol):
         self.closed = True
         self._drop_targets()
         self.service.h2_connections.discard(self)
+        if self.transport is not None:
+            self.service.server.clients.release(self.transport)  # counted since its accept
         self.service.server.trimmer.released()
