@@ -140,7 +140,7 @@ def test_streams_past_max_streams_per_connection_are_refused(certs: Certs) -> No
             _, writer, code = await socks_connect(port, echo, "127.0.0.10")
             writer.close()
             assert code == socks5.Reply.GENERAL_FAILURE
-            assert conn.streams_refused == 1
+            assert conn.streams_refused >= 1  # (the client may retry it: client.retries)
             # One ends: there is room again.
             held[0][1].close()
             await eventually(lambda: len(conn.streams) < limit)
