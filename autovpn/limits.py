@@ -132,10 +132,12 @@ class ConnectionsPerAddress:
 
         return release
 
-    def prune(self) -> None:
-        """Forget every connection whose transport is closing."""
+    def prune(self) -> int:
+        """Forget every connection whose transport is closing; how many were forgotten."""
+        before = len(self._address)
         for address, held in list(self._held.items()):
             self._prune(address, held)
+        return before - len(self._address)
 
     def _prune(self, address: str, held: dict[Closable, None]) -> None:
         for transport in [t for t in held if t.is_closing()]:

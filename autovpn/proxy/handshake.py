@@ -43,6 +43,7 @@ class HandshakeBase(asyncio.Protocol):
             self.listener.failed += 1
             self.transport.abort()  # past client.max_connections_per_address (logged there)
             return
+        self.listener.watch_clients()
         self.listener.handshaking.add(self)
         self._timer = self.listener.loop.call_later(self.listener.handshake_timeout, self._timeout)
 

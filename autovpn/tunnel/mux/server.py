@@ -388,6 +388,7 @@ class TunnelServer:
             authenticate=authenticate,
             peer=f"{peer} ({accepted.user})",
             max_streams=s.max_streams_per_connection,
+            trimmer=self.trimmer,
         )
         deadline = mux.loop.call_later(s.handshake_timeout, self._no_auth, mux, peer)
         self.connections.add(mux)
