@@ -3,7 +3,8 @@
 ``python -m tests.load.echo_server`` prints its port on stdout, then serves until its stdin
 closes.  In its own process so that its sockets (one per tunnelled connection) count against
 its own descriptor limit, not the test's.  ``--sink``: instead of echoing, each connection is
-read at ``--rate`` bytes per second, then fully, and answered with the SHA-256 of all it read.
+read at ``--rate`` bytes per second, then fully, and answered with the SHA-256 of all it read;
+``--source N``: each connection is sent N bytes of ``tests.conftest.pattern`` at full speed.
 """
 
 from __future__ import annotations
@@ -52,14 +53,31 @@ async def slow_sink(
     writer.close()
 
 
+async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int) -> None:
+    """Send ``size`` bytes of ``tests.conftest.pattern`` as fast as the peer takes them."""
+    from tests.conftest import pattern
+
+    for chunk in pattern(size):
+        writer.write(chunk)
+        await writer.drain()
+    writer.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sink", action="store_true")
     parser.add_argument("--rate", type=int, default=1 << 20)
     parser.add_argument("--slow-for", type=float, default=5.0)
+    parser.add_argument("--source", type=int, default=0, help="send this many bytes instead")
     args = parser.parse_args()
     loop = asyncio.get_running_loop()
-    if args.sink:
+    if args.source:
+
+        async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await source(reader, writer, args.source)
+
+        server = await asyncio.start_server(send, "127.0.0.1", 0)
+    elif args.sink:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await slow_sink(reader, writer, args.rate, args.slow_for)
