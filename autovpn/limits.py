@@ -12,6 +12,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -22,6 +23,7 @@ __all__ = [
     "MAX_STREAMS_PER_CONNECTION",
     "SERVER_MAX_CONNECTIONS_PER_ADDRESS",
     "ConnectionsPerAddress",
+    "address_key",
 ]
 
 log = logging.getLogger("autovpn.limits")
@@ -45,6 +47,20 @@ LISTENER_MAX_CONNECTIONS_PER_ADDRESS: Final = 1024
 #: address reaches its limit), so the table holds the live connections and at most this many
 #: dead ones.
 _PRUNE_EVERY: Final = 256
+
+
+def address_key(address: str) -> str:
+    """What a connection counts against: its IPv4 address, or its IPv6 /64 (one host usually
+    holds a whole /64: counted by single address, it would have 2**64 limits)."""
+    if ":" not in address:
+        return address  # IPv4, as the socket gives it
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
 
 
 class Closable(Protocol):
@@ -76,6 +92,7 @@ class ConnectionsPerAddress:
         return len(self._address)
 
     def count(self, address: str) -> int:
+        address = address_key(address)
         held = self._held.get(address)
         if held is None:
             return 0
@@ -83,7 +100,9 @@ class ConnectionsPerAddress:
         return len(held)
 
     def admit(self, transport: Closable, address: str) -> bool:
-        """Count ``transport`` for ``address``; False (and nothing counted) past the limit."""
+        """Count ``transport`` for ``address`` (its /64 for IPv6); False (and nothing
+        counted) past the limit."""
+        address = address_key(address)
         held = self._held.get(address)
         if held is not None and len(held) >= self.limit:
             self._prune(address, held)

@@ -26,6 +26,7 @@ from autovpn.limits import (
     MAX_PENDING_OPENS,
     MAX_STREAMS_PER_CONNECTION,
     SERVER_MAX_CONNECTIONS_PER_ADDRESS,
+    ConnectionsPerAddress,
 )
 from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
@@ -367,3 +368,30 @@ def test_server_counts_wstunnel_tunnels_and_native_connections_until_they_end(
                 w.close()
 
     run(wstunnel())
+
+
+# -- the count itself -------------------------------------------------------------------------
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_the_count_goes_by_ipv4_address_and_ipv6_slash_64() -> None:
+    count = ConnectionsPerAddress(2, "test.limit")
+    held = [_Transport() for _ in range(4)]
+    assert count.admit(held[0], "2001:db8::1")
+    assert count.admit(held[1], "2001:db8::ffff:2")  # the same /64
+    assert not count.admit(held[2], "2001:db8::3")
+    assert count.admit(held[2], "2001:db8:0:1::3")  # another /64
+    assert count.admit(held[3], "::ffff:192.0.2.1")  # IPv4-mapped: counted as IPv4
+    assert count.count("192.0.2.1") == 1 and count.refused == 1
+    held[0].closing = True  # closed, not released: noticed when the limit is reached
+    assert count.admit(_Transport(), "2001:db8::4")
+    count.release(held[1])
+    count.release(held[1])  # idempotent
+    assert count.count("2001:db8::") == 1
