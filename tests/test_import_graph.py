@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
         "autovpn.wg",
         "autovpn.pem",
         "autovpn.sysproxy",
+        "autovpn.limits",
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},
