@@ -47,7 +47,7 @@ Example::
     workers = 4                          # processes on the port (Linux); default: one per core
     max_connections_per_address = 512    # TCP connections per client address
     max_streams_per_connection = 1024    # per tunnel connection; more: REFUSED_STREAM
-    max_pending_opens = 256              # streams being dialled per tunnel connection
+    max_pending_opens = 512              # streams being dialled per tunnel connection
     [server.users]
     alice = { secret_file = "alice.secret" }
     [server.wstunnel]                    # how stock wstunnel clients are served

@@ -34,7 +34,8 @@ log = logging.getLogger("autovpn.limits")
 MAX_STREAMS_PER_CONNECTION: Final = 1024
 #: Streams of one tunnel connection whose target the server is still resolving or dialling
 #: (``[server] max_pending_opens``): each is a task and a socket for up to the connect timeout.
-MAX_PENDING_OPENS: Final = 256
+#: 256 refused some of 500 streams opened at once on the plain asyncio loop (slower dials).
+MAX_PENDING_OPENS: Final = 512
 #: TCP connections one client address may hold on the tunnel server, in its handshake or
 #: after (``[server] max_connections_per_address``): native tunnel connections and wstunnel
 #: tunnels (one connection each) alike.
