@@ -131,6 +131,8 @@ def chain(tmp_path: Path, target_args: tuple[str, ...] = ()) -> Iterator[Chain]:
                 str(work.key),
                 "--allow",
                 "127.0.0.0/8",
+                "--workers",
+                "1",  # one process, whose descriptors and memory are measured
                 # This load is one user's: lift the per-peer limits above it.
                 "--max-streams-per-connection",
                 str(2 * HELD),
