@@ -186,7 +186,6 @@ def apply_reverse_limit_arguments(args: argparse.Namespace, sc: ServerConfig) ->
         )
 
 
-
 def add_handshake_timeout_argument(p: argparse.ArgumentParser, what: str, default: float) -> None:
     p.add_argument(
         "--handshake-timeout", type=float, metavar="SECONDS", help=f"{what} ({default:g})"
@@ -200,6 +199,43 @@ def apply_handshake_timeout_argument(
         section.handshake_timeout = _value(
             HANDSHAKE_TIMEOUT, args.handshake_timeout, "--handshake-timeout"
         )
+
+
+#: The per-peer limits' flags (autovpn/limits.py): flag -> (key, the sections that have it, help).
+_LIMIT_FLAGS: dict[str, tuple[str, tuple[type[ClientConfig | ServerConfig], ...], str]] = {
+    "--max-connections-per-address": (
+        "max_connections_per_address",
+        (ClientConfig, ServerConfig),
+        "connections one client address may hold; more are closed at once (%s)",
+    ),
+    "--max-streams-per-connection": (
+        "max_streams_per_connection",
+        (ServerConfig,),
+        "streams one tunnel connection may have open; more: REFUSED_STREAM (%s)",
+    ),
+    "--max-pending-opens": (
+        "max_pending_opens",
+        (ServerConfig,),
+        "streams of one tunnel connection being dialled at once; more: REFUSED_STREAM (%s)",
+    ),
+}
+
+
+def add_limit_arguments(
+    p: argparse.ArgumentParser, section: type[ClientConfig | ServerConfig]
+) -> None:
+    """The limits' flags of the client's or the server's command, with the key's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(section)}
+    for flag, (key, sections, text) in _LIMIT_FLAGS.items():
+        if section in sections:
+            p.add_argument(flag, type=int, metavar="N", help=text % defaults[key])
+
+
+def apply_limit_arguments(args: argparse.Namespace, section: ClientConfig | ServerConfig) -> None:
+    for flag, (key, sections, _) in _LIMIT_FLAGS.items():
+        value = getattr(args, key, None)
+        if value is not None and type(section) in sections:
+            setattr(section, key, _value(_key_parser(type(section), key), value, flag))
 
 
 def _key_parser(cls: type[Any], name: str) -> Parser[Any]:

@@ -28,6 +28,7 @@ Example::
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
     handshake_timeout = 30               # seconds a local client has for its SOCKS5/HTTP request
+    max_connections_per_address = 1024   # per client address on each SOCKS5/HTTP listener
     reverse = ["tcp://127.0.0.1:2222:127.0.0.1:22"]   # -R: the server's port 2222 comes here
     [client.wstunnel]                    # wstunnel's client flags (protocol = "wstunnel")
     headers = { "X-Team" = "blue" }      # -H
@@ -44,6 +45,9 @@ Example::
     handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
     users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
     workers = 4                          # processes on the port (Linux); default: one per core
+    max_connections_per_address = 512    # TCP connections per client address
+    max_streams_per_connection = 1024    # per tunnel connection; more: REFUSED_STREAM
+    max_pending_opens = 512              # streams being dialled per tunnel connection
     [server.users]
     alice = { secret_file = "alice.secret" }
     [server.wstunnel]                    # how stock wstunnel clients are served
@@ -65,6 +69,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from autovpn.errors import ConfigError
+from autovpn.limits import (
+    LISTENER_MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_PENDING_OPENS,
+    MAX_STREAMS_PER_CONNECTION,
+    SERVER_MAX_CONNECTIONS_PER_ADDRESS,
+)
 from autovpn.net import is_loopback, normalize_host_name, parse_host
 from autovpn.pem import certificate_problem, private_key_problem
 from autovpn.policy import AllowEntry
@@ -802,6 +812,14 @@ class ClientConfig:
             " goes direct until one is back (rules and lists never); 0: off",
         ),
     )
+    max_connections_per_address: int = field(
+        default=LISTENER_MAX_CONNECTIONS_PER_ADDRESS,
+        metadata=toml(
+            integer(1),
+            "connections one client address may hold on each SOCKS5/HTTP listener (on loopback"
+            " every local program shares one address); more are closed at once",
+        ),
+    )
     protocol: str = field(
         default="autovpn",
         metadata=toml(
@@ -961,6 +979,30 @@ class ServerConfig:
             HANDSHAKE_TIMEOUT,
             "seconds a tunnel peer has for each step of its handshake: TLS, the upgrade request,"
             " the AUTH frame after the 101; bytes do not extend it (idle and slowloris peers)",
+        ),
+    )
+    max_connections_per_address: int = field(
+        default=SERVER_MAX_CONNECTIONS_PER_ADDRESS,
+        metadata=toml(
+            integer(1),
+            "TCP connections one client address may hold, in their handshake or after (native"
+            " tunnel connections and wstunnel tunnels alike); more are closed at once",
+        ),
+    )
+    max_streams_per_connection: int = field(
+        default=MAX_STREAMS_PER_CONNECTION,
+        metadata=toml(
+            integer(1),
+            "streams one tunnel connection may have open (each may buffer one 1 MiB window"
+            " here); more are refused with REFUSED_STREAM",
+        ),
+    )
+    max_pending_opens: int = field(
+        default=MAX_PENDING_OPENS,
+        metadata=toml(
+            integer(1),
+            "streams of one tunnel connection whose target is being resolved or dialled at"
+            " once; more are refused with REFUSED_STREAM",
         ),
     )
     secret_file: Path | None = field(
@@ -1391,6 +1433,12 @@ def load_file(path: Path) -> tuple[Config, list[ConfigError]]:
         return Config(), [
             ConfigError(str(path), f"TOML syntax: {exc}", int(at.group(1)) if at else None)
         ]
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        return Config(), [ConfigError(str(path), "TOML: arrays or tables nested too deeply")]
+    except ValueError as exc:
+        # Not a TOMLDecodeError: an integer of more than 4300 digits (int()'s own limit).
+        return Config(), [ConfigError(str(path), f"TOML: {exc}")]
     cfg, errors = parse_config(data, path.parent)
     for error in errors:
         error.line = key_line(text, error.key)

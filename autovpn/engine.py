@@ -601,6 +601,9 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         auth_failure_window=sc.auth_failure_window,
         handshake_timeout=sc.handshake_timeout,
         reuse_port=sc.reuse_port,
+        max_connections_per_address=sc.max_connections_per_address,
+        max_streams_per_connection=sc.max_streams_per_connection,
+        max_pending_opens=sc.max_pending_opens,
     )
 
 
@@ -650,6 +653,7 @@ def _make_listener(spec: ListenSpec, dialer: Dialer, client: ClientConfig) -> Pr
         creds,
         allow_open=client.allow_open,
         handshake_timeout=client.handshake_timeout,
+        max_connections_per_address=client.max_connections_per_address,
     )
 
 

@@ -173,7 +173,9 @@ async def tcp_server(
         finally:
             writer.close()
 
-    server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+    # A backlog for bursts: with asyncio's default of 100, 500 connects at once overflowed the
+    # accept queue on the plain asyncio loop (slower to accept) and one was reset.
+    server = await asyncio.start_server(wrapped, "127.0.0.1", 0, backlog=1024)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:

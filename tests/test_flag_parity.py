@@ -396,6 +396,13 @@ def cases(d: Path) -> list[Case]:
             5,
             lambda cc: cc.handshake_timeout,
         ),
+        c(
+            "--max-connections-per-address",
+            "max_connections_per_address",
+            ["--max-connections-per-address", "7"],
+            7,
+            lambda cc: cc.max_connections_per_address,
+        ),
         c("--protocol", "protocol", ["--protocol", "wstunnel"], "wstunnel", lambda cc: cc.protocol),
         c(
             "-R",
@@ -582,6 +589,27 @@ def cases(d: Path) -> list[Case]:
             ["--handshake-timeout", "2.5"],
             2.5,
             lambda sc: sc.handshake_timeout,
+        ),
+        s(
+            "--max-connections-per-address",
+            "max_connections_per_address",
+            ["--max-connections-per-address", "9"],
+            9,
+            lambda sc: sc.max_connections_per_address,
+        ),
+        s(
+            "--max-streams-per-connection",
+            "max_streams_per_connection",
+            ["--max-streams-per-connection", "64"],
+            64,
+            lambda sc: sc.max_streams_per_connection,
+        ),
+        s(
+            "--max-pending-opens",
+            "max_pending_opens",
+            ["--max-pending-opens", "8"],
+            8,
+            lambda sc: sc.max_pending_opens,
         ),
         s(
             "--reverse-bind",

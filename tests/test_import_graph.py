@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
         "autovpn.sysproxy",
         "autovpn.stats",  # counters the relays write and the control API reads
         "autovpn.logs",  # log destinations, formats and redaction (the CLI configures them)
+        "autovpn.limits",
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},

@@ -260,12 +260,16 @@ async def _guard(request: web.Request, handler: Handler) -> StreamResponse:
     api = request.app[_POLICY]
     length = request.content_length
     if length is not None and length > MAX_BODY:
-        return _json_error(413, f"body over {MAX_BODY} bytes")
+        too_big = _json_error(413, f"body over {MAX_BODY} bytes")
+        too_big.force_close()  # its body is not read: the connection cannot carry on
+        return too_big
     if api.policy is None:
         return _json_error(503, "the control API is starting")
     refusal = check_request(api.policy, request.method, request.path, request.headers)
     if refusal is not None:
-        return _json_error(refusal.status, refusal.reason, refusal.headers)
+        refused = _json_error(refusal.status, refusal.reason, refusal.headers)
+        refused.force_close()  # a refused peer (a rebinding page, say) gets no keep-alive
+        return refused
     try:
         response = await handler(request)
     except web.HTTPException as exc:

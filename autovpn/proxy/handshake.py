@@ -37,6 +37,13 @@ class HandshakeBase(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.listener.accepted += 1
+        # Counted until the socket closes, also after the relay took it over (the count
+        # notices closed ones by itself: see ConnectionsPerAddress).
+        if not self.listener.clients.admit(transport, str(peer[0]) if peer else "?"):
+            self.listener.failed += 1
+            self.transport.abort()  # past client.max_connections_per_address (logged there)
+            return
+        self.listener.watch_clients()
         self.listener.handshaking.add(self)
         self._timer = self.listener.loop.call_later(self.listener.handshake_timeout, self._timeout)
 
@@ -73,6 +80,8 @@ class HandshakeBase(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_timer()
+        if self.transport is not None:
+            self.listener.clients.release(self.transport)
 
     async def dial(
         self, host: str, port: int, early: bytes, failure: Callable[[StreamError], bytes]

@@ -45,6 +45,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -210,6 +211,24 @@ def js_regex_escape(text: str) -> str:
     return "".join(out)
 
 
+def compile_regex(text: str) -> re.Pattern[str]:
+    """A rule's regex, compiled; raises ``RuleError`` for one ``re`` cannot take.
+
+    Lists are downloaded, so no line of one may stop the engine from starting: besides
+    ``re.error``, a repeat count past 4294967295 (``a{4294967296}``) raises OverflowError and
+    a few thousand nested groups exhaust the parser's stack.  ``re``'s FutureWarning about a
+    possible nested set (``[[``) is not shown: the pattern means today what it says.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return re.compile(text)
+    except re.error as exc:
+        raise RuleError(f"invalid regex {text[:200]!r}: {exc}") from None
+    except (OverflowError, RecursionError):
+        raise RuleError(f"invalid regex {text[:80]!r}: too large or nested too deep") from None
+
+
 def make_rule(kind: RuleKind, value: str, action: Action, source: Source) -> Rule:
     """Build a rule with a validated, normalised value; raises ``RuleError``."""
     v = value.strip()
@@ -231,10 +250,7 @@ def make_rule(kind: RuleKind, value: str, action: Action, source: Source) -> Rul
     elif kind is RuleKind.REGEX:
         if not v:
             raise RuleError("empty regex")
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise RuleError(f"invalid regex {v!r}: {exc}") from None
+        compile_regex(v)
     elif kind is RuleKind.IP_CIDR:
         try:
             v = str(ipaddress.ip_network(v.strip("[]"), strict=False))
@@ -308,7 +324,7 @@ class RuleSet:
                     self.duplicates += 1
                 else:
                     seen_regex.add(rule.value)
-                    self.regexes.append((re.compile(rule.value), rule))
+                    self.regexes.append((compile_regex(rule.value), rule))
             elif kind is RuleKind.IP_CIDR:
                 net = ipaddress.ip_network(rule.value)
                 table = self.ipv4 if net.version == 4 else self.ipv6

@@ -307,6 +307,15 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _json(part: str) -> Any:
+    """One JWT part's JSON.  Nesting that exhausts the decoder's stack (2,000 ``[`` fit in a
+    JWT under MAX_JWT_SIZE) is a ValueError like any other bad token, not a RecursionError."""
+    try:
+        return json.loads(_b64d(part))
+    except RecursionError:
+        raise ValueError("JWT JSON nested too deeply") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Claims:
     """The JWT payload ``JwtTunnelConfig``: tunnel id, protocol, remote host and port."""
@@ -338,10 +347,10 @@ class Claims:
         parts = token.split(".")
         if len(parts) != 3:
             raise ValueError("a JWT has three parts")
-        header = json.loads(_b64d(parts[0]))
+        header = _json(parts[0])
         if not isinstance(header, dict) or header.get("alg") not in KNOWN_ALGORITHMS:
             raise ValueError("JWT header without a known alg")
-        claims = json.loads(_b64d(parts[1]))
+        claims = _json(parts[1])
         if not isinstance(claims, dict):
             raise ValueError("JWT claims are not an object")
         tid, p, r = claims.get("id"), claims.get("p"), claims.get("r")

@@ -40,6 +40,7 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
+from autovpn.eventloop import HeapTrimmer
 from autovpn.net import resolve_target
 from autovpn.stats import Flow
 from autovpn.tunnel.failures import Failing, certificate_reason
@@ -222,6 +223,8 @@ class TunnelClient:
         self._wake = asyncio.Event()
         self._last_attempt_end = 0.0
         self.failing = Failing()  # the run of failed connection attempts, for last_error
+        #: Gives back what a burst of streams freed, once they are gone (``HeapTrimmer``).
+        self.trimmer = HeapTrimmer()
         # When the last byte came on a connection the keepalive timeout closed, until a new
         # connection is up: the server is known not to answer (see _pick).
         self._silent_since: float | None = None
@@ -260,6 +263,7 @@ class TunnelClient:
                 await task
         self._tasks.clear()
         await asyncio.gather(*(conn.shutdown() for conn in connections))
+        self.trimmer.close()
 
     async def wait_up(self, within: float) -> bool:
         """Wait until a tunnel connection is up; False if none came ``within`` seconds."""
@@ -396,6 +400,7 @@ class TunnelClient:
             on_datagram=self._on_datagram,
             on_open=self.reverse.on_open if self.reverse is not None else None,
             peer=str(s.server),
+            trimmer=self.trimmer,
         )
         transport.set_protocol(mux)
         mux.connection_made(transport)

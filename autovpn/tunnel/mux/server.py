@@ -31,6 +31,12 @@ from autovpn.config import (
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason
 from autovpn.eventloop import HeapTrimmer
 from autovpn.ifaddrs import HostAddresses
+from autovpn.limits import (
+    MAX_PENDING_OPENS,
+    MAX_STREAMS_PER_CONNECTION,
+    SERVER_MAX_CONNECTIONS_PER_ADDRESS,
+    ConnectionsPerAddress,
+)
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_error
@@ -77,6 +83,12 @@ class ServerSettings:
     #: (the kernel spreads new connections over them).  Off otherwise, so that a second server
     #: on a taken port fails to start instead of sharing it.
     reuse_port: bool = False
+    #: Streams one tunnel connection may have open; OPENs past it get REFUSED_STREAM.
+    max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
+    #: Streams of one tunnel connection being resolved or dialled at once; more: REFUSED_STREAM.
+    max_pending_opens: int = MAX_PENDING_OPENS
+    #: TCP connections one client address may hold (handshakes, tunnels, wstunnel tunnels).
+    max_connections_per_address: int = SERVER_MAX_CONNECTIONS_PER_ADDRESS
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -103,6 +115,12 @@ class _ServerHandshake(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        # Counted until the connection ends, whoever owns it by then: the mux and wstunnel
+        # release it when their connection is lost.
+        if not self._server.clients.admit(transport, str(peer[0]) if peer else "?"):
+            self.transport.abort()  # past server.max_connections_per_address (logged there)
+            self.transport = None
+            return
         self._timer = asyncio.get_running_loop().call_later(
             self._server.settings.handshake_timeout, self._timeout
         )
@@ -117,7 +135,8 @@ class _ServerHandshake(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
+        if self.transport is None:
+            return  # refused at accept (max_connections_per_address): nothing is read
         if self._parser.state in (http1.ParserState.DONE, http1.ParserState.FAILED):
             return  # answered and closing: what still arrives is not read
         try:
@@ -181,7 +200,7 @@ class _ServerHandshake(asyncio.Protocol):
         self._cancel_timer()
         self.transport.write(accepted.response)
         # Not "connected" yet: the mux dispatches nothing before the AUTH frame passed.
-        mux = self._server.make_mux(accepted, self._peer)
+        mux = self._server.make_mux(accepted, self._peer, self.transport)
         self.transport.set_protocol(mux)
         mux.connection_made(self.transport)
         if rest:
@@ -194,6 +213,8 @@ class _ServerHandshake(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self.transport is not None:
+            self._server.clients.release(self.transport)
         self._server.trimmer.released()  # refused, timed out or gone before its upgrade
 
 
@@ -215,6 +236,13 @@ class TunnelServer:
         self.stats: Stats | None = None
         self._server: asyncio.Server | None = None
         self._dials: set[asyncio.Task[None]] = set()
+        #: Dials in progress per tunnel connection (``settings.max_pending_opens``).
+        self._opening: dict[MuxConnection, int] = {}
+        #: TCP connections per client address (``settings.max_connections_per_address``):
+        #: admitted when accepted, released by whoever owns the connection when it ends.
+        self.clients = ConnectionsPerAddress(
+            settings.max_connections_per_address, "server.max_connections_per_address"
+        )
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
         self.udp: UdpFlows | None = None
         self.reverse = ReverseListeners(
@@ -318,7 +346,12 @@ class TunnelServer:
                 limiter.window,
             )
 
-    def make_mux(self, accepted: handshake.Accepted, peer: str) -> MuxConnection:
+    def make_mux(
+        self,
+        accepted: handshake.Accepted,
+        peer: str,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> MuxConnection:
         """The mux for a connection just sent ``accepted.response`` (the 101).
 
         It stays unauthenticated until the client's first frame, an AUTH answering the 101's
@@ -328,6 +361,7 @@ class TunnelServer:
         """
         s = self.settings
         deadline: asyncio.TimerHandle | None = None
+        release = self.clients.releaser(transport) if transport is not None else None
 
         def authenticate(ftype: int, flags: int, sid: int, payload: bytes | memoryview) -> None:
             if deadline is not None:
@@ -344,6 +378,8 @@ class TunnelServer:
         def lost(conn: MuxConnection) -> None:
             if deadline is not None:
                 deadline.cancel()
+            if release is not None:
+                release()
             self._connection_lost(conn)
 
         mux = MuxConnection(
@@ -357,6 +393,8 @@ class TunnelServer:
             on_lost=lost,
             authenticate=authenticate,
             peer=f"{peer} ({accepted.user})",
+            max_streams=s.max_streams_per_connection,
+            trimmer=self.trimmer,
         )
         deadline = mux.loop.call_later(s.handshake_timeout, self._no_auth, mux, peer)
         self.connections.add(mux)
@@ -389,6 +427,15 @@ class TunnelServer:
         if kind != StreamKind.TCP:
             conn.reset_stream(sid, ResetReason.PROTOCOL_ERROR, "stream kind not supported")
             return
+        opening = self._opening.get(conn, 0)
+        if opening >= self.settings.max_pending_opens:
+            # Each dial holds a task and maybe a socket for up to the connect timeout: a
+            # client that opens streams to unreachable targets must not pile them up.
+            self.streams_failed += 1
+            conn.reset_stream(
+                sid, ResetReason.REFUSED_STREAM, f"{opening} opens in progress, the limit"
+            )
+            return
         ep = StreamEndpoint(conn, sid, send_credit=window)
         ep.early = early
         ep.recv_unacked = len(early)  # early data counts against our window like DATA
@@ -409,7 +456,14 @@ class TunnelServer:
         conn.streams[sid] = ep
         task = conn.loop.create_task(self._dial(ep, host, port), name=f"dial-{host}:{port}")
         self._dials.add(task)
-        task.add_done_callback(self._dials.discard)
+        self._opening[conn] = opening + 1
+        task.add_done_callback(lambda done: self._dial_done(done, conn))
+
+    def _dial_done(self, task: asyncio.Task[None], conn: MuxConnection) -> None:
+        self._dials.discard(task)
+        left = self._opening.pop(conn, 1) - 1
+        if left > 0:
+            self._opening[conn] = left
 
     async def _dial(self, ep: StreamEndpoint, host: str, port: int) -> None:
         conn = ep.conn

@@ -35,6 +35,12 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 
 PREFACE_LINE: Final = "PRI * HTTP/2.0"
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: The receive window of a whole HTTP/2 connection.  A stream's data is acknowledged only once
+#: its destination's socket took it, so a slow destination holds its stream's window (64 KiB,
+#: the protocol's default) unacknowledged: a connection window of the same 64 KiB would then
+#: stop every other stream of the connection too.  h2's default of 100 streams at 64 KiB each
+#: fits in this.
+CONNECTION_WINDOW: Final = 16 << 20
 
 
 def _text(value: str | bytes) -> str:
@@ -52,6 +58,8 @@ class _Target(asyncio.Protocol):
         self.eof = False
         self.ended = False
         self.held: list[bytes] = []
+        self.write_paused = False
+        self.unacked = 0  # bytes of received DATA written here, not yet acknowledged
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -65,6 +73,13 @@ class _Target(asyncio.Protocol):
         self.eof = True
         self.conn.pump(self)
         return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True  # the destination reads slower than its stream sends
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.conn.acknowledge(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
@@ -86,12 +101,17 @@ class H2Tunnels(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.targets: dict[int, _Target] = {}
         self.early: dict[int, list[bytes]] = {}
+        #: Flow-controlled bytes of ``early`` (padding included): acknowledged when written.
+        self.early_size: dict[int, int] = {}
         self.closed = False
 
     def start(self, transport: asyncio.Transport, data: bytes) -> None:
         self.transport = transport
         transport.set_protocol(self)
         self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(
+            CONNECTION_WINDOW - self.h2.inbound_flow_control_window
+        )
         self.data_received(data)
         transport.resume_reading()
 
@@ -110,18 +130,27 @@ class H2Tunnels(asyncio.Protocol):
     def _event(self, event: Any) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self.early[event.stream_id] = []
+            self.early_size[event.stream_id] = 0
             headers = [(_text(k), _text(v)) for k, v in event.headers]
             self.service.spawn_h2(self._open(event.stream_id, headers))
         elif isinstance(event, h2.events.DataReceived):
-            target = self.targets.get(event.stream_id)
+            # Acknowledged (the peer may send more) only once the destination's socket took
+            # it: before, a destination that read nothing let a client fill our memory.
+            sid, size = event.stream_id, event.flow_controlled_length
+            target = self.targets.get(sid)
             if target is not None and target.transport is not None:
                 target.transport.write(event.data)
-            elif event.stream_id in self.early:
-                self.early[event.stream_id].append(event.data)
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                target.unacked += size
+                if not target.write_paused:
+                    self.acknowledge(target)
+            elif sid in self.early:  # held for the destination, acknowledged once written
+                self.early[sid].append(event.data)
+                self.early_size[sid] += size
+            else:  # a stream that is over: nothing holds its bytes
+                self._acknowledge(size, sid)
         elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
             target = self.targets.pop(event.stream_id, None)
-            self.early.pop(event.stream_id, None)
+            self._drop_early(event.stream_id)
             if target is not None and target.transport is not None:
                 target.ended = True
                 if isinstance(event, h2.events.StreamEnded):
@@ -181,13 +210,37 @@ class H2Tunnels(asyncio.Protocol):
         assert target.transport is not None
         for data in self.early.pop(stream_id, []):
             target.transport.write(data)
+        target.unacked += self.early_size.pop(stream_id, 0)
+        if not target.write_paused:
+            self.acknowledge(target)
         target.transport.resume_reading()
         self._flush()
+
+    def acknowledge(self, target: _Target) -> None:
+        """Grant back what ``target``'s socket took (its socket is not paused)."""
+        if target.unacked and not self.closed:
+            size, target.unacked = target.unacked, 0
+            self._acknowledge(size, target.stream_id)
+            self._flush()
+
+    def _acknowledge(self, size: int, stream_id: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except h2.exceptions.ProtocolError:
+            pass  # the stream is gone: nothing to grant it
+
+    def _drop_early(self, stream_id: int) -> None:
+        """A stream refused or ended before its destination took its bytes: the connection's
+        window gets them back (the stream's own is moot)."""
+        self.early.pop(stream_id, None)
+        size = self.early_size.pop(stream_id, 0)
+        if size:
+            self._acknowledge(size, stream_id)
 
     def _answer_400(self, stream_id: int) -> None:
         if self.closed:
             return
-        self.early.pop(stream_id, None)
+        self._drop_early(stream_id)
         body = b"Invalid request"
         try:
             self.h2.send_headers(
@@ -257,4 +310,6 @@ class H2Tunnels(asyncio.Protocol):
         self.closed = True
         self._drop_targets()
         self.service.h2_connections.discard(self)
+        if self.transport is not None:
+            self.service.server.clients.release(self.transport)  # counted since its accept
         self.service.server.trimmer.released()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -46,16 +47,18 @@ class PortRange:
     @classmethod
     def parse(cls, value: Any) -> PortRange:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value <= 65535:
+                raise ConfigError("port", f"{value} out of range")
             return cls(value, value)
-        text = str(value).strip()
+        text = _scalar(value, "port", "port").strip()
         low, sep, high = text.partition("..")
         try:
             lo = int(low)
             hi = int(high) if sep else lo
         except ValueError:
-            raise ConfigError("port", f"{value!r} is not N or A..B") from None
+            raise ConfigError("port", f"{text[:80]!r} is not N or A..B") from None
         if not 0 <= lo <= hi <= 65535:
-            raise ConfigError("port", f"{value!r} out of range")
+            raise ConfigError("port", f"{text[:80]!r} out of range")
         return cls(lo, hi)
 
     def __contains__(self, port: object) -> bool:
@@ -245,6 +248,13 @@ class Restrictions:
             data = yaml.load(text, Loader=loader_class)
         except yaml.YAMLError as exc:
             raise ConfigError(source, f"YAML: {exc}") from None
+        except RecursionError:
+            # PyYAML composes recursively: a few thousand nested brackets exhaust the stack.
+            raise ConfigError(source, "YAML: nested too deeply") from None
+        except (ValueError, TypeError) as exc:
+            # Not YAMLErrors: an integer of more than 4300 digits (int()'s own limit), a tagged
+            # list used as a mapping key (unhashable).
+            raise ConfigError(source, f"YAML: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("restrictions"), list):
             raise ConfigError(source, "expected a top-level 'restrictions:' list")
         rules = []
@@ -260,10 +270,10 @@ class Restrictions:
                 raise ConfigError(key, "'allow' must be a list")
             rules.append(
                 Restriction(
-                    str(entry.get("name", "")),
+                    _scalar(entry.get("name", ""), "name", key),
                     tuple(_matcher(m, key) for m in matchers),
                     tuple(_allow(a, key) for a in allows),
-                    str(entry.get("description") or ""),
+                    _scalar(entry.get("description") or "", "description", key),
                 )
             )
         return cls(tuple(rules))
@@ -271,9 +281,28 @@ class Restrictions:
 
 def _regex(value: Any, key: str) -> re.Pattern[str]:
     try:
-        return re.compile(str(value))
+        with warnings.catch_warnings():  # "possible nested set" ([[): valid today
+            warnings.simplefilter("ignore", FutureWarning)
+            return re.compile(_scalar(value, "regex", key))
     except re.error as exc:
         raise ConfigError(key, f"bad regex {value!r}: {exc}") from None
+    except (OverflowError, RecursionError):
+        # Not re.error: a repeat count past 4294967295, or groups nested thousands deep.
+        shown = str(value)[:80]
+        raise ConfigError(key, f"bad regex {shown!r}: too large or nested too deep") from None
+
+
+def _scalar(value: Any, what: str, key: str) -> str:
+    """A YAML scalar as text.  A mapping or a list (or a tagged one) is refused: formatting
+    one built of nested aliases ("billion laughs") would take forever."""
+    if isinstance(value, dict | list | tuple):
+        raise ConfigError(key, f"{what} must be a single value, not a {type(value).__name__}")
+    return str(value)
+
+
+def _is_port(text: str) -> bool:
+    # ASCII digits only, and few of them: int() would take "٣" or choke on 5,000 digits.
+    return text.isascii() and text.isdecimal() and len(text) <= 5 and int(text) <= 65535
 
 
 def _matcher(value: Any, key: str) -> Matcher:
@@ -300,7 +329,10 @@ def _cidrs(body: dict[str, Any], key: str) -> tuple[IPNetwork, ...]:
     if "cidr" not in body:
         return ALL_NETWORKS
     try:
-        return tuple(ipaddress.ip_network(str(c), strict=False) for c in _list(body, "cidr", key))
+        return tuple(
+            ipaddress.ip_network(_scalar(c, "cidr", key), strict=False)
+            for c in _list(body, "cidr", key)
+        )
     except ValueError as exc:
         raise ConfigError(key, f"bad cidr: {exc}") from None
 
@@ -314,7 +346,7 @@ def _allow(value: Any, key: str) -> Allow:
     if not isinstance(body, dict):
         raise ConfigError(key, f"!{tag} takes a mapping")
     ports = tuple(PortRange.parse(p) for p in _list(body, "port", key))
-    protocols = frozenset(str(p) for p in _list(body, "protocol", key))
+    protocols = frozenset(_scalar(p, "protocol", key) for p in _list(body, "protocol", key))
     if tag == "Tunnel":
         unknown = protocols - set(FORWARD_NAMES.values())
         if unknown:
@@ -327,9 +359,9 @@ def _allow(value: Any, key: str) -> Allow:
             raise ConfigError(key, f"unknown reverse protocol(s) {sorted(unknown)}")
         mapping = []
         for m in _list(body, "port_mapping", key):
-            x, sep, y = str(m).partition(":")
-            if not sep or not x.strip().isdecimal() or not y.strip().isdecimal():
-                raise ConfigError(key, f"port_mapping {m!r} is not X:Y")
+            x, sep, y = (part.strip() for part in _scalar(m, "port_mapping", key).partition(":"))
+            if not sep or not _is_port(x) or not _is_port(y):
+                raise ConfigError(key, f"port_mapping {str(m)[:80]!r} is not X:Y (ports 0-65535)")
             mapping.append((int(x), int(y)))
         unix = _regex(body["unix_path"], key) if "unix_path" in body else _MATCH_ALL
         return AllowReverseTunnel(protocols, ports, tuple(mapping), _cidrs(body, key), unix)

@@ -275,8 +275,9 @@ class WstunnelService:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _closed(self, ws: WsSide) -> None:
+    def _closed(self, ws: WsSide, release: Callable[[], None]) -> None:
         self.tunnels.discard(ws)
+        release()  # the connection, counted per address since its accept (the server's)
         self.server.trimmer.released()
 
     def offer(
@@ -297,14 +298,17 @@ class WstunnelService:
             return False
         pending = _Pending(transport)
         transport.set_protocol(pending)
+        # Whichever protocol holds the connection when it ends releases it (one-shot).
+        release = self.server.clients.releaser(transport)
         task = asyncio.get_running_loop().create_task(
-            self._serve(head, transport, rest, peer, pending), name=f"wstunnel-{peer}"
+            self._serve(head, transport, rest, peer, pending, release), name=f"wstunnel-{peer}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
         def lost() -> None:
             task.cancel()
+            release()
 
         pending.on_lost = lost
         return True
@@ -316,6 +320,7 @@ class WstunnelService:
         rest: bytes,
         peer: str,
         pending: _Pending,
+        release: Callable[[], None],
     ) -> None:
         # Whatever ends this request before the relay owns its sockets (a refusal, the peer
         # leaving, cancellation, or a bug) goes through the ``finally``: the dialled target is
@@ -335,7 +340,7 @@ class WstunnelService:
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
                 peer=peer,
-                on_closed=self._closed,
+                on_closed=lambda ws: self._closed(ws, release),
             )
             cookie: str | None = None
             early = b""
