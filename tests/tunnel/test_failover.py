@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -48,68 +47,9 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
+from tests.processes import Process, autovpn
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-
-
-class Process:
-    """A running ``python -m autovpn ...`` whose output is drained and kept."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.output: list[str] = []
-        self.ready = asyncio.Event()  # the banner: "autovpn X running (LOOP event loop)"
-        self.drain = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.output.append(line.decode(errors="replace"))
-            if " running (" in self.output[-1]:
-                self.ready.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
-
-    async def kill(self) -> None:
-        """SIGKILL, as when the process or its machine dies; waited for."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        await self.drain
-
-
-@asynccontextmanager
-async def autovpn(
-    *args: str, secret: bytes = SECRET, state: Path | None = None
-) -> AsyncIterator[Process]:
-    """``python -m autovpn ARGS`` until its start-up banner; always killed and waited for."""
-    env = env_without_proxies()  # with the test's AUTOVPN_STATE_DIR and HOME (conftest)
-    env["AUTOVPN_SECRET"] = secret.decode()
-    env["PYTHONUNBUFFERED"] = "1"
-    if state is not None:
-        env["AUTOVPN_STATE_DIR"] = str(state)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autovpn",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    process = Process(proc)
-    try:
-        ready = asyncio.ensure_future(process.ready.wait())
-        async with asyncio.timeout(30):
-            await asyncio.wait([ready, process.drain], return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            ready.cancel()
-            raise AssertionError("autovpn exited before it was ready:\n" + process.text)
-        yield process
-    finally:
-        await process.kill()
 
 
 @asynccontextmanager

@@ -40,7 +40,6 @@ from tests.conftest import (
     Certs,
     curl,
     engine_config,
-    env_without_proxies,
     eventually,
     free_port,
     http_port,
@@ -51,6 +50,7 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
+from tests.processes import Process, autovpn
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -159,63 +159,6 @@ async def read_http_head(reader: asyncio.StreamReader) -> bytes:
 # --- the processes -----------------------------------------------------------------------------
 
 
-class Process:
-    """A running ``python -m autovpn ...``; its output is drained (and kept for messages)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.output: list[str] = []
-        self.ready = asyncio.Event()  # the banner: "autovpn X running (LOOP event loop)"
-        self.drain = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.output.append(line.decode(errors="replace"))
-            if " running (" in self.output[-1]:
-                self.ready.set()
-
-    async def kill(self) -> None:
-        """SIGKILL: no goodbye of any kind, as when the process or its machine dies."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-
-    async def stop(self) -> None:
-        await self.kill()
-        await self.drain
-
-
-@asynccontextmanager
-async def autovpn(*args: str) -> AsyncIterator[Process]:
-    """``python -m autovpn ARGS`` until its start-up banner; always killed and waited for."""
-    env = env_without_proxies()  # with the test's AUTOVPN_STATE_DIR (conftest)
-    env["AUTOVPN_SECRET"] = SECRET.decode()
-    env["PYTHONUNBUFFERED"] = "1"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autovpn",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    process = Process(proc)
-    try:
-        ready = asyncio.ensure_future(process.ready.wait())
-        async with asyncio.timeout(30):
-            await asyncio.wait([ready, process.drain], return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            ready.cancel()
-            raise AssertionError("autovpn exited before it was ready:\n" + "".join(process.output))
-        banner = next(line for line in process.output if " running (" in line)
-        assert f"({os.environ['AUTOVPN_LOOP']} event loop)" in banner, banner
-        yield process
-    finally:
-        await process.stop()
-
-
 def server_args(certs: Certs, port: int) -> list[str]:
     return [
         "server",
@@ -235,7 +178,7 @@ def server_args(certs: Certs, port: int) -> list[str]:
 @asynccontextmanager
 async def server_process(certs: Certs) -> AsyncIterator[tuple[Process, int]]:
     port = free_port()
-    async with autovpn(*server_args(certs, port)) as server:
+    async with autovpn(*server_args(certs, port), loop=os.environ["AUTOVPN_LOOP"]) as server:
         yield server, port
 
 
@@ -410,6 +353,7 @@ def test_client_killed_mid_upload_resets_the_target(certs: Certs, loop: str, pro
                 "--mode",
                 "global",
                 f"wss://127.0.0.1:{eng.server.port}",
+                loop=os.environ["AUTOVPN_LOOP"],
             ) as client:
                 uploading = asyncio.ensure_future(upload(socks, sink_port))
                 try:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,13 +38,13 @@ from tests.conftest import (
     SECRET_PREFIX,
     Certs,
     echo_handler,
-    env_without_proxies,
     eventually,
     free_port,
     run,
     socks_open,
     tcp_server,
 )
+from tests.processes import autovpn
 from tests.tunnel.test_server_hardening import _CountingTarget, _listening
 from tests.tunnel.wstunnel import wstunnel_peer as peer
 from tests.tunnel.wstunnel.test_wstunnel_io import client_cert, peer_tls
@@ -61,50 +59,10 @@ ALICE_SECRET = "alice-secret-7f3a9c2e"  # URL-safe, as a stock client sends it w
 async def server_process(tmp_path: Path, *args: str) -> AsyncIterator[list[str]]:
     """``python -m autovpn server ARGS`` (the default user's secret from AUTOVPN_SECRET);
     yields its output lines, a list that grows while it runs.  Ctrl-C and wait on exit."""
-    env = env_without_proxies()
-    env.update(
-        AUTOVPN_SECRET=SECRET.decode(),
-        AUTOVPN_STATE_DIR=str(tmp_path / "state"),
-        PYTHONUNBUFFERED="1",
-        HOME=str(tmp_path),
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autovpn",
-        "--log-level",
-        "debug",
-        "server",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    lines: list[str] = []
-
-    async def read_lines() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            lines.append(line.decode(errors="replace"))
-
-    reading = asyncio.ensure_future(read_lines())
-    try:
-        async with asyncio.timeout(30):
-            while not any(" running (" in line for line in lines):  # printed once started
-                if reading.done():
-                    raise AssertionError("the server exited:\n" + "".join(lines))
-                await asyncio.sleep(0.05)
-        yield lines
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        await reading
+    async with autovpn(
+        "--log-level", "debug", "server", *args, state=tmp_path / "state", interrupt=True
+    ) as process:
+        yield process.output
 
 
 async def answer(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +23,8 @@ from autovpn.config import ServerURL
 from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from tests.conftest import SECRET, env_without_proxies, free_port, run, tcp_server
+from tests.conftest import SECRET, free_port, run, tcp_server
+from tests.processes import autovpn
 
 #: What a refused replay that got past the upgrade reads: the WebSocket close frame with code
 #: 1008 (policy violation), then EOF.
@@ -162,50 +162,15 @@ def test_replay_to_another_server_and_to_the_same_one_is_refused(
 async def server_process(port: int, tmp_path: Path) -> AsyncIterator[list[str]]:
     """``python -m autovpn server ws://127.0.0.1:PORT``; yields its output lines so far (the
     list grows while it runs).  Ctrl-C and wait on exit."""
-    env = env_without_proxies()
-    env.update(
-        AUTOVPN_SECRET=SECRET.decode(),
-        AUTOVPN_STATE_DIR=str(tmp_path / "state"),
-        PYTHONUNBUFFERED="1",
-        HOME=str(tmp_path),
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "autovpn",
+    async with autovpn(
         "server",
         f"ws://127.0.0.1:{port}",
         "--allow",
         "127.0.0.0/8",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    lines: list[str] = []
-
-    async def read_lines() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            lines.append(line.decode(errors="replace"))
-
-    reading = asyncio.ensure_future(read_lines())
-    try:
-        async with asyncio.timeout(30):
-            while not any("listening" in line for line in lines):
-                if reading.done():
-                    raise AssertionError("the server exited:\n" + "".join(lines))
-                await asyncio.sleep(0.05)
-        yield lines
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-        await reading
+        state=tmp_path / "state",
+        interrupt=True,
+    ) as process:
+        yield process.output
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child is POSIX")
