@@ -360,8 +360,6 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     cc.server, cc.secret = server, secret
     if urls:  # the command line's servers replace the file's: in order, the first preferred
         cc.servers = entries if len(entries) > 1 else []
-    if len(cc.servers) > 1 and wstunnel_protocol:
-        raise ConfigError("server", "several servers need the autovpn protocol")
     if args.secret_file:
         cc.secret_file = args.secret_file
     if args.listen:

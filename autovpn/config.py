@@ -1065,8 +1065,6 @@ def _finish_client(t: Found[ClientConfig]) -> None:
             t.error("servers", "give server or servers, not both")
         elif servers:
             t.values["server"] = servers[0].url
-            if len(servers) > 1 and t.values.get("protocol") == "wstunnel":
-                t.error("servers", 'several servers need protocol = "autovpn"')
         elif "server" not in t.given:
             t.error("server", "required: a wss:// or ws:// URL (or servers = [...])")
     if t.failed("secret_file"):

@@ -19,7 +19,9 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from autovpn import __version__, sysproxy
 from autovpn.config import (
@@ -28,6 +30,7 @@ from autovpn.config import (
     Config,
     ListenSpec,
     ServerConfig,
+    ServerEntry,
     ServerURL,
     server_entries,
     state_dir,
@@ -48,12 +51,14 @@ from autovpn.routing.rules import RuleKind
 from autovpn.routing.scoring import SCORES_FILE, ScoreBook
 from autovpn.routing.upstream import Upstream
 from autovpn.stats import HEALTH_INTERVAL, HealthSample, Stats, ratio
+from autovpn.tunnel.failover import Member
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.pool import PoolServer, ServerPool
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
 from autovpn.tunnel.tls import client_context, make_private_ca, server_context, write_private
-from autovpn.tunnel.wstunnel.client import WstunnelClient, client_settings
+from autovpn.tunnel.wstunnel.client import client_settings
 from autovpn.tunnel.wstunnel.server import WstunnelService
+from autovpn.tunnel.wstunnel.servers import WstunnelServer, WstunnelServers
 from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn")
@@ -99,9 +104,9 @@ class Engine:
         self.server: TunnelServer | None = None
         #: The tunnel servers of the native protocol (one or several, with failover).
         self.pool: ServerPool | None = None
-        #: wstunnel v10 protocol: the client (``client.protocol = "wstunnel"``) and the server
-        #: side served on the tunnel server's port.
-        self.wstunnel: WstunnelClient | None = None
+        #: wstunnel v10 protocol: the client (``client.protocol = "wstunnel"``: one or several
+        #: servers, with failover) and the server side served on the tunnel server's port.
+        self.wstunnel: WstunnelServers | None = None
         self.wstunnel_service: WstunnelService | None = None
         #: Fixed forwards (-L tcp://, unix://, stdio://): always through the tunnel.
         self.forwards: list[ForwardListener | StdioForward] = []
@@ -202,7 +207,7 @@ class Engine:
                 {"kind": lst.kind.value, "host": lst.host, "port": lst.bound_port}
                 for lst in self.listeners
             ],
-            "tunnel": None if self.pool is None else self._tunnel_stats(),
+            "tunnel": self._tunnel_stats(),
             "server": None if self.server is None else self._server_stats(),
             "connections": {
                 "accepted": sum(lst.accepted for lst in self.listeners),
@@ -247,6 +252,13 @@ class Engine:
         """One health sample of each tunnel server (``Stats.health``): its state, the lowest
         RTT of its connections' own pings, and the share of pings lost since the previous
         sample; and the share of UDP datagrams dropped (the pool's and the servers')."""
+        if self.stats is not None and self.wstunnel is not None:
+            # Only the state: a wstunnel server has no connection of its own to ping.
+            now = round(time.time(), 3)
+            for w in self.wstunnel.clients:
+                self.stats.sample_health(
+                    str(w.settings.server), HealthSample(now, w.state, None, None)
+                )
         if self.stats is None or self.pool is None:
             return
         pool = self.pool
@@ -283,8 +295,11 @@ class Engine:
             self.sample_health()
             await asyncio.sleep(HEALTH_INTERVAL)
 
-    def _tunnel_stats(self) -> dict[str, object]:
-        assert self.pool is not None
+    def _tunnel_stats(self) -> dict[str, object] | None:
+        if self.wstunnel is not None:
+            return self._wstunnel_stats(self.wstunnel)
+        if self.pool is None:
+            return None
         pool = self.pool
         t = pool.clients[0]
         return {
@@ -307,6 +322,23 @@ class Engine:
                 for client in pool.clients
                 for c in client.connections
             ],
+        }
+
+    @staticmethod
+    def _wstunnel_stats(servers: WstunnelServers) -> dict[str, object]:
+        """The same shape as our own protocol's: no connection outlives a wstunnel tunnel, so
+        ``connections`` is empty and each server counts its open ``tunnels``."""
+        return {
+            "protocol": "wstunnel",
+            "server": str(servers.clients[0].settings.server),
+            "up": servers.up,
+            "connects": sum(c.connects for c in servers.clients),
+            "last_error": None if servers.up else str(servers.unavailable()),
+            "datagrams_dropped": 0,  # counted by each UDP relay
+            "retried": servers.retried,
+            "fallback_direct": servers.fallback_direct,
+            "servers": servers.servers_status(),
+            "connections": [],
         }
 
     def _server_stats(self) -> dict[str, object]:
@@ -350,45 +382,19 @@ class Engine:
                 log.log(level, line)
         client = cfg.client
         if client is not None and client.protocol == "wstunnel":
-            if client.server.port == 0 and self.server is not None:  # in-process server
-                client = dataclasses.replace(
-                    client, server=dataclasses.replace(client.server, port=self.server.port)
-                )
             await self._start_wstunnel_client(client)
         elif client is not None:
-            servers = []
-            for entry in server_entries(client):
-                url = entry.url
-                if url.port == 0 and self.server is not None:  # embedded: bound on port 0
-                    url = dataclasses.replace(url, port=self.server.port)
-                servers.append(
-                    PoolServer(_client_settings(client, url), entry.priority, entry.weight)
-                )
+            servers = [
+                PoolServer(_client_settings(client, url), entry.priority, entry.weight)
+                for entry, url in self._server_urls(client)
+            ]
             self.pool = pool = ServerPool(
                 servers,
                 retries=client.retries,
                 fallback_direct_after=client.fallback_direct_after,
             )
-            pool.start()
-            # Give the first tunnel connection a moment, so that the first connections and
-            # datagrams do not race it; a server that is down only delays start-up this long.
-            if not await pool.wait_up(STARTUP_WAIT):
-                log.warning(
-                    "no tunnel connection yet (%s); retrying in the background",
-                    pool.unavailable(),
-                )
             self.resolver.opener = pool.open_socket_stream
-            dialer = Dialer(
-                self.router,
-                pool,
-                client.connect_timeout,
-                resolver=self.resolver,
-                scores=self.scores,
-                retries=client.retries,
-                fallback_direct=lambda: pool.fallback_direct,
-                stats=self.stats,
-            )
-            self._dialers.append(dialer)
+            dialer = await self._start_servers(pool, client)
             for spec in client.listen:
                 if spec.scheme == "udp":
                     relay = _make_udp_relay(spec, pool)
@@ -412,7 +418,7 @@ class Engine:
             if cfg.system_proxy:
                 # Blocking (a few gsettings/networksetup runs): once, at start.
                 self.system_proxy = sysproxy.point_at(f"{self.api.url}/proxy.pac", state_dir())
-        if self.stats is not None and self.pool is not None:
+        if self.stats is not None and (self.pool is not None or self.wstunnel is not None):
             self._health = asyncio.get_running_loop().create_task(
                 self._sample_health_forever(), name="tunnel-health"
             )
@@ -421,17 +427,55 @@ class Engine:
                 self.resolver.resolve_many(self.list_names("all")), name="dns-warm-up"
             )
 
-    async def _start_wstunnel_client(self, client: ClientConfig) -> None:
-        self.wstunnel = WstunnelClient(client_settings(client))
-        self.wstunnel.start()
+    async def _start_servers(
+        self, servers: ServerPool | WstunnelServers, client: ClientConfig
+    ) -> Dialer:
+        """Start the client's servers and the dialer through them."""
+        servers.start()
+        # Give the first tunnel connection (or probe) a moment, so that the first connections
+        # and datagrams do not race it; a server that is down only delays start-up this long.
+        if not await servers.wait_up(STARTUP_WAIT):
+            log.warning(
+                "no tunnel connection yet (%s); retrying in the background",
+                servers.unavailable(),
+            )
         dialer = Dialer(
             self.router,
-            self.wstunnel,
+            servers,
+            client.connect_timeout,
             resolver=self.resolver,
             scores=self.scores,
+            retries=client.retries,
+            fallback_direct=lambda: servers.fallback_direct,
             stats=self.stats,
         )
         self._dialers.append(dialer)
+        return dialer
+
+    def _server_urls(self, client: ClientConfig) -> list[tuple[ServerEntry, ServerURL]]:
+        """The client's servers and the URL to dial for each: an in-process server bound on
+        port 0 (embedded) is dialled on the port it got."""
+        out = []
+        for entry in server_entries(client):
+            url = entry.url
+            if url.port == 0 and self.server is not None:
+                url = dataclasses.replace(url, port=self.server.port)
+            out.append((entry, url))
+        return out
+
+    async def _start_wstunnel_client(self, client: ClientConfig) -> None:
+        options = client.wstunnel
+        self.wstunnel = servers = WstunnelServers(
+            [
+                WstunnelServer(client_settings(client, url), entry.priority, entry.weight)
+                for entry, url in self._server_urls(client)
+            ],
+            reverse=options.remote_to_local,
+            reverse_max_backoff=options.reverse_max_backoff,
+            retries=client.retries,
+            fallback_direct_after=client.fallback_direct_after,
+        )
+        dialer = await self._start_servers(servers, client)
         for spec in client.listen:
             if spec.scheme in FORWARD_LISTENER_SCHEMES:
                 await self._start_forward(spec, self.wstunnel)
@@ -545,12 +589,7 @@ class Engine:
                 f"tunnel server  {'wss' if s.ssl_context else 'ws'}://{s.host}:{self.server.port}"
             )
         if self.pool is not None:
-            members = self.pool.members
-            servers = ", ".join(
-                str(m.client.settings.server)
-                + (f" (priority {m.priority}, weight {m.weight})" if len(members) > 1 else "")
-                for m in members
-            )
+            servers = _servers_line(self.pool.members)
             lines.append(f"tunnel client  -> {servers}  (mode {self.router.mode.value})")
         for relay in self.udp_relays:
             lines.append(
@@ -577,8 +616,18 @@ class Engine:
                 " (through the tunnel)"
             )
         if self.wstunnel is not None:
-            lines.append(f"tunnel client  -> {self.wstunnel.settings.server}  (wstunnel protocol)")
+            servers = _servers_line(self.wstunnel.members)
+            lines.append(f"tunnel client  -> {servers}  (wstunnel protocol)")
         return lines
+
+
+def _servers_line(members: Sequence[Member[Any]]) -> str:
+    """The servers of the banner's line, with their priority and weight when several."""
+    return ", ".join(
+        str(m.client.settings.server)
+        + (f" (priority {m.priority}, weight {m.weight})" if len(members) > 1 else "")
+        for m in members
+    )
 
 
 def _server_settings(sc: ServerConfig) -> ServerSettings:

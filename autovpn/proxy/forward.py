@@ -23,7 +23,8 @@ from autovpn.errors import BindError, StreamError
 from autovpn.net import reset_transport
 from autovpn.ports import bind_error
 from autovpn.proxy.dialer import TunnelOpener, Upstream
-from autovpn.tunnel.wstunnel.client import WstunnelClient, WsUpstream
+from autovpn.tunnel.wstunnel.client import WsUpstream
+from autovpn.tunnel.wstunnel.servers import WstunnelServers
 from autovpn.wire import wstunnel
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ FORWARD_LISTENER_SCHEMES: Final = ("tcp", "unix", "stdio")
 async def open_forward(opener: TunnelOpener, spec: ListenSpec, early: bytes = b"") -> Upstream:
     """Open the tunnel for one connection of ``spec`` (honouring ``?proxy_protocol``)."""
     assert spec.target_host is not None and spec.target_port is not None
-    if isinstance(opener, WstunnelClient):
+    if isinstance(opener, WstunnelServers):
         proxy_protocol = spec.option("proxy_protocol") is not None
         protocol = wstunnel.LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=proxy_protocol)
         ws, _ = await opener.open_tunnel(protocol, spec.target_host, spec.target_port)

@@ -15,8 +15,8 @@ from typing import Any
 
 from autovpn.errors import RemoteProtocolError, StreamError
 from autovpn.proxy.udp_relay import BoundRelaySocket
-from autovpn.tunnel.wstunnel.client import WstunnelClient
 from autovpn.tunnel.wstunnel.relay import UdpWsSide
+from autovpn.tunnel.wstunnel.servers import WstunnelServers
 from autovpn.wire import wstunnel
 from autovpn.wire.wstunnel import Kind, LocalProtocol
 
@@ -59,7 +59,7 @@ class WstunnelUdpRelay(BoundRelaySocket):
         port: int,
         target_host: str,
         target_port: int,
-        client: WstunnelClient,
+        client: WstunnelServers,
         idle_timeout: float = 30.0,
     ) -> None:
         super().__init__(host, port, target_host, target_port)

@@ -43,6 +43,7 @@ from autovpn.errors import (
 from autovpn.eventloop import HeapTrimmer
 from autovpn.net import resolve_target
 from autovpn.stats import Flow
+from autovpn.tunnel.failover import Attempting, Attempts
 from autovpn.tunnel.failures import Failing, certificate_reason
 from autovpn.tunnel.mux.connection import DEFAULT_WINDOW, MuxConnection, StreamEndpoint
 from autovpn.tunnel.mux.reverse import ReverseClient
@@ -54,9 +55,6 @@ log = logging.getLogger("autovpn.tunnel.client")
 
 #: What one connection attempt may raise; anything else is a bug and propagates.
 CONNECT_ERRORS: Final = (OSError, TimeoutError, RemoteProtocolError, ssl.SSLError)
-#: A stream waiting for a server that is down cuts its reconnect backoff short, but attempts
-#: start no closer together than this: a burst of requests is not a burst of connects.
-DEMAND_RETRY_GAP: Final = 0.5
 #: The WebSocket close code of a server that refused our AUTH frame (docs/protocol.md).
 CLOSE_AUTH_REFUSED: Final = 1008
 SECRET_REFUSED: Final = "server refused the secret (check --secret-file and --user)"
@@ -198,7 +196,7 @@ class StreamUpstream:
             transport.resume_reading()
 
 
-class TunnelClient:
+class TunnelClient(Attempting):
     """A pool of tunnel connections.  Use as ``async with TunnelClient(settings) as client``."""
 
     def __init__(self, settings: ClientSettings) -> None:
@@ -214,14 +212,11 @@ class TunnelClient:
         #: Why the server refused us for good (see ``permanent_reason``), until a connection
         #: is up again; new streams fail at once meanwhile.
         self.permanent = ""
-        self.trying = 0  # connection attempts under way
-        self.attempts_done = 0  # connection attempts that ended, either way
+        #: Connection attempts under way and done, and the pause between them (``kick``).
+        self.attempts = Attempts()
         self.address = ""  # the address of the last connection that came up (backup IPs)
         #: Called whenever the state may have changed (up, lost, an attempt ended).
         self.on_change: Callable[[], None] | None = None
-        self._pausing = 0  # pool tasks waiting out a backoff (``kick`` may cut it short)
-        self._wake = asyncio.Event()
-        self._last_attempt_end = 0.0
         self.failing = Failing()  # the run of failed connection attempts, for last_error
         #: Gives back what a burst of streams freed, once they are gone (``HeapTrimmer``).
         self.trimmer = HeapTrimmer()
@@ -307,12 +302,7 @@ class TunnelClient:
         error, or every connection is up but stalled)."""
         if self._closing or self.permanent:
             return False
-        if self.trying:
-            return True
-        if self._pausing:
-            self._wake.set()
-            return True
-        return False
+        return self.attempts.kick()
 
     def _signal(self) -> None:
         self._changed.set()
@@ -416,20 +406,16 @@ class TunnelClient:
     async def _keep_up(self) -> None:
         backoff = 0.1
         while not self._closing:
-            self.trying += 1
-            try:
-                mux: MuxConnection | BaseException = await self.connect_once()
-            except CONNECT_ERRORS as exc:
-                mux = exc
-            finally:
-                self.trying -= 1
-                self.attempts_done += 1
-                self._last_attempt_end = asyncio.get_running_loop().time()
+            with self.attempts.attempt():
+                try:
+                    mux: MuxConnection | BaseException = await self.connect_once()
+                except CONNECT_ERRORS as exc:
+                    mux = exc
             if isinstance(mux, BaseException):
                 delay = self._failed(mux, backoff)
                 if not self.permanent:
                     backoff = min(backoff * 2, self.settings.max_backoff)
-                await self._pause(delay)
+                await self.attempts.pause(delay)
                 continue
             backoff = 0.1
             self.connects += 1
@@ -461,7 +447,7 @@ class TunnelClient:
                     self.settings.permanent_backoff,
                 )
                 self._signal()
-                await self._pause(self.settings.permanent_backoff)
+                await self.attempts.pause(self.settings.permanent_backoff)
                 continue
             log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
             self._signal()
@@ -501,20 +487,6 @@ class TunnelClient:
             )
         self._signal()
         return delay
-
-    async def _pause(self, delay: float) -> None:
-        """Wait ``delay`` seconds before the next attempt, or less if ``kick`` asks."""
-        loop = asyncio.get_running_loop()
-        self._pausing += 1
-        try:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-                    # A stream is waiting: go now, but keep the attempts apart.
-                    await asyncio.sleep(self._last_attempt_end + DEMAND_RETRY_GAP - loop.time())
-        finally:
-            self._pausing -= 1
 
     # -- UDP flows ---------------------------------------------------------------------------
 

@@ -1,15 +1,27 @@
-"""The wstunnel v10 protocol client: talks to a stock wstunnel server (``--protocol wstunnel``).
+"""The wstunnel v10 protocol client: one stock wstunnel server (``--protocol wstunnel``).
 
 Each tunnelled connection gets its own TCP(+TLS) connection and WebSocket
 (docs/wstunnel-protocol.md section 0.1): ``open_upstream(host, port, early)`` takes a
-pre-connected stream from the pool (or dials one), sends the upgrade request with the JWT for
-``Tcp{proxy_protocol}`` to host:port, waits for the 101 and returns an ``Upstream`` that relays
-the application's socket once attached.
+pre-connected stream from the idle pool (or dials one), sends the upgrade request with the JWT
+for ``Tcp{proxy_protocol}`` to host:port, waits for the 101 and returns an ``Upstream`` that
+relays the application's socket once attached.  Several servers, the choice among them and the
+retries are ``autovpn.tunnel.wstunnel.servers``'s; this client is one server's.
 
-As in wstunnel (section 5.7) the pool holds ``min_idle`` connected streams with no HTTP sent
-yet, each used once and dropped after 30 s; dialling retries with exponential backoff until
-``max_backoff`` (``--connection-retry-max-backoff``) has passed.  The headers file is re-read
-for every request.
+**Health.** wstunnel has no connection that outlives a tunnel and no pings of its own outside
+one, so a server's health is what its connects say.  A connect that works makes the server
+*up*; one that fails makes it *connecting* (a transient error: refused, unreachable, timed out,
+reset, or an upgrade answered 429 or 5xx by the server or a proxy in front of it) or *down*
+(a permanent one, see ``refusal``: the certificate is not trusted, or the upgrade was answered
+401, 403 or 404).  A server that is not up is probed, one TCP/TLS connect with nothing sent,
+after ``PROBE_FIRST_INTERVAL`` doubling up to ``PROBE_MAX_INTERVAL`` (or ``max_backoff`` if
+lower), or after ``permanent_backoff`` (minutes) when it refused us; a connection waiting for it
+cuts the wait short (``kick``).  A server that is up is not probed: every new connection is a
+probe, and one that fails is tried again on the next server at once.  A ``400`` says nothing
+about the server: wstunnel answers every refusal with it, an unreachable destination included.
+
+As in wstunnel (section 5.7) the idle pool holds ``min_idle`` connected streams with no HTTP
+sent yet, each used once and dropped after 30 s, while the server is up.  The headers file is
+re-read for every request.
 """
 
 from __future__ import annotations
@@ -20,24 +32,19 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from autovpn.config import DEFAULT_PING_INTERVAL, ServerURL
-from autovpn.errors import (
-    ConfigError,
-    RemoteProtocolError,
-    ResetReason,
-    StreamError,
-    TunnelUnavailable,
-)
+from autovpn.errors import ConfigError, RemoteProtocolError, ResetReason, StreamError
 from autovpn.stats import Flow
-from autovpn.tunnel.failures import Failing
+from autovpn.tunnel.failover import Attempting, Attempts
+from autovpn.tunnel.failures import Failing, certificate_reason
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.access import path_safe
 from autovpn.tunnel.wstunnel.relay import WsSide
-from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
 from autovpn.wire import http1, wstunnel
 from autovpn.wire.handshake import RESPONSE_LIMITS
 from autovpn.wire.wstunnel import Claims, LocalProtocol, Session, WstunnelRejected
@@ -49,6 +56,32 @@ log = logging.getLogger("autovpn.tunnel.wstunnel")
 
 #: Pooled streams older than this are dropped (bb8 ``max_lifetime``).
 POOL_MAX_LIFETIME: Final = 30.0
+#: A server that is not up is probed again after this many seconds, doubling each time up to
+#: PROBE_MAX_INTERVAL (or ``max_backoff`` if lower): how late a fail-back can be at most.
+PROBE_FIRST_INTERVAL: Final = 0.5
+PROBE_MAX_INTERVAL: Final = 30.0
+#: What one connect may raise; anything else is a bug and propagates.
+CONNECT_ERRORS: Final = (OSError, TimeoutError, ssl.SSLError)
+#: Upgrade answers that say the server (or a proxy in front of it) is not serving now, unlike
+#: wstunnel's 400, which may be about the destination: the next server is tried.
+_SERVER_TROUBLE: Final = frozenset({429, 500, 502, 503, 504})
+
+
+def refusal(status: int) -> str:
+    """Why an upgrade answered ``status`` means the server refused us for good, as one line
+    that says what to do; "" for any other status.  A stock wstunnel server answers every
+    refusal with 400 (a wrong ``-P`` too), so these come from an autovpn server (403 to a path
+    prefix that is nobody's secret) or a proxy in front of the server."""
+    if status == 401:
+        return (
+            "server refused the credentials (check --http-upgrade-credentials, or the proxy"
+            " in front of the server)"
+        )
+    if status == 403:
+        return "server refused the secret (check --secret-file or -P/--http-upgrade-path-prefix)"
+    if status == 404:
+        return "server has no tunnel at this path (check -P/--http-upgrade-path-prefix)"
+    return ""
 
 
 @dataclass(slots=True)
@@ -65,10 +98,10 @@ class WstunnelClientSettings:
     min_idle: int = 0  # -c/--connection-min-idle
     max_backoff: float = 300.0  # --connection-retry-max-backoff
     connect_timeout: float = 10.0
+    #: After a permanent refusal (see ``refusal``, and an untrusted certificate): minutes.
+    permanent_backoff: float = 300.0
     ping_interval: float = DEFAULT_PING_INTERVAL
     proxy_protocol: bool = False
-    reverse: tuple[str, ...] = ()  # -R specs, each kept pending by a ReverseRunner
-    reverse_max_backoff: float = 1.0
 
 
 class _Idle(asyncio.Protocol):
@@ -90,6 +123,7 @@ class _Upgrade(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._parser = http1.ResponseHeadParser(RESPONSE_LIMITS)
+        self.status = 0  # the answer's, once its head is read
         self.done: asyncio.Future[tuple[wstunnel.UpgradeAnswer, bytes]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -101,6 +135,7 @@ class _Upgrade(asyncio.Protocol):
             head = self._parser.receive_data(data)
             if head is None:
                 return
+            self.status = head.status
             answer = wstunnel.check_upgrade_response(head)
         except RemoteProtocolError as exc:
             self.done.set_exception(exc)
@@ -133,24 +168,31 @@ class WsUpstream:
         self.ws.attach_local(transport)
 
 
-class WstunnelClient:
-    """``async with WstunnelClient(settings) as client``; see the module docstring."""
+class WstunnelClient(Attempting):
+    """One wstunnel server: ``async with WstunnelClient(settings) as client``; see the module
+    docstring.  Its health is what ``autovpn.tunnel.failover.ServerHealth`` reads."""
 
     def __init__(self, settings: WstunnelClientSettings) -> None:
         self.settings = settings
         self.tunnels: set[WsSide] = set()
-        self.opened = 0
-        self.failures = 0
+        self.opened = 0  # tunnels opened (101 received)
+        self.connects = 0  # connects that worked (TCP, and TLS for wss://)
+        self.failures = 0  # connects and upgrades that failed because of the server
         self.last_error = ""
         self.failing = Failing()  # the run of failed connection attempts, for last_error
+        #: Why the server refused us for good (``refusal``, an untrusted certificate), until a
+        #: connect works again after ``permanent_backoff``.
+        self.permanent = ""
+        #: Called whenever the state may have changed (see ``autovpn.tunnel.failover``).
+        self.on_change: Callable[[], None] | None = None
+        self.attempts = Attempts()  # connects under way and done; the probe's pause
+        self._healthy: bool | None = None  # None: no connect has ended yet
+        self._probe: asyncio.Task[None] | None = None
+        self._kicked = False  # a connection waits for the scheduled probe: no pause
         self._pool: list[tuple[asyncio.Transport, _Idle]] = []
         self._pool_task: asyncio.Task[None] | None = None
         self._pool_wakeup = asyncio.Event()
         self._closing = False
-        self.reverse = [
-            ReverseRunner(self, ReverseSpec.parse(r), settings.reverse_max_backoff)
-            for r in settings.reverse
-        ]
 
     async def __aenter__(self) -> WstunnelClient:
         self.start()
@@ -160,8 +202,8 @@ class WstunnelClient:
         await self.close()
 
     def start(self) -> None:
-        for runner in self.reverse:
-            runner.start()
+        """Probe the server at once (its first state), and keep the idle pool filled."""
+        self._probe_soon(0.0)
         if self.settings.min_idle > 0:
             self._pool_task = asyncio.get_running_loop().create_task(
                 self._fill_pool(), name="wstunnel-pool"
@@ -169,22 +211,133 @@ class WstunnelClient:
 
     async def close(self) -> None:
         self._closing = True
-        for runner in self.reverse:
-            await runner.close()
-        if self._pool_task is not None:
-            self._pool_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pool_task
-            self._pool_task = None
+        for task in (self._pool_task, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._pool_task = self._probe = None
         for transport, _ in self._pool:
             transport.abort()
         self._pool.clear()
         for ws in list(self.tunnels):
             ws.abort()
 
+    # -- health (autovpn.tunnel.failover.ServerHealth) ------------------------------------------
+
     @property
     def up(self) -> bool:
-        return not self._closing
+        """Its last connect worked (and it has not refused us since)."""
+        return bool(self._healthy) and not self.permanent and not self._closing
+
+    @property
+    def state(self) -> str:
+        """``up``, ``down`` (it refused us for good: ``permanent`` says why) or ``connecting``
+        (not tried yet, or ``last_error`` says what failed last)."""
+        if self.up:
+            return "up"
+        return "down" if self.permanent else "connecting"
+
+    @property
+    def reason(self) -> str:
+        """Why it takes no connection now ("" when it is up)."""
+        if self.up:
+            return ""
+        return self.permanent or self.last_error
+
+    def stall_reason(self) -> str:
+        return ""  # no connection outlives its tunnel: nothing can stall unseen
+
+    def kick(self) -> bool:
+        """A connection is waiting for this server: probe now (DEMAND_RETRY_GAP after the last
+        attempt at the soonest).  False after a permanent refusal, or when closing."""
+        if self._closing or self.permanent:
+            return False
+        if self.attempts.kick():
+            return True
+        probe = self._probe
+        if probe is not None and not probe.done():  # scheduled, not pausing yet
+            self._kicked = True
+            return True
+        return False
+
+    def _signal(self) -> None:
+        if self.on_change is not None and not self._closing:
+            self.on_change()
+
+    def _worked(self) -> None:
+        self.connects += 1
+        changed = not self._healthy or self.permanent
+        self._healthy = True
+        self.permanent = ""
+        self.failing.ended()
+        if changed:
+            self._signal()
+
+    def _failed(self, exc: BaseException) -> str:
+        """A connect (or an upgrade, for trouble on the server's side) failed: the server is
+        not up until a probe says so; the line that says why."""
+        self.failures += 1
+        self.last_error = self.failing.failed(exc, self.settings.server)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            self._refused(certificate_reason(exc))
+            return self.last_error
+        if self._healthy is not False:
+            log.warning("wstunnel server %s: %s", self.settings.server, self.last_error)
+        self._healthy = False
+        self._probe_soon(self._probe_interval(self.failing.attempts))
+        self._signal()
+        return self.last_error
+
+    def _refused(self, reason: str) -> None:
+        """The server refused us for good: no connection tries it before ``permanent_backoff``
+        has passed (then a probe connect does)."""
+        if reason != self.permanent:
+            log.error(
+                "wstunnel server %s: %s; retrying in %.0f s",
+                self.settings.server,
+                reason,
+                self.settings.permanent_backoff,
+            )
+        self.permanent = reason
+        if not self.last_error.startswith(reason):
+            self.last_error = reason
+        self._healthy = False
+        self._probe_soon(self.settings.permanent_backoff, restart=True)
+        self._signal()
+
+    def _probe_interval(self, failures: int) -> float:
+        cap = min(PROBE_MAX_INTERVAL, max(self.settings.max_backoff, PROBE_FIRST_INTERVAL))
+        return float(min(PROBE_FIRST_INTERVAL * 2 ** max(0, failures - 1), cap))
+
+    def _probe_soon(self, delay: float, *, restart: bool = False) -> None:
+        """Probe the server after ``delay`` (or sooner, if ``kick`` asks), unless a probe is
+        already waiting (``restart``: replace it, for a permanent refusal's longer wait)."""
+        if self._closing:
+            return
+        probe = self._probe
+        if probe is not None and not probe.done() and probe is not asyncio.current_task():
+            if not restart:
+                return
+            probe.cancel()
+        self._probe = asyncio.get_running_loop().create_task(
+            self._probe_after(delay), name="wstunnel-probe"
+        )
+
+    async def _probe_after(self, delay: float) -> None:
+        if delay > 0 and not self._kicked:
+            await self.attempts.pause(delay)
+        self._kicked = False
+        if self.up:
+            return  # a connection of a user's said so meanwhile
+        try:
+            transport, idle = await self._connect()
+        except CONNECT_ERRORS:
+            return  # _connect recorded it and scheduled the next probe
+        if not self._closing and len(self._pool) < self.settings.min_idle:
+            self._pool.append((transport, idle))
+        else:
+            transport.close()
 
     @property
     def pool_size(self) -> int:
@@ -193,6 +346,8 @@ class WstunnelClient:
     # -- connections ---------------------------------------------------------------------------
 
     async def _connect(self) -> tuple[asyncio.Transport, _Idle]:
+        """One TCP(+TLS) connection to the server; its success or failure is the server's
+        health.  Raises one of CONNECT_ERRORS."""
         s = self.settings
         loop = asyncio.get_running_loop()
         ctx = s.ssl_context if s.server.tls else None
@@ -201,14 +356,24 @@ class WstunnelClient:
         server_hostname: str | None = None
         if ctx is not None:
             server_hostname = s.server.host if s.sni is None else s.sni
-        async with asyncio.timeout(s.connect_timeout):
-            transport, idle = await loop.create_connection(
-                _Idle, s.server.host, s.server.port, ssl=ctx, server_hostname=server_hostname
-            )
+        with self.attempts.attempt():
+            try:
+                async with asyncio.timeout(s.connect_timeout):
+                    transport, idle = await loop.create_connection(
+                        _Idle,
+                        s.server.host,
+                        s.server.port,
+                        ssl=ctx,
+                        server_hostname=server_hostname,
+                    )
+            except CONNECT_ERRORS as exc:
+                if not self._closing:
+                    self._failed(exc)
+                raise
+        self._worked()
         return transport, idle
 
     async def _fill_pool(self) -> None:
-        backoff = 0.1
         while not self._closing:
             now = time.monotonic()
             keep = []
@@ -218,15 +383,10 @@ class WstunnelClient:
                 else:
                     keep.append((transport, idle))
             self._pool = keep
-            if len(self._pool) < self.settings.min_idle:
-                try:
+            # Only while the server is up: the probe finds out when it is back.
+            if self.up and len(self._pool) < self.settings.min_idle:
+                with contextlib.suppress(*CONNECT_ERRORS):
                     self._pool.append(await self._connect())
-                    backoff = 0.1
-                    self.failing.ended()
-                except (OSError, TimeoutError) as exc:
-                    self.last_error = self.failing.failed(exc, self.settings.server)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, self.settings.max_backoff)
                 continue
             self._pool_wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -234,32 +394,35 @@ class WstunnelClient:
                     await self._pool_wakeup.wait()
 
     async def _stream(self) -> tuple[asyncio.Transport, _Idle]:
-        """A pooled stream if one is fresh, else a new one (retried with backoff)."""
+        """A pooled stream if one is fresh, else a new one.  Raises StreamError (``tunnel``:
+        another server may do) when the server cannot be reached."""
         while self._pool:
             transport, idle = self._pool.pop(0)
             self._pool_wakeup.set()
             if not idle.lost and time.monotonic() - idle.created <= POOL_MAX_LIFETIME:
                 return transport, idle
             transport.abort()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.max_backoff
-        backoff = 0.1
-        while True:
-            try:
-                connected = await self._connect()
-            except (OSError, TimeoutError, ssl.SSLError) as exc:
-                self.failures += 1
-                self.last_error = self.failing.failed(exc, self.settings.server)
-                if self._closing or loop.time() + backoff > deadline:
-                    raise TunnelUnavailable(
-                        f"no connection to {self.settings.server}: {self.last_error}"
-                    ) from None
-                log.info("wstunnel server %s: %s; retrying", self.settings.server, self.last_error)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.settings.max_backoff)
-            else:
-                self.failing.ended()
-                return connected
+        if self.permanent:
+            raise self._down()
+        try:
+            return await self._connect()
+        except CONNECT_ERRORS:
+            if self.permanent:
+                raise self._down() from None
+            raise StreamError(
+                ResetReason.TUNNEL_LOST,
+                f"no connection to {self.settings.server}: {self.last_error}",
+                tunnel=True,
+                public=f"tunnel down: {self.last_error}",
+            ) from None
+
+    def _down(self) -> StreamError:
+        return StreamError(
+            ResetReason.TUNNEL_LOST,
+            f"{self.settings.server}: {self.permanent}",
+            tunnel=True,
+            public=f"tunnel down: {self.permanent}",
+        )
 
     def _request(self, claims: Claims) -> bytes:
         s = self.settings
@@ -291,7 +454,10 @@ class WstunnelClient:
         """One upgraded WebSocket for ``protocol`` to host:port (not yet relaying).
 
         ``answer_timeout`` None waits for the 101 forever (a reverse tunnel's request is held
-        until the server's listener accepts a connection)."""
+        until the server's listener accepts a connection).  Raises StreamError: ``tunnel``
+        when the server failed (unreachable, lost, refused us, no answer), so that another
+        server may be tried; GENERAL_FAILURE for a refusal of this tunnel (wstunnel's 400,
+        which may be about the destination)."""
         claims = Claims(
             wstunnel.new_tunnel_id(int(time.time() * 1000), os.urandom(10)),
             protocol,
@@ -305,6 +471,17 @@ class WstunnelClient:
         try:
             async with asyncio.timeout(answer_timeout):
                 answer, rest = await upgrade.done
+        except WstunnelRejected as exc:
+            transport.abort()
+            raise self._rejected(exc, upgrade.status) from None
+        except TimeoutError:
+            transport.abort()
+            self.failures += 1
+            self.last_error = f"no answer to the upgrade from {self.settings.server} in time"
+            raise StreamError(ResetReason.TIMED_OUT, self.last_error, tunnel=True) from None
+        except (OSError, RemoteProtocolError) as exc:
+            transport.abort()
+            raise StreamError(ResetReason.TUNNEL_LOST, self._failed(exc), tunnel=True) from None
         except BaseException:
             transport.abort()
             raise
@@ -315,38 +492,42 @@ class WstunnelClient:
             on_closed=self.tunnels.discard,
         )
         self.tunnels.add(ws)
+        self.opened += 1
         ws.start(transport, rest)
         return ws, answer
+
+    def _rejected(self, exc: WstunnelRejected, status: int) -> StreamError:
+        """The StreamError for an upgrade answered ``status`` (not 101)."""
+        reason = refusal(status)
+        if reason:
+            self.failures += 1
+            self._refused(reason)
+            return self._down()
+        if status in _SERVER_TROUBLE:
+            return StreamError(ResetReason.TUNNEL_LOST, self._failed(exc), tunnel=True)
+        # wstunnel answers every failure (policy, unreachable, refused) with one 400.
+        return StreamError(ResetReason.GENERAL_FAILURE, str(exc))
 
     async def open_upstream(self, host: str, port: int, early: bytes = b"") -> WsUpstream:
         """For the dialer: a Tcp tunnel to host:port.  Raises StreamError."""
         protocol = LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=self.settings.proxy_protocol)
-        try:
-            ws, _ = await self.open_tunnel(protocol, host, port)
-        except WstunnelRejected as exc:
-            # wstunnel answers every failure (policy, unreachable, refused) with one 400.
-            self.failures += 1
-            self.last_error = str(exc)
-            raise StreamError(ResetReason.GENERAL_FAILURE, str(exc)) from None
-        except (OSError, TimeoutError, RemoteProtocolError) as exc:
-            self.failures += 1
-            self.last_error = str(exc) or type(exc).__name__
-            raise StreamError(ResetReason.TUNNEL_LOST, self.last_error) from None
-        self.opened += 1
+        ws, _ = await self.open_tunnel(protocol, host, port)
         if early:
             ws.send_data(early)
         return WsUpstream(ws)
 
 
-def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
-    """The client's settings from the config (``client.protocol = "wstunnel"``).
+def client_settings(cc: ClientConfig, server: ServerURL | None = None) -> WstunnelClientSettings:
+    """The client's settings for ``server`` (default: the first) from the config
+    (``client.protocol = "wstunnel"``).
 
     Certificate verification stays on (as everywhere in autovpn) unless ``insecure``; wstunnel
     itself does not verify by default (``--tls-verify-certificate`` turns it on there).
     """
     w = cc.wstunnel
+    server = server or cc.server
     ctx = None
-    if cc.server.tls:
+    if server.tls:
         ctx = client_context(
             cc.tls_ca,
             insecure=cc.insecure,
@@ -374,7 +555,7 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
     elif prefix == "autovpn":  # our native default: wstunnel's is v1
         prefix = wstunnel.DEFAULT_PATH_PREFIX
     return WstunnelClientSettings(
-        server=cc.server,
+        server=server,
         ssl_context=ctx,
         sni="" if w.sni_disable else cc.sni,
         path_prefix=prefix,
@@ -383,9 +564,9 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
         credentials=w.credentials,
         min_idle=w.min_idle,
         max_backoff=w.max_backoff,
+        connect_timeout=cc.connect_timeout,
+        permanent_backoff=cc.retry_refused_after,
         ping_interval=w.ping_interval,
-        reverse=w.remote_to_local,
-        reverse_max_backoff=w.reverse_max_backoff,
     )
 
 

@@ -38,7 +38,7 @@ from autovpn.wire.wstunnel import Claims, Kind, LocalProtocol, TunnelRequest, Ws
 
 if TYPE_CHECKING:
     from autovpn.tunnel.mux.server import TunnelServer
-    from autovpn.tunnel.wstunnel.client import WstunnelClient
+    from autovpn.tunnel.wstunnel.servers import WstunnelServers
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
 
@@ -351,7 +351,7 @@ def _same(local: LocalSide) -> LocalSide:
 class ReverseRunner:
     """Keeps one reverse request pending for ``spec`` until closed."""
 
-    def __init__(self, client: WstunnelClient, spec: ReverseSpec, max_backoff: float = 1.0):
+    def __init__(self, client: WstunnelServers, spec: ReverseSpec, max_backoff: float = 1.0):
         self.client = client
         self.spec = spec
         self.max_backoff = max_backoff

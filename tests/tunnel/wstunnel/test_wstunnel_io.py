@@ -25,6 +25,7 @@ from autovpn.tunnel.tls import client_context, server_context
 from autovpn.tunnel.wstunnel.client import WstunnelClient, WstunnelClientSettings
 from autovpn.tunnel.wstunnel.relay import WsSide
 from autovpn.tunnel.wstunnel.server import WstunnelService
+from autovpn.tunnel.wstunnel.servers import WstunnelServer, WstunnelServers
 from autovpn.wire.socks5 import Socks5Error
 from autovpn.wire.websocket import Opcode, encode_close, encode_header
 from autovpn.wire.wstunnel import Session
@@ -403,7 +404,7 @@ def test_client_request_jwt_and_zero_masked_frames(certs: Certs, tmp_path: Path)
             assert list(claims) == ["id", "p", "r", "rp"]
             assert claims["p"] == {"Tcp": {"proxy_protocol": False}}
             assert (claims["r"], claims["rp"]) == ("127.0.0.1", echo)
-            assert wst.stats.sni == ["localhost", "localhost"]
+            assert wst.stats.sni == ["localhost"] * 3  # the first probe, then each tunnel
             data_frames = [m for op, m in wst.stats.frames_in if op == peer.BINARY]
             assert data_frames and all(m == b"\0\0\0\0" for m in data_frames)
             assert 1000 in wst.stats.closes_received  # Close(1000) on EOF
@@ -565,11 +566,12 @@ def test_autovpn_client_reverse_tcp_and_socks5_through_autovpn_server() -> None:
         tcp_bind, socks_bind = free_port(), free_port()
         async with autovpn_server() as (server, _), tcp_server(echo_handler) as echo:
             settings = WstunnelClientSettings(
-                ServerURL(False, "127.0.0.1", server.port),
-                reverse=(f"tcp://{tcp_bind}:127.0.0.1:{echo}", f"socks5://127.0.0.1:{socks_bind}"),
-                path_prefix=SECRET_PREFIX,
+                ServerURL(False, "127.0.0.1", server.port), path_prefix=SECRET_PREFIX
             )
-            async with WstunnelClient(settings) as client:
+            async with WstunnelServers(
+                [WstunnelServer(settings)],
+                reverse=(f"tcp://{tcp_bind}:127.0.0.1:{echo}", f"socks5://127.0.0.1:{socks_bind}"),
+            ) as client:
                 for _ in range(2):  # the client re-arms after each connection
                     for _attempt in range(100):
                         try:
@@ -704,10 +706,11 @@ def test_server_http2_stream_reset_or_lost_resets_the_target() -> None:
     run(main())
 
 
-def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> None:
-    import time
-
-    from autovpn.errors import StreamError
+def test_a_server_that_is_down_fails_at_once_and_is_used_again_once_it_is_up() -> None:
+    """No server up: a connection waits only for the probe it starts itself, then fails
+    saying why (before: each one retried for --connection-retry-max-backoff, 5 min by
+    default); the probes back off; once the server answers, the same client opens tunnels."""
+    from autovpn.errors import TunnelUnavailable
     from tests.conftest import free_port
 
     async def main() -> None:
@@ -715,21 +718,23 @@ def test_client_retries_with_backoff_until_connection_retry_max_backoff() -> Non
         settings = WstunnelClientSettings(
             ServerURL(False, "127.0.0.1", port), max_backoff=1.0, path_prefix=SECRET_PREFIX
         )
-        async with WstunnelClient(settings) as client:
-            started = time.monotonic()
-            try:
-                await client.open_upstream("127.0.0.1", 9)
-            except StreamError:
-                pass
-            else:
-                raise AssertionError("opened a tunnel to nowhere")
-            assert 0.5 < time.monotonic() - started < 3.0
-            assert client.failures >= 3  # retried, not given up at once
+        async with WstunnelServers([WstunnelServer(settings)]) as servers:
+            (client,) = servers.clients
+            await wait_until(lambda: client.failures >= 1)
+            for _ in range(3):
+                try:
+                    await servers.open_upstream("127.0.0.1", 9)
+                except TunnelUnavailable as exc:
+                    assert f"connection refused by 127.0.0.1:{port}" in str(exc)
+                    assert exc.public.startswith("tunnel down: ") and "refused" in exc.public
+                else:
+                    raise AssertionError("opened a tunnel to nowhere")
+            assert client.state == "connecting" and not servers.up
             # once a server is up, the same client opens tunnels again
             async with tcp_server(echo_handler) as echo, autovpn_server() as (server, _):
-                client.settings.server = ServerURL(False, "127.0.0.1", server.port)
-                upstream = await client.open_upstream("127.0.0.1", echo)
-                assert client.opened == 1
+                settings.server = ServerURL(False, "127.0.0.1", server.port)
+                upstream = await servers.open_upstream("127.0.0.1", echo)
+                assert client.opened == 1 and client.state == "up"
                 upstream.ws.abort()
 
     run(main())
