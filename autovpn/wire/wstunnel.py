@@ -77,11 +77,33 @@ INVALID_REQUEST: Final = (
 )
 
 
+#: autovpn's answer to a request nobody vouches for (no user's secret as its path prefix, no
+#: client certificate, no operator's rule).  wstunnel answers 400 to everything; a stock client
+#: fails the same way on either, and a client of several servers (ours) can tell "this server
+#: refused the secret" (skip it) from "this destination was refused" (another server would
+#: only dial it again).
+FORBIDDEN: Final = (
+    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 9\r\nconnection: close\r\n\r\nForbidden"
+)
+
+
 class WstunnelRejected(RemoteProtocolError):
-    """A wstunnel request refused: the reply is always the same 400 ``Invalid request``."""
+    """A wstunnel request refused: the reply is wstunnel's 400 ``Invalid request``."""
+
+    status = 400
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reply=INVALID_REQUEST)
+
+
+class WstunnelUnauthenticated(WstunnelRejected):
+    """A wstunnel request nobody vouches for: the reply is 403 (see ``FORBIDDEN``)."""
+
+    status = 403
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reply = FORBIDDEN
 
 
 # -- the LocalProtocol enum (section 2.3) --------------------------------------------------------

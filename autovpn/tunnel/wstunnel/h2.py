@@ -181,7 +181,8 @@ class H2Tunnels(asyncio.Protocol):
         except RemoteProtocolError as exc:
             self.service.refused += 1
             log.info("wstunnel h2 peer %s refused: %s", self.peer, exc)
-            self._answer_400(stream_id)
+            status = exc.status if isinstance(exc, WstunnelRejected) else 400
+            self._refuse(stream_id, status)
             return
         except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
             self.service.refused += 1
@@ -194,7 +195,7 @@ class H2Tunnels(asyncio.Protocol):
             )
             if target.transport is not None:
                 target.transport.abort()
-            self._answer_400(stream_id)
+            self._refuse(stream_id)
             return
         if self.closed or stream_id not in self.early:
             if target.transport is not None:
@@ -237,14 +238,15 @@ class H2Tunnels(asyncio.Protocol):
         if size:
             self._acknowledge(size, stream_id)
 
-    def _answer_400(self, stream_id: int) -> None:
+    def _refuse(self, stream_id: int, status: int = 400) -> None:
+        """wstunnel's 400 ``Invalid request``, or our 403 to a request nobody vouches for."""
         if self.closed:
             return
         self._drop_early(stream_id)
-        body = b"Invalid request"
+        body = b"Forbidden" if status == 403 else b"Invalid request"
         try:
             self.h2.send_headers(
-                stream_id, [(":status", "400"), ("content-length", str(len(body)))]
+                stream_id, [(":status", str(status)), ("content-length", str(len(body)))]
             )
             self.h2.send_data(stream_id, body, end_stream=True)
         except h2.exceptions.ProtocolError:

@@ -41,7 +41,13 @@ from autovpn.tunnel.wstunnel.restrictions import Restrictions, Verdict
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
 from autovpn.wire.http1 import RequestHead
-from autovpn.wire.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
+from autovpn.wire.wstunnel import (
+    Kind,
+    Session,
+    TunnelRequest,
+    WstunnelRejected,
+    WstunnelUnauthenticated,
+)
 
 if TYPE_CHECKING:
     from autovpn.tunnel.mux.server import TunnelServer
@@ -254,7 +260,7 @@ class WstunnelService:
             and not restrictions.matches(req.path_prefix, req.authorization)
         ):
             self.server.auth_failed(peer)
-            raise WstunnelRejected(
+            raise WstunnelUnauthenticated(
                 "not authenticated: its path prefix is no user's secret, it sent no client "
                 "certificate" + (" and no restriction rule matches it" if self._restricted else "")
             )

@@ -236,10 +236,18 @@ def test_server_answers_each_ping_once_and_its_own_pings_are_answered(certs: Cer
 
 
 def test_server_400_answers_in_wstunnel_order(certs: Certs, tmp_path: Path) -> None:
+    """wstunnel's 400 ``Invalid request`` for every refusal, except ours to a request nobody
+    vouches for (no secret prefix, no certificate, no operator's rule matches): 403."""
+
     async def expect_400(port: int, request: bytes) -> None:
         answer = await peer.client_connect(port, request)
         assert answer.status == 400, answer.status
         assert answer.body == b"Invalid request"
+        answer.writer.close()
+
+    async def expect_403(port: int, request: bytes) -> None:
+        answer = await peer.client_connect(port, request)
+        assert (answer.status, answer.body) == (403, b"Forbidden")
         answer.writer.close()
 
     async def main() -> None:
@@ -250,7 +258,7 @@ def test_server_400_answers_in_wstunnel_order(certs: Certs, tmp_path: Path) -> N
                 await expect_400(p, peer.upgrade_request("x", good, drop=("upgrade",)))
                 await expect_400(p, peer.upgrade_request("x", good, path="/s3cret/x/evnts"))
                 await expect_400(p, peer.upgrade_request("x", "not.a.jwt", prefix="s3cret"))
-                await expect_400(p, peer.upgrade_request("x", good))  # prefix not allowed
+                await expect_403(p, peer.upgrade_request("x", good))  # prefix not allowed
                 bad_host = peer.make_jwt({**peer.tcp_claims("::1", echo), "r": "::1"})
                 await expect_400(p, peer.upgrade_request("x", bad_host, prefix="s3cret"))
                 await expect_400(
@@ -284,14 +292,14 @@ def test_server_400_answers_in_wstunnel_order(certs: Certs, tmp_path: Path) -> N
                 "      - !Authorization '^Bearer tok$'\n    allow:\n      - !Tunnel\n"
             )
             async with autovpn_server(restrict_config=rules) as (server, _):
-                await expect_400(server.port, peer.upgrade_request("x", good))
+                await expect_403(server.port, peer.upgrade_request("x", good))
                 authed = peer.upgrade_request("x", good, extra=[("authorization", "Bearer tok")])
                 ok = await peer.client_connect(server.port, authed)
                 assert ok.status == 101
                 ok.writer.close()
                 rules.write_text(rules.read_text().replace("tok$", "other$"))
                 os.utime(rules, (1, 1))
-                await expect_400(server.port, authed)
+                await expect_403(server.port, authed)
             # a request that is not wstunnel-shaped is left to the native server (404)
             async with autovpn_server() as (server, _):
                 r, w = await asyncio.open_connection("127.0.0.1", server.port)
