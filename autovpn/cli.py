@@ -934,7 +934,9 @@ def _print_server(server: dict[str, Any], several: bool) -> None:
     rank = f" (priority {server.get('priority')}, weight {server.get('weight')})" if several else ""
     reason = f": {server['reason']}" if server.get("reason") else ""
     via = f" via {server['address']}" if server.get("address") else ""
-    print(f"  tunnel -> {server['url']}{rank}: {server['state']}{reason}{via}")
+    # wstunnel: no connection outlives its tunnel, so the server counts its tunnels instead.
+    tunnels = f", {server['tunnels']} tunnels open" if server.get("tunnels") is not None else ""
+    print(f"  tunnel -> {server['url']}{rank}: {server['state']}{reason}{via}{tunnels}")
     for i, conn in enumerate(server.get("connections", [])):
         rtt = "?" if conn["rtt_ms"] is None else f"{conn['rtt_ms']} ms"
         print(

@@ -597,7 +597,9 @@ class WstunnelClientOptions:
     max_backoff: float = field(
         default=300.0,
         metadata=toml(
-            SECONDS, "longest wait between reconnection attempts (--connection-retry-max-backoff)"
+            SECONDS,
+            "longest wait between probes of a server that is down, 30 s at most"
+            " (--connection-retry-max-backoff)",
         ),
     )
     ping_interval: float = field(
