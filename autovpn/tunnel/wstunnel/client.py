@@ -356,6 +356,7 @@ class WstunnelClient(Attempting):
         server_hostname: str | None = None
         if ctx is not None:
             server_hostname = s.server.host if s.sni is None else s.sni
+        error: BaseException | None = None
         with self.attempts.attempt():
             try:
                 async with asyncio.timeout(s.connect_timeout):
@@ -367,9 +368,13 @@ class WstunnelClient(Attempting):
                         server_hostname=server_hostname,
                     )
             except CONNECT_ERRORS as exc:
-                if not self._closing:
-                    self._failed(exc)
-                raise
+                error = exc
+        # Recorded once the attempt is counted as ended: whoever waits on this server sees
+        # both at once (``ServerSet.choose`` gives up when no attempt is left under way).
+        if error is not None:
+            if not self._closing:
+                self._failed(error)
+            raise error
         self._worked()
         return transport, idle
 
