@@ -18,10 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +33,6 @@ from tests.conftest import (
     Certs,
     echo_handler,
     engine_config,
-    env_without_proxies,
     eventually,
     free_port,
     http_port,
@@ -47,29 +43,15 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
-from tests.processes import Process, autovpn
+from tests.processes import autovpn
+from tests.tunnel.servers import (
+    autovpn_status,
+    echo_through,
+    server_process,
+    through_a_kill,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-
-
-@asynccontextmanager
-async def server_process(certs: Certs, port: int, tmp_path: Path) -> AsyncIterator[Process]:
-    """A tunnel server on ``port``, with a state directory of its own (per port)."""
-    async with autovpn(
-        "server",
-        f"wss://127.0.0.1:{port}",
-        "--tls-certificate",
-        str(certs.cert),
-        "--tls-private-key",
-        str(certs.key),
-        "--allow",
-        "127.0.0.0/8",
-        # One process: the tests kill a server with SIGKILL, as a whole, at once.
-        "--workers",
-        "1",
-        state=tmp_path / f"server-{port}",
-    ) as process:
-        yield process
 
 
 def client_config(certs: Certs, ports: list[int], *, tls_ca: Path | None = None) -> Config:
@@ -86,17 +68,6 @@ def client_config(certs: Certs, ports: list[int], *, tls_ca: Path | None = None)
     return Config(client=cc, mode=Mode.GLOBAL, control=None)
 
 
-async def echo_through(socks: int, origin: int, size: int = 4096) -> None:
-    """One new connection through the SOCKS5 listener: ``size`` bytes there and back."""
-    reader, writer = await socks_open(socks, "127.0.0.1", origin)
-    try:
-        data = os.urandom(size)
-        writer.write(data)
-        assert await reader.readexactly(size) == data
-    finally:
-        writer.close()
-
-
 # --- two servers: failover and fail-back -------------------------------------------------------
 
 
@@ -109,7 +80,6 @@ def test_primary_killed_during_new_connections_all_succeed_through_the_backup(
     total, kill_at = 200, 60
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         port_a, port_b = free_port(), free_port()
         async with (
             tcp_server(echo_handler) as origin,
@@ -121,17 +91,7 @@ def test_primary_killed_during_new_connections_all_succeed_through_the_backup(
             a, b = eng.pool.clients
             await eventually(lambda: a.up and b.up)
             socks = socks_port(eng)
-            failures: list[tuple[int, str]] = []
-            slowest = 0.0
-            for i in range(total):
-                if i == kill_at:
-                    await primary.kill()
-                started = loop.time()
-                try:
-                    await echo_through(socks, origin)
-                except (OSError, EOFError, socks5.Socks5Error) as exc:
-                    failures.append((i, repr(exc)))
-                slowest = max(slowest, loop.time() - started)
+            failures, slowest = await through_a_kill(socks, origin, primary, total, kill_at)
             assert failures == [], failures
             assert slowest < 5.0, slowest  # a failover costs a retry, not a timeout
             assert a.streams_opened == kill_at  # before the kill: the primary only
@@ -192,19 +152,7 @@ def test_a_wrong_secret_fails_every_request_at_once_and_status_says_why(
             assert answer.startswith(b"HTTP/1.1 502 "), answer
             assert b"server refused the secret" in answer.split(b"\r\n\r\n", 1)[1]
 
-            env = env_without_proxies()
-            env["AUTOVPN_STATE_DIR"] = str(state)
-            status = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "autovpn",
-                "status",
-                "--json",
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-            )
-            out, _ = await status.communicate()
-            assert status.returncode == 0
+            out = await autovpn_status(state, "--json")
             (server,) = json.loads(out)["tunnel"]["servers"]
             assert server["state"] == "down"
             assert "server refused the secret" in server["reason"]

@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -33,7 +30,6 @@ from tests.conftest import (
     SECRET,
     Certs,
     echo_handler,
-    env_without_proxies,
     eventually,
     free_port,
     run,
@@ -41,32 +37,15 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
-from tests.processes import Process, autovpn
+from tests.processes import autovpn
+from tests.tunnel.servers import (
+    autovpn_status,
+    echo_through,
+    server_process,
+    through_a_kill,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-
-
-@asynccontextmanager
-async def server_process(
-    certs: Certs, port: int, tmp_path: Path, *, secret: bytes = SECRET
-) -> AsyncIterator[Process]:
-    """``autovpn server`` on ``port`` (its default user's secret ``secret``; a wstunnel
-    client gets in with it as its path prefix), with a state directory of its own."""
-    async with autovpn(
-        "server",
-        f"wss://127.0.0.1:{port}",
-        "--tls-certificate",
-        str(certs.cert),
-        "--tls-private-key",
-        str(certs.key),
-        "--allow",
-        "127.0.0.0/8",
-        "--workers",
-        "1",  # the tests kill a server with SIGKILL, as a whole, at once
-        secret=secret,
-        state=tmp_path / f"server-{port}",
-    ) as process:
-        yield process
 
 
 def client_config(ports: list[int], tls_ca: Path) -> Config:
@@ -85,17 +64,6 @@ def client_config(ports: list[int], tls_ca: Path) -> Config:
     return Config(client=cc, mode=Mode.GLOBAL, control=None)
 
 
-async def echo_through(socks: int, origin: int, size: int = 4096) -> None:
-    """One new connection (one new wstunnel tunnel): ``size`` bytes there and back."""
-    reader, writer = await socks_open(socks, "127.0.0.1", origin)
-    try:
-        data = os.urandom(size)
-        writer.write(data)
-        assert await reader.readexactly(size) == data
-    finally:
-        writer.close()
-
-
 def test_primary_killed_during_new_connections_all_succeed_through_the_backup(
     certs: Certs, tmp_path: Path
 ) -> None:
@@ -105,7 +73,6 @@ def test_primary_killed_during_new_connections_all_succeed_through_the_backup(
     total, kill_at = 200, 60
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         port_a, port_b = free_port(), free_port()
         async with (
             tcp_server(echo_handler) as origin,
@@ -118,17 +85,7 @@ def test_primary_killed_during_new_connections_all_succeed_through_the_backup(
             a, b = servers.clients
             await eventually(lambda: a.up and b.up)
             socks = socks_port(eng)
-            failures: list[tuple[int, str]] = []
-            slowest = 0.0
-            for i in range(total):
-                if i == kill_at:
-                    await primary.kill()
-                started = loop.time()
-                try:
-                    await echo_through(socks, origin)
-                except (OSError, EOFError, socks5.Socks5Error) as exc:
-                    failures.append((i, repr(exc)))
-                slowest = max(slowest, loop.time() - started)
+            failures, slowest = await through_a_kill(socks, origin, primary, total, kill_at)
             assert failures == [], failures
             print(f"slowest new connection across the kill: {slowest * 1000:.1f} ms")
             assert a.opened == kill_at  # before the kill: the primary only
@@ -185,20 +142,7 @@ def test_a_server_refusing_the_secret_is_skipped_and_status_says_why(
         ):
             for _ in range(20):
                 await echo_through(socks, origin)
-            env = env_without_proxies()
-            env["AUTOVPN_STATE_DIR"] = str(state)
-            status = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "autovpn",
-                "status",
-                "--json",
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-            )
-            out, _ = await status.communicate()
-            assert status.returncode == 0
-            tunnel = json.loads(out)["tunnel"]
+            tunnel = json.loads(await autovpn_status(state, "--json"))["tunnel"]
             refused, good = tunnel["servers"]
             assert refused["url"] == f"wss://127.0.0.1:{port_a}"
             assert refused["state"] == "down"
@@ -206,17 +150,10 @@ def test_a_server_refusing_the_secret_is_skipped_and_status_says_why(
             assert (good["state"], good["streams_opened"]) == ("up", 20)
             assert refused["streams_opened"] == 0 and tunnel["up"]
             # the human form says it too, and so does the log, once
-            text = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "autovpn",
-                "status",
-                stdout=asyncio.subprocess.PIPE,
-                env=env,
-            )
-            human, _ = await text.communicate()
-            assert f"wss://127.0.0.1:{port_a} (priority 1, weight 1): down: server refused the" in (
-                human.decode()
+            human = await autovpn_status(state)
+            assert (
+                f"wss://127.0.0.1:{port_a} (priority 1, weight 1): down: server refused the"
+                in human
             )
             lines = [x for x in client.output if "server refused the secret" in x]
             errors = [x for x in lines if " ERROR " in x]
