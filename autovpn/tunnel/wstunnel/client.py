@@ -62,9 +62,13 @@ PROBE_FIRST_INTERVAL: Final = 0.5
 PROBE_MAX_INTERVAL: Final = 30.0
 #: What one connect may raise; anything else is a bug and propagates.
 CONNECT_ERRORS: Final = (OSError, TimeoutError, ssl.SSLError)
-#: Upgrade answers that say the server (or a proxy in front of it) is not serving now, unlike
-#: wstunnel's 400, which may be about the destination: the next server is tried.
-_SERVER_TROUBLE: Final = frozenset({429, 500, 502, 503, 504})
+
+
+def _server_trouble(status: int) -> bool:
+    """An upgrade answer that says the server (or a proxy in front of it) is not serving now:
+    429 or 5xx, unlike wstunnel's 400, which may be about the destination.  The next server is
+    tried, and this one probed."""
+    return status == 429 or 500 <= status <= 599
 
 
 def refusal(status: int) -> str:
@@ -508,7 +512,7 @@ class WstunnelClient(Attempting):
             self.failures += 1
             self._refused(reason)
             return self._down()
-        if status in _SERVER_TROUBLE:
+        if _server_trouble(status):
             return StreamError(ResetReason.TUNNEL_LOST, self._failed(exc), tunnel=True)
         # wstunnel answers every failure (policy, unreachable, refused) with one 400.
         return StreamError(ResetReason.GENERAL_FAILURE, str(exc))

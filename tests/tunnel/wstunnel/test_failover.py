@@ -10,6 +10,8 @@ and ``autovpn status`` are what is tested.
 - A server that refuses the secret (403) is skipped: every connection goes through the other,
   and ``autovpn status`` and the log say which server refused and why.
 - A server whose certificate is not trusted is down for good from its first probe.
+- Against the conformance peer: a 502 (a proxy in front) moves the tunnel to the next server, a
+  401 marks the server down for good, wstunnel's 400 fails that tunnel only.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import pytest
 
 from autovpn.config import ClientConfig, Config, ListenSpec, ServerEntry, ServerURL
 from autovpn.engine import Engine
+from autovpn.errors import StreamError
 from autovpn.routing.router import Mode
 from autovpn.tunnel.tls import make_private_ca
+from autovpn.tunnel.wstunnel.client import WstunnelClientSettings
+from autovpn.tunnel.wstunnel.servers import WstunnelServer, WstunnelServers
 from autovpn.wire import socks5
 from tests.conftest import (
     SECRET,
@@ -44,6 +49,7 @@ from tests.tunnel.servers import (
     server_process,
     through_a_kill,
 )
+from tests.tunnel.wstunnel.wstunnel_peer import PeerServer
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -226,5 +232,55 @@ def test_the_only_server_refusing_the_secret_fails_each_request_with_the_reason(
                 assert body.count(b"\n") == 1  # one line
             assert server.state == "down" and server.opened == 0
             assert server.failures == 1  # refused once; not asked again since
+
+    run(main())
+
+
+def test_upgrade_answers_say_what_happened_to_the_server() -> None:
+    """Against the conformance peer (a wstunnel server written from the protocol notes), as a
+    proxy in front of a server would answer: 502 marks the server connecting and the tunnel
+    goes to the next server; 401 marks it down for good; wstunnel's 400 fails that tunnel
+    only (it may be about the destination: another server would dial it again)."""
+
+    async def main() -> None:
+        async with (
+            PeerServer() as first,
+            PeerServer() as second,
+            tcp_server(echo_handler) as origin,
+        ):
+            servers = WstunnelServers(
+                [
+                    WstunnelServer(WstunnelClientSettings(ServerURL(False, "127.0.0.1", p)), i)
+                    for i, p in enumerate((first.port, second.port), 1)
+                ],
+                retry_backoff=0.01,
+            )
+            async with servers:
+                a, b = servers.clients
+                await eventually(lambda: a.up and b.up)
+                # 502: trouble on the server's side; the probe finds it serving again
+                first.answer_status = 502
+                upstream = await servers.open_upstream("127.0.0.1", origin)
+                upstream.ws.abort()
+                assert (b.opened, a.state) == (1, "connecting")
+                assert "answered HTTP 502" in a.reason, a.reason
+                first.answer_status = 101
+                await eventually(lambda: a.up)
+                # 401: refused for good; not asked again before --retry-refused-after
+                first.answer_status = 401
+                upstream = await servers.open_upstream("127.0.0.1", origin)
+                upstream.ws.abort()
+                assert (b.opened, a.state) == (2, "down")
+                assert "server refused the credentials" in a.reason
+                asked = len(first.stats.requests)
+                upstream = await servers.open_upstream("127.0.0.1", origin)
+                upstream.ws.abort()
+                assert (b.opened, len(first.stats.requests)) == (3, asked)
+                assert servers.retried == 2
+                # wstunnel's 400: that tunnel fails, nothing else is tried or marked
+                second.answer_status = 400
+                with pytest.raises(StreamError) as failed:
+                    await servers.open_upstream("127.0.0.1", origin)
+                assert not failed.value.tunnel and b.up and servers.retried == 2
 
     run(main())

@@ -355,8 +355,11 @@ class PeerServer:
             claims = jwt_claims(jwt)
             host = claims["r"].strip("[]")
             if self.answer_status != 101:
+                # wstunnel's own refusal, or another status as a proxy in front would answer
+                status = self.answer_status
+                body = b"Invalid request" if status == 400 else b"refused"
                 writer.write(
-                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 15\r\n\r\nInvalid request"
+                    f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
                 )
                 await writer.drain()
                 return
