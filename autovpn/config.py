@@ -159,10 +159,10 @@ class ServerURL:
             raise ConfigError(key, f"{text!r}: {exc}") from None
         if not parts.hostname:
             raise ConfigError(key, f"{text!r}: no host")
-        if port == 0:  # urlsplit gives 0, not None: taken for "no port", it became 80/443
-            raise ConfigError(key, f"{text!r}: port 0 is not a server's port (omit it for 443)")
         tls = parts.scheme == "wss"
-        return cls(tls, parts.hostname, port or (443 if tls else 80))
+        # ``is None``, not falsy: an explicit port 0 once became 80/443 (the tests use it as
+        # "no server here"; a connect to it fails and says so).
+        return cls(tls, parts.hostname, (443 if tls else 80) if port is None else port)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
