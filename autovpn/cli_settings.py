@@ -201,22 +201,40 @@ def apply_handshake_timeout_argument(
         )
 
 
-#: The per-peer limits' flags (autovpn/limits.py): flag -> (key, the sections that have it, help).
-_LIMIT_FLAGS: dict[str, tuple[str, tuple[type[ClientConfig | ServerConfig], ...], str]] = {
+#: The per-peer limits' flags (autovpn/limits.py, net.py): flag -> (key, the sections that have
+#: it, help, the value's type).
+_LIMIT_FLAGS: dict[
+    str, tuple[str, tuple[type[ClientConfig | ServerConfig], ...], str, type[int | float]]
+] = {
     "--max-connections-per-address": (
         "max_connections_per_address",
         (ClientConfig, ServerConfig),
         "connections one client address may hold; more are closed at once (%s)",
+        int,
     ),
     "--max-streams-per-connection": (
         "max_streams_per_connection",
         (ServerConfig,),
         "streams one tunnel connection may have open; more: REFUSED_STREAM (%s)",
+        int,
     ),
     "--max-pending-opens": (
         "max_pending_opens",
         (ServerConfig,),
         "streams of one tunnel connection being dialled at once; more: REFUSED_STREAM (%s)",
+        int,
+    ),
+    "--lookup-timeout": (
+        "lookup_timeout",
+        (ServerConfig,),
+        "seconds a destination name's lookup may take; then the stream fails (%s)",
+        float,
+    ),
+    "--max-lookups-per-address": (
+        "max_lookups_per_address",
+        (ServerConfig,),
+        "name lookups one client address may have in progress; more wait their turn (%s)",
+        int,
     ),
 }
 
@@ -226,13 +244,14 @@ def add_limit_arguments(
 ) -> None:
     """The limits' flags of the client's or the server's command, with the key's default."""
     defaults = {f.name: f.default for f in dataclasses.fields(section)}
-    for flag, (key, sections, text) in _LIMIT_FLAGS.items():
+    for flag, (key, sections, text, kind) in _LIMIT_FLAGS.items():
         if section in sections:
-            p.add_argument(flag, type=int, metavar="N", help=text % defaults[key])
+            metavar = "N" if kind is int else "SECONDS"
+            p.add_argument(flag, type=kind, metavar=metavar, help=text % f"{defaults[key]:g}")
 
 
 def apply_limit_arguments(args: argparse.Namespace, section: ClientConfig | ServerConfig) -> None:
-    for flag, (key, sections, _) in _LIMIT_FLAGS.items():
+    for flag, (key, sections, _, _) in _LIMIT_FLAGS.items():
         value = getattr(args, key, None)
         if value is not None and type(section) in sections:
             setattr(section, key, _value(_key_parser(type(section), key), value, flag))

@@ -48,6 +48,8 @@ Example::
     max_connections_per_address = 512    # TCP connections per client address
     max_streams_per_connection = 1024    # per tunnel connection; more: REFUSED_STREAM
     max_pending_opens = 512              # streams being dialled per tunnel connection
+    lookup_timeout = 10                  # seconds for a destination name's lookup
+    max_lookups_per_address = 16         # name lookups one client address has in progress
     [server.users]
     alice = { secret_file = "alice.secret" }
     [server.wstunnel]                    # how stock wstunnel clients are served
@@ -75,7 +77,13 @@ from autovpn.limits import (
     MAX_STREAMS_PER_CONNECTION,
     SERVER_MAX_CONNECTIONS_PER_ADDRESS,
 )
-from autovpn.net import is_loopback, normalize_host_name, parse_host
+from autovpn.net import (
+    LOOKUP_TIMEOUT,
+    MAX_LOOKUPS_PER_ADDRESS,
+    is_loopback,
+    normalize_host_name,
+    parse_host,
+)
 from autovpn.pem import certificate_problem, private_key_problem
 from autovpn.policy import AllowEntry
 from autovpn.routing.hosts import default_hosts_path
@@ -1005,6 +1013,22 @@ class ServerConfig:
             integer(1),
             "streams of one tunnel connection whose target is being resolved or dialled at"
             " once; more are refused with REFUSED_STREAM",
+        ),
+    )
+    lookup_timeout: float = field(
+        default=LOOKUP_TIMEOUT,
+        metadata=toml(
+            number(above=0, at_most=300),
+            "seconds a destination name's lookup (the system resolver) may take, its wait for"
+            " a turn included; then the stream or wstunnel tunnel fails, naming the resolver",
+        ),
+    )
+    max_lookups_per_address: int = field(
+        default=MAX_LOOKUPS_PER_ADDRESS,
+        metadata=toml(
+            integer(1),
+            "destination name lookups one client address (IPv6: its /64) may have in progress;"
+            " more wait for its own turn, never for other clients' lookups",
         ),
     )
     secret_file: Path | None = field(

@@ -604,6 +604,8 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         max_connections_per_address=sc.max_connections_per_address,
         max_streams_per_connection=sc.max_streams_per_connection,
         max_pending_opens=sc.max_pending_opens,
+        lookup_timeout=sc.lookup_timeout,
+        max_lookups_per_address=sc.max_lookups_per_address,
     )
 
 

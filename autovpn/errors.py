@@ -160,6 +160,16 @@ class TunnelUnavailable(StreamError):
         self.permanent = permanent
 
 
+class LookupTimedOut(StreamError, OSError):
+    """The system resolver did not answer for a name in time (``net.SystemResolver``): its
+    lookup, or the turn of its client address (``max_lookups_per_address``), took longer than
+    the lookup timeout.  An OSError, as the resolver's own failures are: HOST_UNREACHABLE."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(ResetReason.HOST_UNREACHABLE, message)
+        self.name = name
+
+
 class InvalidHostName(StreamError, OSError):
     """A target name no resolver can look up: an empty label, a label over 63 characters,
     over 253 in all, or not encodable as IDNA (what getaddrinfo's own encoding raises

@@ -24,6 +24,7 @@ __all__ = [
     "SERVER_MAX_CONNECTIONS_PER_ADDRESS",
     "ConnectionsPerAddress",
     "address_key",
+    "peer_key",
 ]
 
 log = logging.getLogger("autovpn.limits")
@@ -62,6 +63,11 @@ def address_key(address: str) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+
+
+def peer_key(peer: str) -> str:
+    """``address_key`` of a peer given as ``host:port`` (how the tunnel server names them)."""
+    return address_key(peer.rpartition(":")[0] or peer)
 
 
 class Closable(Protocol):

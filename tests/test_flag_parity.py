@@ -612,6 +612,20 @@ def cases(d: Path) -> list[Case]:
             lambda sc: sc.max_pending_opens,
         ),
         s(
+            "--lookup-timeout",
+            "lookup_timeout",
+            ["--lookup-timeout", "2.5"],
+            2.5,
+            lambda sc: sc.lookup_timeout,
+        ),
+        s(
+            "--max-lookups-per-address",
+            "max_lookups_per_address",
+            ["--max-lookups-per-address", "4"],
+            4,
+            lambda sc: sc.max_lookups_per_address,
+        ),
+        s(
             "--reverse-bind",
             "reverse_binds",
             ["--reverse-bind", "10.0.0.0/8"],

@@ -36,8 +36,15 @@ from autovpn.limits import (
     MAX_STREAMS_PER_CONNECTION,
     SERVER_MAX_CONNECTIONS_PER_ADDRESS,
     ConnectionsPerAddress,
+    peer_key,
 )
-from autovpn.net import reset_reason_for, resolve_target
+from autovpn.net import (
+    LOOKUP_TIMEOUT,
+    MAX_LOOKUPS_PER_ADDRESS,
+    SystemResolver,
+    reset_reason_for,
+    resolve_target,
+)
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_error
 from autovpn.stats import TUNNEL, Flow, Stats
@@ -89,6 +96,10 @@ class ServerSettings:
     max_pending_opens: int = MAX_PENDING_OPENS
     #: TCP connections one client address may hold (handshakes, tunnels, wstunnel tunnels).
     max_connections_per_address: int = SERVER_MAX_CONNECTIONS_PER_ADDRESS
+    #: Seconds a destination name's lookup may take (the system resolver: net.SystemResolver).
+    lookup_timeout: float = LOOKUP_TIMEOUT
+    #: Lookups one client address may have in the lookup threads at once; more wait their turn.
+    max_lookups_per_address: int = MAX_LOOKUPS_PER_ADDRESS
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -243,6 +254,9 @@ class TunnelServer:
         self.clients = ConnectionsPerAddress(
             settings.max_connections_per_address, "server.max_connections_per_address"
         )
+        #: Destination names of every user (native streams and UDP targets, wstunnel tunnels)
+        #: are looked up here: bounded per lookup and per client address (net.SystemResolver).
+        self.lookups = SystemResolver(settings.lookup_timeout, settings.max_lookups_per_address)
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
         self.udp: UdpFlows | None = None
         self.reverse = ReverseListeners(
@@ -285,7 +299,7 @@ class TunnelServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        self.udp = UdpFlows(s.policy, s.udp_idle_timeout)
+        self.udp = UdpFlows(s.policy, s.udp_idle_timeout, lookups=self.lookups)
         try:
             self._server = await loop.create_server(
                 lambda: _ServerHandshake(self),
@@ -472,7 +486,7 @@ class TunnelServer:
         try:
             if not 0 < port < 65536:
                 raise _Refused(ResetReason.NOT_ALLOWED, f"port {port} out of range")
-            addresses = await self._resolve(host, port)
+            addresses = await self._resolve(host, port, conn)
             if not policy.host_allowed(host, port):
                 allowed = [a for a in addresses if policy.address_allowed(a, port)]
                 if not allowed:
@@ -514,8 +528,14 @@ class TunnelServer:
             ep.done = True
             conn.reset_stream(ep.sid, reason, message)
 
-    async def _resolve(self, host: str, port: int) -> list[str]:
-        return await resolve_target(host, port, lookup=self.settings.resolve)
+    async def _resolve(self, host: str, port: int, conn: MuxConnection) -> list[str]:
+        return await resolve_target(
+            host,
+            port,
+            lookup=self.settings.resolve,
+            resolver=self.lookups,
+            client=peer_key(conn.peer),
+        )
 
 
 class _Refused(Exception):

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
+from autovpn.limits import peer_key
 from autovpn.net import resolve_target
-from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.wstunnel import access
 from autovpn.tunnel.wstunnel.access import How, Identity
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
@@ -411,7 +411,7 @@ class WstunnelService:
         """A connected UDP socket to ``r:rp`` (no idle timeout on this side, as wstunnel)."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port
-        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer, True)
+        addresses = await _allowed_addresses(self.server, host, port, peer, True)
         try:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: ws.datagram_protocol, remote_addr=(addresses[0], port)
@@ -426,7 +426,7 @@ class WstunnelService:
         """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port
-        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer)
+        addresses = await _allowed_addresses(self.server, host, port, peer)
         last: BaseException | None = None
         for address in addresses:
             try:
@@ -450,10 +450,15 @@ class WstunnelService:
 
 
 async def _allowed_addresses(
-    policy: DestinationPolicy, host: str, port: int, peer: str, udp: bool = False
+    server: TunnelServer, host: str, port: int, peer: str, udp: bool = False
 ) -> list[str]:
+    policy = server.settings.policy
     try:
-        addresses = await resolve_target(host, port, udp=udp)
+        # On the server's resolver: bounded per lookup and per client address, shared with
+        # its native users (net.SystemResolver).
+        addresses = await resolve_target(
+            host, port, udp=udp, resolver=server.lookups, client=peer_key(peer)
+        )
     except OSError as exc:
         raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
     if not policy.host_allowed(host, port):
