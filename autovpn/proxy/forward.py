@@ -90,6 +90,7 @@ class _Accepted(asyncio.Protocol):
     def __init__(self, listener: ForwardListener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
+        self.flow: Flow | None = None  # the connection's record (``connection_made``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -131,13 +132,13 @@ class _Accepted(asyncio.Protocol):
             raise
         if flow is not None:
             upstream.bind(flow)  # ended with the relay, as a SOCKS5 connection's
-        if self.early:
-            upstream = _EarlyUpstream(upstream, bytes(self.early))
         if self.transport.is_closing():
-            # The client left while the tunnel opened: end the stream (and its record)
-            # rather than leave it open.
+            # The client's socket closed while the tunnel opened: end the stream (and its
+            # record) rather than leave it open.
             discard(upstream)
             return
+        if self.early:
+            upstream = _EarlyUpstream(upstream, bytes(self.early))
         upstream.attach(self.transport)
 
 

@@ -202,7 +202,9 @@ class H2Tunnels(asyncio.Protocol):
             who, _ = self.service.authorize(req, self.client_cn, self.peer)
             if req.claims.protocol.kind is not Kind.TCP:
                 raise WstunnelRejected("only Tcp tunnels over HTTP/2 here", "not_served")
-            flow = self.service.start_flow(req, who, self.peer)
+            # The destination socket's end ends the record (``_Target.connection_lost``);
+            # a refusal ends it first, with its reason.
+            flow = target.flow = self.service.start_flow(req, who, self.peer)
             if flow is not None:
                 flow.meter = target
             await self.service._dial(req, cast(Any, target), self.peer)
@@ -239,13 +241,11 @@ class H2Tunnels(asyncio.Protocol):
         if self.closed or stream_id not in self.early:
             target.result = "client_gone"
             if target.transport is not None:
-                target.flow = flow  # ended as the socket closes
                 target.transport.close()
             elif flow is not None:
                 flow.end("client_gone")
             return
         self.service.accepted += 1
-        target.flow = flow  # from here the destination socket's end ends it
         self.targets[stream_id] = target
         response = [(":status", "200")]
         content_type = dict(plain).get("content-type")

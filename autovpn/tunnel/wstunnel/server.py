@@ -383,15 +383,15 @@ class WstunnelService:
             req = wstunnel.check_request(head, client_cn=client_cn)
             who, verdict = self.authorize(req, client_cn, peer)
             kind = req.claims.protocol.kind
-            flow = self.start_flow(req, who, peer)
+            # A reverse request's record starts when a connection comes for it: waiting for
+            # one (for hours, maybe) is no connection.
+            flow = None if kind.reverse else self.start_flow(req, who, peer)
             ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
                 peer=peer,
                 on_closed=lambda ws: self._closed(ws, release),
             )
-            if flow is not None:
-                flow.meter = ws
             cookie: str | None = None
             early = b""
             if kind is Kind.TCP:
@@ -404,6 +404,7 @@ class WstunnelService:
                 target, cookie, early = await self.reverse.wait(
                     req, verdict, ws.local, self.server, client
                 )
+                flow = self.start_flow(req, who, peer)
             else:
                 raise WstunnelRejected(f"{kind.value} tunnels are not served here", "not_served")
             response = wstunnel.accept_upgrade(head, cookie)
@@ -421,7 +422,9 @@ class WstunnelService:
             transport.write(response)
             reply = None
             self.tunnels.add(ws)
-            ws.flow = flow  # from here the relay ends it (``WsSide.connection_lost``)
+            if flow is not None:
+                flow.meter = ws
+                ws.flow = flow  # from here the relay ends it (``WsSide.connection_lost``)
             ws.start(transport, rest + pending.early)
             if isinstance(ws, UdpWsSide) and udp is not None:
                 ws.attach_datagram(udp)
