@@ -298,12 +298,19 @@ class ListenSpec:
         return dict(self.options).get(name, default)
 
     def __str__(self) -> str:
+        """As it is written (``-L``), without credentials: it names a forward in log lines
+        and in the access log's ``rule``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        text = f"{self.scheme}://{host}:{self.port}"
-        if self.target_host is not None:
-            target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
-            text += f":{target}:{self.target_port}"
-        return text
+        if self.scheme == "stdio":  # no local address
+            text = "stdio://"
+        elif self.scheme == "unix":  # the path, no port
+            text = f"unix://{self.host}:"
+        else:
+            text = f"{self.scheme}://{host}:{self.port}:"
+        if self.target_host is None:
+            return text[:-1]
+        target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+        return f"{text}{target}:{self.target_port}"
 
 
 def _local_forward(

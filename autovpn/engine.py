@@ -470,9 +470,9 @@ class Engine:
     async def _start_forward(self, spec: ListenSpec, opener: TunnelOpener) -> None:
         forward: ForwardListener | StdioForward
         if spec.scheme == "stdio":
-            forward = StdioForward(spec, opener, self.stop)
+            forward = StdioForward(spec, opener, self.stop, self.stats)
         else:
-            forward = ForwardListener(spec, opener)
+            forward = ForwardListener(spec, opener, self.stats)
         await forward.start()
         self.forwards.append(forward)
 

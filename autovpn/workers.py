@@ -10,8 +10,10 @@ ARGS``) with ``AUTOVPN_WORKER`` in their environment, waits until each one liste
   SIGKILL) and exits: 0 after SIGTERM, 130 after SIGINT;
 * serves the control API on the configured address.  Each worker serves its own on an
   ephemeral loopback port, which it reports when it is ready; the parent's ``GET /status``
-  asks every worker and answers the sum of their ``server`` counters, with one entry per
-  worker (pid, restarts, its own counters).
+  and ``GET /metrics`` ask every worker and answer the sums of their counters (``server``
+  and the statistics, ``stats``), with one entry per worker (pid, restarts, its own
+  counters).  The sums never go down when a worker dies (``FleetTotals``): Prometheus takes
+  any decrease of a counter for a reset and would count the survivors' totals again.
 
 Workers share nothing at run time: each reads the configuration, the certificate and the
 secrets or users file itself, and the tunnel's authentication is stateless (the 101's
@@ -38,7 +40,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -230,24 +233,135 @@ class Slot:
         return None if self.proc is None else self.proc.pid
 
 
-def _add(total: dict[str, Any], counters: dict[str, Any]) -> None:
-    """Sum ``counters`` (numbers, nested tables of numbers) into ``total``."""
+def _add(
+    total: dict[str, Any], counters: dict[str, Any], skip: frozenset[str] = frozenset()
+) -> None:
+    """Sum ``counters`` (numbers, nested tables of numbers) into ``total``; numbers named in
+    ``skip`` are left out."""
     for key, value in counters.items():
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            total[key] = total.get(key, 0) + value
+            if key not in skip:
+                total[key] = total.get(key, 0) + value
         elif isinstance(value, dict):
-            _add(total.setdefault(key, {}), value)
+            _add(total.setdefault(key, {}), value, skip)
 
 
-def sum_workers(statuses: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """The ``server`` counters of the workers that answered, added up."""
-    total: dict[str, Any] = {}
-    for status in statuses:
-        if status is not None and isinstance(status.get("server"), dict):
-            _add(total, status["server"])
-    return total
+#: The groups of a worker's statistics (``autovpn.stats.Stats.snapshot``), summed by name.
+STATS_GROUPS = ("listeners", "routes", "servers", "users", "domains")
+#: Numbers in a worker's status that are levels, not counts: they leave with the worker.
+GAUGES = frozenset({"open", "connections", "streams_open"})
+#: Open connections listed in the summed statistics (a worker lists its 50 busiest).
+CONNECTIONS_SHOWN = 50
+#: Recent failures kept in the summed statistics (as ``autovpn.stats.RECENT_FAILURES``).
+RECENT_FAILURES = 20
+
+
+def _counted(status: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a worker's status that are summed: ``server`` and the statistics'
+    groups."""
+    stats = status.get("stats")
+    groups = {k: stats.get(k) or {} for k in STATS_GROUPS} if isinstance(stats, dict) else {}
+    server = status.get("server")
+    return {"server": server if isinstance(server, dict) else {}, "stats": groups}
+
+
+class FleetTotals:
+    """The workers' counters, added up so that no sum goes down when a worker dies (sans-I/O).
+
+    Each sum is the workers' latest answers, plus for a worker that did not answer this time
+    its previous answer's counters, plus the counters last seen of the worker processes that
+    have exited (``retired``): a dead worker's counts stay in the sums, its levels (open
+    connections, ``GAUGES``) leave with it.  What a worker counted after the supervisor last
+    asked it (the last scrape or ``/status``) and before it died is lost: the sums then stay
+    where they were, they do not go down.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.since = clock()
+        #: Counters of the exited worker processes, summed (as ``_counted`` shapes them).
+        self.retired: dict[str, Any] = {}
+        #: Each slot's process and its last answer: slot index -> (pid, status).
+        self.last: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def seen(self, index: int, pid: int, status: dict[str, Any]) -> None:
+        """The worker in slot ``index`` (process ``pid``, running) answered ``status``."""
+        self.last[index] = (pid, status)
+
+    def exited(self, index: int, pid: int) -> None:
+        """Process ``pid`` of slot ``index`` exited: its last counters are kept for good."""
+        last = self.last.get(index)
+        if last is not None and last[0] == pid:
+            del self.last[index]
+            _add(self.retired, _counted(last[1]), GAUGES)
+
+    def sums(
+        self, statuses: Sequence[dict[str, Any] | None]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(``server``, ``stats``) summed over ``statuses`` (by slot; None: no answer now);
+        ``stats`` None when no worker keeps statistics."""
+        total: dict[str, Any] = {"server": {}, "stats": {k: {} for k in STATS_GROUPS}}
+        _add(total, self.retired)
+        answered: list[tuple[int, dict[str, Any]]] = []
+        kept = bool(self.retired.get("stats"))
+        for index, status in enumerate(statuses):
+            if status is not None:
+                answered.append((index, status))
+                _add(total, _counted(status))
+                kept = kept or isinstance(status.get("stats"), dict)
+            elif index in self.last:  # a worker that did not answer in time: no levels
+                _add(total, _counted(self.last[index][1]), GAUGES)
+        server = total["server"]
+        if server:  # every worker may be gone for now: its levels are 0 then, not missing
+            for name in ("connections", "streams_open"):
+                server.setdefault(name, 0)
+        return server, self._stats(total["stats"], answered) if kept else None
+
+    def _stats(
+        self, groups: dict[str, Any], answered: list[tuple[int, dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """The summed groups shaped as one engine's statistics; the open connections and
+        recent failures of the workers that answered, each with its ``worker``."""
+        for members in groups.values():
+            for figures in members.values():
+                for name in ("open", "total", "bytes_up", "bytes_down"):
+                    figures.setdefault(name, 0)
+                figures.setdefault("failures", {})
+        connections: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        health: dict[str, Any] = {}
+        shown = 0
+        for index, status in answered:
+            stats = status.get("stats")
+            if not isinstance(stats, dict):
+                continue
+            shown += int(stats.get("open") or 0)
+            connections += [{**c, "worker": index} for c in stats.get("connections") or ()]
+            failures += [{**f, "worker": index} for f in stats.get("recent_failures") or ()]
+            health.update(stats.get("health") or {})
+        connections.sort(key=lambda c: c.get("bytes_up", 0) + c.get("bytes_down", 0), reverse=True)
+        failures.sort(key=lambda f: f.get("time", 0))
+        return {
+            "since": round(self.since, 3),
+            **groups,
+            "open": shown,
+            "connections": connections[:CONNECTIONS_SHOWN],
+            "recent_failures": failures[-RECENT_FAILURES:],
+            "health": health,
+        }
+
+
+def _bytes(status: dict[str, Any]) -> tuple[int, int] | None:
+    """A worker's bytes up and down, over its listeners (each connection is in one)."""
+    stats = status.get("stats")
+    if not isinstance(stats, dict):
+        return None
+    listeners = (stats.get("listeners") or {}).values()
+    return (
+        sum(int(f.get("bytes_up", 0)) for f in listeners),
+        sum(int(f.get("bytes_down", 0)) for f in listeners),
+    )
 
 
 class Supervisor:
@@ -261,6 +375,8 @@ class Supervisor:
         self.signal: int | None = None
         self._stop = asyncio.Event()
         self.api: ControlAPI | None = None  # when the configuration has a control API
+        #: The workers' counters, summed across their restarts (``/status``, ``/metrics``).
+        self.totals = FleetTotals()
 
     # -- processes --------------------------------------------------------------------------
 
@@ -404,6 +520,7 @@ class Supervisor:
             assert proc is not None
             started = loop.time()
             code = await self._exited(proc)
+            self.totals.exited(slot.index, proc.pid)
             if self.stopping:
                 return
             delay = slot.backoff.delay(loop.time() - started)
@@ -432,15 +549,24 @@ class Supervisor:
     # -- the control API ----------------------------------------------------------------------
 
     async def worker_statuses(self) -> list[dict[str, Any] | None]:
+        """Each slot's worker's status (None: no answer); each answer is remembered
+        (``FleetTotals.seen``)."""
+
         async def one(slot: Slot) -> dict[str, Any] | None:
-            if slot.control is None:
+            proc, control = slot.proc, slot.control
+            if control is None or proc is None:
                 return None
             try:
                 async with asyncio.timeout(STATUS_TIMEOUT):
-                    reply = await request(slot.control, "GET", "/status")
+                    reply = await request(control, "GET", "/status")
                 status: dict[str, Any] = reply.json()
             except (OSError, TimeoutError, ValueError, IndexError, asyncio.IncompleteReadError):
                 return None  # not answering, or not with a status: counted as missing
+            if slot.proc is not proc or proc.returncode is not None:
+                # It exited while answering, and its earlier counters are retired already:
+                # counting this answer too would count it twice.
+                return None
+            self.totals.seen(slot.index, proc.pid, status)
             return status
 
         return list(await asyncio.gather(*(one(s) for s in self.slots)))
@@ -528,7 +654,7 @@ class Supervisor:
             f"  tunnel server  {sc.listen}  (SO_REUSEPORT; worker pids {pids})",
         ]
         if self.api is not None:
-            lines.append(f"  control api    {self.api.url}  (/status sums the workers)")
+            lines.append(f"  control api    {self.api.url}  (/status and /metrics sum the workers)")
         print("\n".join(lines), flush=True)
 
 
@@ -537,7 +663,8 @@ class FleetView:
 
     Routing answers (``/route``, PAC files, ``/mode``) come from an engine built from the
     same configuration and never started, as ``autovpn route`` answers when no engine runs:
-    a tunnel server routes nothing itself.  ``/status`` gathers the workers'.
+    a tunnel server routes nothing itself.  ``/status`` (and so ``/metrics``) gathers the
+    workers': ``server`` and ``stats`` are their sums (``FleetTotals``).
     """
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -573,19 +700,24 @@ class FleetView:
         sup = self.supervisor
         statuses = await sup.worker_statuses()
         out = self.engine.status()
-        out["server"] = sum_workers(statuses)
+        out["server"], out["stats"] = sup.totals.sums(statuses)
         out["control"] = sup.api.url if sup.api is not None else None
-        out["workers"] = [
-            {
+        workers: list[dict[str, Any]] = []
+        for slot, status in zip(sup.slots, statuses, strict=True):
+            entry: dict[str, Any] = {
                 "index": slot.index,
                 "pid": slot.pid,
                 "restarts": slot.restarts,
                 "control": slot.control,
                 "server": None if status is None else status.get("server"),
-                **({} if status is not None else {"error": "no answer from its control API"}),
             }
-            for slot, status in zip(sup.slots, statuses, strict=True)
-        ]
+            moved = None if status is None else _bytes(status)
+            if moved is not None:
+                entry["bytes_up"], entry["bytes_down"] = moved
+            if status is None:
+                entry["error"] = "no answer from its control API"
+            workers.append(entry)
+        out["workers"] = workers
         return out
 
 

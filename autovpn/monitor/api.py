@@ -336,18 +336,16 @@ class ControlAPI:
         #: This engine's record in the state directory while it runs (``monitor/engines.py``).
         self.record: EngineRecord | None = None
         self.pacs = PacCache()
-        self._exposition = exposition(self._status_now)
+        self._exposition = exposition()
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
 
-    def _status_now(self) -> dict[str, object]:
-        """The status for a scrape, which is synchronous: a supervisor of workers gathers its
-        status over the network, so its /metrics has no counters yet (its /status sums them)."""
+    async def _status_now(self) -> dict[str, object]:
+        """The engine's status; awaited where it is gathered (a supervisor asks its workers:
+        /status and /metrics then answer their sums)."""
         status = self.engine.status()
         if inspect.isawaitable(status):
-            if inspect.iscoroutine(status):
-                status.close()
-            return {}
+            status = await status
         return status
 
     @property
@@ -475,10 +473,7 @@ class ControlAPI:
     # -- routes ----------------------------------------------------------------------------
 
     async def _status(self, request: web.Request) -> Response:
-        status = self.engine.status()
-        if inspect.isawaitable(status):
-            status = await status
-        return web.json_response(status, dumps=_dumps_indented)
+        return web.json_response(await self._status_now(), dumps=_dumps_indented)
 
     async def _dashboard(self, request: web.Request) -> Response:
         page = _static("dashboard.html").replace(b"{{PAGE_TOKEN}}", self.page_token.encode())
@@ -497,7 +492,7 @@ class ControlAPI:
 
     async def _metrics(self, request: web.Request) -> Response:
         # Read-only, no token (a scraper has none): the Host guard still applies.
-        body = self._exposition()
+        body = self._exposition(await self._status_now())
         return Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     async def _get_mode(self, request: web.Request) -> Response:

@@ -123,7 +123,7 @@ class WsUpstream:
         self.ws = ws
 
     def bind(self, flow: Flow) -> None:
-        """Count this tunnel's bytes in ``flow`` (WebSocket bytes: frames included) and end
+        """Count this tunnel's bytes in ``flow`` (payload bytes, as a mux stream's) and end
         it with the tunnel."""
         self.ws.flow = flow
         flow.meter = self.ws
@@ -318,9 +318,14 @@ class WstunnelClient:
         ws.start(transport, rest)
         return ws, answer
 
-    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> WsUpstream:
-        """For the dialer: a Tcp tunnel to host:port.  Raises StreamError."""
-        protocol = LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=self.settings.proxy_protocol)
+    async def open_upstream(
+        self, host: str, port: int, early: bytes = b"", *, proxy_protocol: bool | None = None
+    ) -> WsUpstream:
+        """For the dialer and the forwards: a Tcp tunnel to host:port (``proxy_protocol``:
+        ask for a PROXY v2 header, default the client's setting).  Raises StreamError."""
+        if proxy_protocol is None:
+            proxy_protocol = self.settings.proxy_protocol
+        protocol = LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=proxy_protocol)
         try:
             ws, _ = await self.open_tunnel(protocol, host, port)
         except WstunnelRejected as exc:

@@ -63,6 +63,8 @@ class WsSide(asyncio.BufferedProtocol):
         self.local = LocalSide(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        #: Payload bytes received and sent (the application's bytes, as the native mux
+        #: counts them: no frame headers, pings or Close).
         self.bytes_in = 0
         self.bytes_out = 0
         #: The connection's record (``autovpn.stats``), ended when the tunnel closes.
@@ -120,7 +122,7 @@ class WsSide(asyncio.BufferedProtocol):
     # -- WebSocket in --------------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
-        """Bytes sent and received on the WebSocket (``autovpn.stats.Metered``)."""
+        """Payload bytes sent and received on the WebSocket (``autovpn.stats.Metered``)."""
         return self.bytes_out, self.bytes_in
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -130,7 +132,6 @@ class WsSide(asyncio.BufferedProtocol):
         self._receive(self._buffer[:nbytes])
 
     def _receive(self, data: bytes | memoryview) -> None:
-        self.bytes_in += len(data)
         try:
             pieces = self.session.receive(data)
         except RemoteProtocolError as exc:
@@ -141,8 +142,11 @@ class WsSide(asyncio.BufferedProtocol):
             return
         local = self.local.transport
         if local is not None and not self.local.closed:
-            for piece in pieces:
+            for piece in pieces:  # usually one or two per read
+                self.bytes_in += len(piece)
                 local.write(bytes(piece))
+        else:  # received, though nobody takes them any more
+            self.bytes_in += sum(len(piece) for piece in pieces)
         self._flush()
         if self.session.state is SessionState.CLOSED:
             self.finish()
@@ -312,12 +316,15 @@ class UdpWsSide(WsSide):
         self.datagram_protocol = _UdpLocal(self)
 
     def _receive(self, data: bytes | memoryview) -> None:
-        self.bytes_in += len(data)
         try:
             for frame in self._splitter.feed(data):
                 pieces = self.session.receive(frame)
-                if pieces and self.udp is not None and not self.udp.is_closing():
-                    self.udp.sendto(b"".join(bytes(p) for p in pieces))
+                if not pieces:
+                    continue
+                datagram = b"".join(bytes(p) for p in pieces)
+                self.bytes_in += len(datagram)
+                if self.udp is not None and not self.udp.is_closing():
+                    self.udp.sendto(datagram)
         except RemoteProtocolError as exc:
             log.info("wstunnel %s: protocol error: %s", self.peer, exc)
             self.session.close(1002)

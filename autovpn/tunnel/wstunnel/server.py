@@ -17,6 +17,12 @@ then our own ``DestinationPolicy`` on the resolved addresses (private and loopba
 unless allowed).  Anonymous clients never get reverse tunnels.  The JWT itself authenticates
 nothing (section 2.2).
 
+Statistics (``autovpn.stats``): each tunnel (WebSocket or HTTP/2 stream) is a ``Flow`` of the
+listener ``wstunnel`` and its user (``Identity.label``), started once the request is authorized
+(so a destination that cannot be dialled counts as a failure of that user), ended with the
+relay, with its access log line then; a request refused before that counts as a failure of
+the listener by reason (``auth``, ``not_allowed``, ``bad_request``...).
+
 The path prefix may be a user's secret: no log line here shows a request path or prefix.
 """
 
@@ -32,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Final
 from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
 from autovpn.limits import peer_key
-from autovpn.net import resolve_target
+from autovpn.net import reset_reason_for, resolve_target
+from autovpn.stats import Flow
 from autovpn.tunnel.wstunnel import access
 from autovpn.tunnel.wstunnel.access import How, Identity
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
@@ -41,12 +48,21 @@ from autovpn.tunnel.wstunnel.restrictions import Restrictions, Verdict
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
 from autovpn.wire.http1 import RequestHead
-from autovpn.wire.wstunnel import Kind, Session, TunnelRequest, WstunnelRejected
+from autovpn.wire.wstunnel import (
+    Kind,
+    Session,
+    TunnelRequest,
+    WstunnelRejected,
+    refusal_reason,
+)
 
 if TYPE_CHECKING:
     from autovpn.tunnel.mux.server import TunnelServer
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
+
+#: The listener name of wstunnel-protocol tunnels in the statistics.
+LISTENER: Final = "wstunnel"
 
 
 def _client_cn(transport: asyncio.BaseTransport) -> str | None:
@@ -240,7 +256,7 @@ class WstunnelService:
         tunnel server refuses an address with too many at once, before this runs).
         """
         if self.server.auth_blocked(peer):
-            raise WstunnelRejected("too many authentication failures from this address")
+            raise WstunnelRejected("too many authentication failures from this address", "auth")
         who = access.identify(
             req.path_prefix,
             client_cn,
@@ -256,22 +272,51 @@ class WstunnelService:
             self.server.auth_failed(peer)
             raise WstunnelRejected(
                 "not authenticated: its path prefix is no user's secret, it sent no client "
-                "certificate" + (" and no restriction rule matches it" if self._restricted else "")
+                "certificate" + (" and no restriction rule matches it" if self._restricted else ""),
+                "auth",
             )
         verdict = restrictions.check(req.path_prefix, req.authorization, req.claims, req.host)
         if verdict is None:
             raise WstunnelRejected(
                 f"no restriction allows {req.claims.protocol.kind.value} "
-                f"{req.claims.host}:{req.claims.port} for {who}"
+                f"{req.claims.host}:{req.claims.port} for {who}",
+                "not_allowed",
             )
         if who.how is How.RESTRICTION:
             who = Identity(How.RESTRICTION, verdict.rule.name)
         if req.claims.protocol.kind.reverse and who.how is How.ANONYMOUS:
             raise WstunnelRejected(
                 "reverse tunnels need a secret path prefix or a client certificate "
-                "(--allow-anonymous opens forward tunnels only)"
+                "(--allow-anonymous opens forward tunnels only)",
+                "not_allowed",
             )
         return who, verdict
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def start_flow(self, req: TunnelRequest, who: Identity, peer: str) -> Flow | None:
+        """The record of one authorized tunnel (None when statistics are off): its bytes up
+        are what the client sends, written to the destination (``reverse``)."""
+        stats = self.server.stats
+        if stats is None:
+            return None
+        flow = stats.start(
+            listener=LISTENER,
+            client=peer,
+            host=req.claims.host,
+            port=req.claims.port,
+            route="",
+            user=who.label,
+        )
+        flow.reverse = True
+        return flow
+
+    def count_refusal(self, peer: str, exc: BaseException) -> None:
+        """A request refused before it had a record (``start_flow``)."""
+        self.refused += 1
+        stats = self.server.stats
+        if stats is not None:
+            stats.failure(LISTENER, peer, refusal_reason(exc))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -331,11 +376,16 @@ class WstunnelService:
         udp: asyncio.DatagramTransport | None = None
         reply: bytes | None = wstunnel.INVALID_REQUEST  # None once the 101 has gone
         relayed = False
+        flow: Flow | None = None  # once authorized; the relay ends it, or the ``finally``
+        result, detail = "client_gone", ""
         try:
             client_cn = _client_cn(transport)
             req = wstunnel.check_request(head, client_cn=client_cn)
             who, verdict = self.authorize(req, client_cn, peer)
             kind = req.claims.protocol.kind
+            # A reverse request's record starts when a connection comes for it: waiting for
+            # one (for hours, maybe) is no connection.
+            flow = None if kind.reverse else self.start_flow(req, who, peer)
             ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
@@ -354,8 +404,9 @@ class WstunnelService:
                 target, cookie, early = await self.reverse.wait(
                     req, verdict, ws.local, self.server, client
                 )
+                flow = self.start_flow(req, who, peer)
             else:
-                raise WstunnelRejected(f"{kind.value} tunnels are not served here")
+                raise WstunnelRejected(f"{kind.value} tunnels are not served here", "not_served")
             response = wstunnel.accept_upgrade(head, cookie)
             if pending.lost or transport.is_closing():
                 return  # the peer left while we dialled: close the target, answer nobody
@@ -371,6 +422,9 @@ class WstunnelService:
             transport.write(response)
             reply = None
             self.tunnels.add(ws)
+            if flow is not None:
+                flow.meter = ws
+                ws.flow = flow  # from here the relay ends it (``WsSide.connection_lost``)
             ws.start(transport, rest + pending.early)
             if isinstance(ws, UdpWsSide) and udp is not None:
                 ws.attach_datagram(udp)
@@ -378,14 +432,22 @@ class WstunnelService:
                 ws.attach_local(target, early)
             relayed = True
         except RemoteProtocolError as exc:
-            self.refused += 1
-            log.info("wstunnel peer %s refused: %s", peer, exc)
+            result, detail = refusal_reason(exc), str(exc)
+            if flow is None:
+                self.count_refusal(peer, exc)
+                log.info("wstunnel peer %s refused: %s", peer, exc)
+            else:  # the access log line says it, once
+                self.refused += 1
             reply = exc.reply or reply
         except asyncio.CancelledError:
             reply = None  # the peer is gone (or the server is closing): nobody to answer
             raise
         except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
-            self.refused += 1
+            result, detail = type(exc).__name__, str(exc)
+            if flow is None:
+                self.count_refusal(peer, exc)
+            else:
+                self.refused += 1
             log.warning(
                 "wstunnel peer %s refused: unexpected %s: %s",
                 peer,
@@ -394,6 +456,8 @@ class WstunnelService:
                 exc_info=log.isEnabledFor(logging.DEBUG),  # a traceback only when debugging
             )
         finally:
+            if not relayed and flow is not None:
+                flow.end(result, detail)
             if not relayed:
                 if target is not None:
                     target.abort()
@@ -417,7 +481,9 @@ class WstunnelService:
                 lambda: ws.datagram_protocol, remote_addr=(addresses[0], port)
             )
         except OSError as exc:
-            raise WstunnelRejected(f"cannot open UDP to {host}:{port}: {exc}") from None
+            raise WstunnelRejected(
+                f"cannot open UDP to {host}:{port}: {exc}", reset_reason_for(exc).name.lower()
+            ) from None
         return transport
 
     async def _dial(
@@ -446,7 +512,8 @@ class WstunnelService:
                 transport.abort()  # not returned, so no caller could close it
                 raise
             return transport
-        raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
+        reason = "general_failure" if last is None else reset_reason_for(last).name.lower()
+        raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}", reason)
 
 
 async def _allowed_addresses(
@@ -460,12 +527,14 @@ async def _allowed_addresses(
             host, port, udp=udp, resolver=server.lookups, client=peer_key(peer)
         )
     except OSError as exc:
-        raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
+        raise WstunnelRejected(f"cannot resolve {host}: {exc}", "host_unreachable") from None
     if not policy.host_allowed(host, port):
         addresses = [a for a in addresses if policy.address_allowed(a, port)]
         if not addresses:
             log.warning("policy refused %s:%d for wstunnel peer %s", host, port, peer)
-            raise WstunnelRejected(f"destination {host}:{port} not allowed by policy")
+            raise WstunnelRejected(
+                f"destination {host}:{port} not allowed by policy", "not_allowed"
+            )
     return addresses
 
 
