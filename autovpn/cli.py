@@ -29,12 +29,14 @@ from autovpn.cli_settings import (
     add_control_arguments,
     add_failover_arguments,
     add_handshake_timeout_argument,
+    add_idle_timeout_argument,
     add_limit_arguments,
     add_reverse_limit_arguments,
     add_routing_arguments,
     apply_control_arguments,
     apply_failover_arguments,
     apply_handshake_timeout_argument,
+    apply_idle_timeout_argument,
     apply_limit_arguments,
     apply_reverse_limit_arguments,
     apply_routing_arguments,
@@ -243,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
         "seconds a local SOCKS5/HTTP client has for its request and its connect",
         LISTENER_HANDSHAKE_TIMEOUT,
     )
+    add_idle_timeout_argument(c, "a relayed connection (direct, tunnelled, forwarded)")
     add_limit_arguments(c, ClientConfig)
     wstunnel_cli.add_client_arguments(c)
     add_routing_arguments(c)
@@ -291,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
         "seconds a tunnel client has for each step: TLS, upgrade request, AUTH",
         SERVER_HANDSHAKE_TIMEOUT,
     )
+    add_idle_timeout_argument(s, "a relayed stream or wstunnel tunnel")
     add_limit_arguments(s, ServerConfig)
     wstunnel_cli.add_server_arguments(s)
     add_control_arguments(s)
@@ -399,6 +403,7 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     for note in wstunnel_cli.apply_client_arguments(args, cc):
         print(note, file=sys.stderr)
     apply_handshake_timeout_argument(args, cc)
+    apply_idle_timeout_argument(args, cc)
     apply_limit_arguments(args, cc)
     apply_routing_arguments(args, cfg.routing)
     apply_control_arguments(args, cfg)
@@ -465,6 +470,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         sc.users_file = args.users_file
     apply_reverse_limit_arguments(args, sc)
     apply_handshake_timeout_argument(args, sc)
+    apply_idle_timeout_argument(args, sc)
     apply_limit_arguments(args, sc)
     wstunnel_cli.apply_server_arguments(args, sc)
     apply_control_arguments(args, cfg)

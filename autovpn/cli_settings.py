@@ -1,5 +1,5 @@
 """The command-line flags of the settings that only a config file could say before: routing,
-the control API, the handshake timeouts, the server's reverse-tunnel limits.
+the control API, the handshake and idle timeouts, the server's reverse-tunnel limits.
 
 Each flag's value is checked by its key's own parser (``config.py``), so a flag and its key
 take the same values and refuse them with the same words; the error names the flag.  Only adds
@@ -22,6 +22,7 @@ from autovpn.config import (
     DOMAIN_NAME,
     GEOIP,
     HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
     LIST_ENTRY,
     RULE,
     SERVER_ENTRY,
@@ -198,6 +199,24 @@ def apply_handshake_timeout_argument(
     if args.handshake_timeout is not None:
         section.handshake_timeout = _value(
             HANDSHAKE_TIMEOUT, args.handshake_timeout, "--handshake-timeout"
+        )
+
+
+def add_idle_timeout_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"reset {what} that moved no byte either way this long ({IDLE_TIMEOUT:g}; 0: never)",
+    )
+
+
+def apply_idle_timeout_argument(
+    args: argparse.Namespace, section: ClientConfig | ServerConfig
+) -> None:
+    if args.idle_timeout is not None:
+        section.idle_timeout = _value(
+            _key_parser(type(section), "idle_timeout"), args.idle_timeout, "--idle-timeout"
         )
 
 

@@ -27,6 +27,7 @@ Example::
     listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
+    idle_timeout = 300                   # a relayed connection silent both ways this long is reset
     handshake_timeout = 30               # seconds a local client has for its SOCKS5/HTTP request
     max_connections_per_address = 1024   # per client address on each SOCKS5/HTTP listener
     reverse = ["tcp://127.0.0.1:2222:127.0.0.1:22"]   # -R: the server's port 2222 comes here
@@ -43,6 +44,7 @@ Example::
     auth_failure_limit = 10              # failures per address within the window; 0: no limit
     auth_failure_window = 60             # seconds; also how long such an address is refused
     handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
+    idle_timeout = 300                   # a relayed stream silent both ways this long is reset
     users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
     workers = 4                          # processes on the port (Linux); default: one per core
     max_connections_per_address = 512    # TCP connections per client address
@@ -146,6 +148,11 @@ LISTENER_HANDSHAKE_TIMEOUT = 30.0
 SERVER_HANDSHAKE_TIMEOUT = 10.0
 #: The most either may be set to: an hour is no limit any more.
 MAX_HANDSHAKE_TIMEOUT = 3600.0
+#: ``idle_timeout``'s default, client and server: v2ray's and Xray's ``connIdle`` (docs/
+#: protocol.md says why).  An application that keeps a connection silent for longer (SSH
+#: without ServerAliveInterval, IMAP IDLE renewed every 29 minutes) needs its own keepalive,
+#: as behind those proxies, or a longer setting; 0 turns the timeout off.
+IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -775,6 +782,14 @@ class ClientConfig:
             "a tunnel connection silent this many seconds is dead (longer than the interval)",
         ),
     )
+    idle_timeout: float = field(
+        default=IDLE_TIMEOUT,
+        metadata=toml(
+            SECONDS_OR_OFF,
+            "a relayed connection (direct, tunnelled, forwarded) that moved no byte either way"
+            " this many seconds is reset, here and at the server; 0: never",
+        ),
+    )
     handshake_timeout: float = field(
         default=LISTENER_HANDSHAKE_TIMEOUT,
         metadata=toml(
@@ -856,7 +871,7 @@ class ClientConfig:
         metadata=toml(
             list_of(text()),
             "reverse tunnels (-R): the server listens, each connection comes back here;"
-            " tcp://[BIND:]PORT:HOST:PORT, and with protocol = \"wstunnel\" also"
+            ' tcp://[BIND:]PORT:HOST:PORT, and with protocol = "wstunnel" also'
             " socks5://[BIND:]PORT and unix://PATH:HOST:PORT",
         ),
     )
@@ -988,6 +1003,14 @@ class ServerConfig:
         metadata=toml(
             KEEPALIVE_TIMEOUT,
             "a client connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    idle_timeout: float = field(
+        default=IDLE_TIMEOUT,
+        metadata=toml(
+            SECONDS_OR_OFF,
+            "a relayed stream or wstunnel tunnel that moved no byte either way this many"
+            " seconds is reset, here and at the client; 0: never",
         ),
     )
     handshake_timeout: float = field(

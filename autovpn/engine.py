@@ -387,6 +387,7 @@ class Engine:
                 retries=client.retries,
                 fallback_direct=lambda: pool.fallback_direct,
                 stats=self.stats,
+                idle_timeout=client.idle_timeout,
             )
             self._dialers.append(dialer)
             for spec in client.listen:
@@ -430,6 +431,7 @@ class Engine:
             resolver=self.resolver,
             scores=self.scores,
             stats=self.stats,
+            idle_timeout=client.idle_timeout,
         )
         self._dialers.append(dialer)
         for spec in client.listen:
@@ -596,6 +598,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         reverse_binds=tuple(sc.reverse_binds),
         keepalive_interval=sc.keepalive_interval,
         keepalive_timeout=sc.keepalive_timeout,
+        idle_timeout=sc.idle_timeout,
         max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
         auth_failure_limit=sc.auth_failure_limit,
         auth_failure_window=sc.auth_failure_window,
@@ -632,6 +635,7 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         open_timeout=cc.open_timeout,
         keepalive_interval=cc.keepalive_interval,
         keepalive_timeout=cc.keepalive_timeout,
+        idle_timeout=cc.idle_timeout,
         permanent_backoff=cc.retry_refused_after,
         reverse=tuple(cc.reverse),
     )

@@ -397,6 +397,13 @@ def cases(d: Path) -> list[Case]:
             lambda cc: cc.handshake_timeout,
         ),
         c(
+            "--idle-timeout",
+            "idle_timeout",
+            ["--idle-timeout", "0"],
+            0,
+            lambda cc: cc.idle_timeout,
+        ),
+        c(
             "--max-connections-per-address",
             "max_connections_per_address",
             ["--max-connections-per-address", "7"],
@@ -589,6 +596,13 @@ def cases(d: Path) -> list[Case]:
             ["--handshake-timeout", "2.5"],
             2.5,
             lambda sc: sc.handshake_timeout,
+        ),
+        s(
+            "--idle-timeout",
+            "idle_timeout",
+            ["--idle-timeout", "600"],
+            600,
+            lambda sc: sc.idle_timeout,
         ),
         s(
             "--max-connections-per-address",

@@ -8,10 +8,13 @@ one; when it comes back, new streams go back to it (fail-back); open streams sta
 are.
 
 A stream that fails because of the tunnel (its connection was lost or stalled, the server did
-not answer, or refused more streams) is tried again on the next server, up to ``retries``
-attempts in all, with a short backoff when the same server is the only choice left.  A failure
-that comes from the destination (refused by the target, unreachable, policy) is final: another
-server would only dial the same target again.
+not answer, or refused it while closing) is tried again on the next server, or on a new
+connection to the same one, up to ``retries`` attempts in all, with a short backoff when the
+same server is the only choice left; but never when its early data may already have reached
+the destination (``_retry_kind``).  A stream refused for a limit of its connection is tried
+only where another connection or server can take it, else it fails at once with the reason.
+A failure that comes from the destination (refused by the target, unreachable, policy) is
+final: another server would only dial the same target again.
 
 When no server is up, a new stream waits only for a connection attempt that is under way or
 that it starts itself (``TunnelClient.kick``), bounded by the connect timeout; once those
@@ -83,10 +86,27 @@ class _Flow:
         self.inner = 0
 
 
-def _retryable(exc: StreamError) -> bool:
-    """Whether another server could open this stream: the tunnel failed, or the server
-    refused more streams (shutting down, at its limit); not when the destination failed."""
-    return exc.tunnel or exc.reason is ResetReason.REFUSED_STREAM
+def _retry_kind(exc: StreamError, early: bytes) -> str:
+    """Why opening the stream again may succeed without delivering anything twice, or ""
+    when the failure is final:
+
+    - ``draining``: the server refused it because the connection is closing (GOAWAY); a new
+      connection, or another server, takes it.
+    - ``limit``: the server refused it for a limit of that connection (streams open, opens
+      pending); another connection or server may take it, the same one would refuse again.
+    - ``tunnel``: the tunnel failed (lost, stalled, no answer) and nothing of the client's can
+      have reached the destination: the OPEN never left us, or it carried no early data.
+
+    A tunnel failure after an OPEN with early data left is final: the server may have dialled
+    and delivered those bytes before the failure, and a second open would deliver them again
+    (a request sent twice).  So is a failure of the destination itself (refused, unreachable,
+    the server's policy): another server would only dial the same target again.
+    """
+    if exc.reason is ResetReason.REFUSED_STREAM and not exc.tunnel:
+        return "draining" if exc.draining else "limit"
+    if exc.tunnel and (not exc.sent or not early):
+        return "tunnel"
+    return ""
 
 
 class ServerPool:
@@ -239,7 +259,26 @@ class ServerPool:
             try:
                 return await client.open_stream(host, port, early, kind)
             except StreamError as exc:
-                if not _retryable(exc) or attempt == self.retries:
+                retry = _retry_kind(exc, early)
+                if not retry and exc.tunnel and early:
+                    raise StreamError(
+                        exc.reason,
+                        f"{exc}; not tried again: its first {len(early)} bytes may have reached"
+                        f" {host}:{port} already",
+                        tunnel=True,
+                        public=exc.public,
+                    ) from exc
+                if retry == "limit" and not (
+                    client.live > 1 or any(c.up for c in self.clients if c is not client)
+                ):
+                    # One connection, one server: trying again would meet the same limit.
+                    why = f"tunnel server {client.settings.server} refused the stream: {exc}"
+                    raise StreamError(
+                        exc.reason,
+                        why + " (its max_streams_per_connection or max_pending_opens)",
+                        public=why,
+                    ) from exc
+                if not retry or attempt == self.retries:
                     raise
                 tried.append(client)
                 self.retried += 1

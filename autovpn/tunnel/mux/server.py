@@ -25,6 +25,7 @@ from autovpn.config import (
     DEFAULT_AUTH_FAILURE_LIMIT,
     DEFAULT_AUTH_FAILURE_WINDOW,
     DEFAULT_REVERSE_BINDS,
+    IDLE_TIMEOUT,
     MAX_REVERSE_LISTENERS_PER_CLIENT,
     SERVER_HANDSHAKE_TIMEOUT,
 )
@@ -78,6 +79,8 @@ class ServerSettings:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     udp_idle_timeout: float = 180.0
+    #: A stream (or wstunnel tunnel) that relayed nothing either way this long is reset.
+    idle_timeout: float = IDLE_TIMEOUT
     #: Addresses native reverse tunnels (-R) may bind on the server: loopback unless opened.
     reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
     #: Reverse listeners one client may hold (native users and wstunnel clients alike).
@@ -409,6 +412,7 @@ class TunnelServer:
             peer=f"{peer} ({accepted.user})",
             max_streams=s.max_streams_per_connection,
             trimmer=self.trimmer,
+            idle_timeout=s.idle_timeout,
         )
         deadline = mux.loop.call_later(s.handshake_timeout, self._no_auth, mux, peer)
         self.connections.add(mux)

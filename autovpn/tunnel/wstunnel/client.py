@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from autovpn.config import DEFAULT_PING_INTERVAL, ServerURL
+from autovpn.config import DEFAULT_PING_INTERVAL, IDLE_TIMEOUT, ServerURL
 from autovpn.errors import (
     ConfigError,
     RemoteProtocolError,
@@ -32,11 +32,12 @@ from autovpn.errors import (
     StreamError,
     TunnelUnavailable,
 )
+from autovpn.idle import IdleSweep
 from autovpn.stats import Flow
 from autovpn.tunnel.failures import Failing
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.access import path_safe
-from autovpn.tunnel.wstunnel.relay import WsSide
+from autovpn.tunnel.wstunnel.relay import WsSide, tcp_tunnels
 from autovpn.tunnel.wstunnel.reverse import ReverseRunner, ReverseSpec
 from autovpn.wire import http1, wstunnel
 from autovpn.wire.handshake import RESPONSE_LIMITS
@@ -69,6 +70,8 @@ class WstunnelClientSettings:
     proxy_protocol: bool = False
     reverse: tuple[str, ...] = ()  # -R specs, each kept pending by a ReverseRunner
     reverse_max_backoff: float = 1.0
+    #: A TCP tunnel that relayed nothing either way this long is dropped (0: never).
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class _Idle(asyncio.Protocol):
@@ -139,6 +142,9 @@ class WstunnelClient:
     def __init__(self, settings: WstunnelClientSettings) -> None:
         self.settings = settings
         self.tunnels: set[WsSide] = set()
+        self.idle = IdleSweep(
+            settings.idle_timeout, lambda: tcp_tunnels(self.tunnels), "wstunnel tunnels"
+        )
         self.opened = 0
         self.failures = 0
         self.last_error = ""
@@ -179,6 +185,7 @@ class WstunnelClient:
         for transport, _ in self._pool:
             transport.abort()
         self._pool.clear()
+        self.idle.close()
         for ws in list(self.tunnels):
             ws.abort()
 
@@ -315,6 +322,7 @@ class WstunnelClient:
             on_closed=self.tunnels.discard,
         )
         self.tunnels.add(ws)
+        self.idle.start()
         ws.start(transport, rest)
         return ws, answer
 
@@ -391,6 +399,7 @@ def client_settings(cc: ClientConfig) -> WstunnelClientSettings:
         ping_interval=w.ping_interval,
         reverse=w.remote_to_local,
         reverse_max_backoff=w.reverse_max_backoff,
+        idle_timeout=cc.idle_timeout,
     )
 
 

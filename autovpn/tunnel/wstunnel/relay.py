@@ -77,6 +77,11 @@ class WsSide(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._held = b""
         self.done: asyncio.Future[None] = self._loop.create_future()
+        #: Reads that brought data for the local socket (pings and pongs do not count): with
+        #: ``bytes_out``, what the idle sweep watches (``autovpn.idle``).
+        self.data_reads = 0
+        self.idle_mark = -1
+        self.idle_since = 0.0
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -147,9 +152,22 @@ class WsSide(asyncio.BufferedProtocol):
                 local.write(bytes(piece))
         else:  # received, though nobody takes them any more
             self.bytes_in += sum(len(piece) for piece in pieces)
+        if pieces:
+            self.data_reads += 1
         self._flush()
         if self.session.state is SessionState.CLOSED:
             self.finish()
+
+    def activity(self) -> int:
+        """Data relayed either way (``autovpn.idle.Idler``): WebSocket pings, which keep an
+        idle tunnel's WebSocket alive, are not activity of the relayed connection."""
+        return self.bytes_out + self.data_reads
+
+    def close_idle(self, quiet: float) -> None:
+        """Nothing relayed for ``quiet`` seconds: drop the tunnel (the peer resets its side)
+        and reset the local socket."""
+        log.debug("wstunnel %s: idle for %.0f s (idle_timeout); closing", self.peer, quiet)
+        self.abort()
 
     @property
     def ended_cleanly(self) -> bool:
@@ -307,7 +325,9 @@ class LocalSide(asyncio.BufferedProtocol):
 
 
 class UdpWsSide(WsSide):
-    """The WebSocket side of a UDP tunnel: each data frame is one datagram, both ways."""
+    """The WebSocket side of a UDP tunnel: each data frame is one datagram, both ways.
+
+    Not swept for idleness (``tcp_tunnels``): UDP tunnels have their own timeout."""
 
     def __init__(self, session: Session, **kwargs: Any) -> None:
         super().__init__(session, **kwargs)
@@ -368,3 +388,8 @@ class _UdpLocal(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("wstunnel %s: UDP error %s", self.ws.peer, exc)
+
+
+def tcp_tunnels(tunnels: set[WsSide]) -> list[WsSide]:
+    """The TCP relays among ``tunnels``, for an idle sweep (``autovpn.idle``)."""
+    return [ws for ws in tunnels if type(ws) is not UdpWsSide and ws.transport is not None]

@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
+from autovpn.idle import IdleSweep
 from autovpn.limits import peer_key
 from autovpn.net import reset_reason_for, resolve_target
 from autovpn.stats import Flow
 from autovpn.tunnel.wstunnel import access
 from autovpn.tunnel.wstunnel.access import How, Identity
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
-from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
+from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide, tcp_tunnels
 from autovpn.tunnel.wstunnel.restrictions import Restrictions, Verdict
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
@@ -137,6 +138,9 @@ class WstunnelService:
         #: client certificate (the wstunnel protocol authenticates nobody by itself).
         self.allow_anonymous = allow_anonymous
         self.tunnels: set[WsSide] = set()
+        self.idle = IdleSweep(
+            server.settings.idle_timeout, lambda: tcp_tunnels(self.tunnels), "wstunnel tunnels"
+        )
         self.h2_connections: set[H2Tunnels] = set()
         self.accepted = 0
         self.refused = 0
@@ -177,6 +181,7 @@ class WstunnelService:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.idle.close()
         for ws in list(self.tunnels):
             ws.abort()
         for conn in list(self.h2_connections):
@@ -425,6 +430,7 @@ class WstunnelService:
             if flow is not None:
                 flow.meter = ws
                 ws.flow = flow  # from here the relay ends it (``WsSide.connection_lost``)
+            self.idle.start()
             ws.start(transport, rest + pending.early)
             if isinstance(ws, UdpWsSide) and udp is not None:
                 ws.attach_datagram(udp)
