@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
         "autovpn.stats",  # counters the relays write and the control API reads
         "autovpn.logs",  # log destinations, formats and redaction (the CLI configures them)
         "autovpn.limits",
+        "autovpn.reuseport",  # the workers' listening sockets and the program that steers them
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},

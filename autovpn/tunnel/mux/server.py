@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -82,10 +83,9 @@ class ServerSettings:
     #: ``auth_failure_window`` seconds; then it is refused at once (429) that long.  0: off.
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW
-    #: Bind with SO_REUSEPORT: the workers of ``autovpn server --workers N`` share the address
-    #: (the kernel spreads new connections over them).  Off otherwise, so that a second server
-    #: on a taken port fails to start instead of sharing it.
-    reuse_port: bool = False
+    #: A worker of ``autovpn server --workers N`` listens on the sockets its supervisor opened
+    #: (descriptors, one per address of ``host``; autovpn/reuseport.py) instead of binding.
+    listen_fds: tuple[int, ...] = ()
     #: Streams one tunnel connection may have open; OPENs past it get REFUSED_STREAM.
     max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
     #: Streams of one tunnel connection being resolved or dialled at once; more: REFUSED_STREAM.
@@ -334,7 +334,8 @@ class TunnelServer:
         self.streams_failed = 0
         #: Per-user counters (``autovpn.stats``), when the engine keeps statistics.
         self.stats: Stats | None = None
-        self._server: asyncio.Server | None = None
+        #: One per listening socket (one, or one per address of a worker's listen host).
+        self._servers: list[asyncio.Server] = []
         self._dials: set[asyncio.Task[None]] = set()
         #: TLS handshakes in progress (``_ServerHandshake._tls``), cancelled on close.
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -373,8 +374,8 @@ class TunnelServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._servers and self._servers[0].sockets
+        port: int = self._servers[0].sockets[0].getsockname()[1]
         return port
 
     def _connection_lost(self, conn: MuxConnection) -> None:
@@ -389,13 +390,21 @@ class TunnelServer:
         s = self.settings
         self.udp = UdpFlows(s.policy, s.udp_idle_timeout)
         try:
-            self._server = await loop.create_server(
-                lambda: _ServerHandshake(self),
-                s.host,
-                s.port,
-                backlog=1024,
-                reuse_port=s.reuse_port or None,
-            )
+            if s.listen_fds:
+                for fd in s.listen_fds:
+                    self._servers.append(
+                        await loop.create_server(
+                            lambda: _ServerHandshake(self),
+                            sock=socket.socket(fileno=fd),
+                            backlog=1024,
+                        )
+                    )
+            else:
+                self._servers.append(
+                    await loop.create_server(
+                        lambda: _ServerHandshake(self), s.host, s.port, backlog=1024
+                    )
+                )
         except OSError as exc:
             raise bind_error("tunnel server", s.host, s.port, exc) from exc
         log.info(
@@ -410,8 +419,8 @@ class TunnelServer:
         )
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for listening in self._servers:
+            listening.close()
         connections = list(self.connections)
         for conn in connections:
             conn.goaway()
@@ -422,9 +431,9 @@ class TunnelServer:
         if self.udp is not None:
             await self.udp.close()
         await asyncio.gather(*(conn.shutdown() for conn in connections))
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        servers, self._servers = self._servers, []
+        for listening in servers:
+            await listening.wait_closed()
         self.trimmer.close()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
