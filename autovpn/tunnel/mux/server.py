@@ -15,15 +15,16 @@ by address (so a name cannot smuggle a loopback target past it) and tried in ord
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from autovpn.config import (
     DEFAULT_AUTH_FAILURE_LIMIT,
@@ -53,6 +54,8 @@ from autovpn.wire import handshake, http1
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.server")
+
+T = TypeVar("T")
 
 #: A peer has this long for each step of its handshake: TLS, then the upgrade request, then the
 #: AUTH frame after the 101 (``[server] handshake_timeout``; wstunnel peers have the first two).
@@ -113,7 +116,7 @@ class _ServerHandshake(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         #: The transport the per-address count holds for this connection (see ``_tls``).
         self._counted: asyncio.BaseTransport | None = None
-        #: TLS bytes read before ``_tls`` handed the connection to the TLS layer.
+        #: TLS bytes read before ``_handover`` gave the connection to the TLS layer.
         self._ciphertext: bytearray | None = None
         #: Decrypted bytes that arrived between the TLS handshake's end and ``_tls`` resuming.
         self._early: bytearray | None = None
@@ -137,53 +140,64 @@ class _ServerHandshake(asyncio.Protocol):
         if context is None:
             self._upgrade_from(tcp)
         else:
-            self._ciphertext = bytearray()
-            self._server.spawn(self._tls(tcp, context), f"tls-{self._peer}")
+            self._tls(tcp, context)
 
-    async def _tls(self, tcp: asyncio.Transport, context: ssl.SSLContext) -> None:
-        """The TLS handshake, within ``handshake_timeout``; then the upgrade request.
+    def _tls(self, tcp: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Run the TLS handshake (``start_tls``, within ``handshake_timeout``); then the
+        upgrade request (``_tls_done``).
 
         asyncio's own ``create_server(ssl=...)`` calls ``connection_made`` only once the
         handshake is over, too late to count the connection while its handshake is in
-        progress; so the server accepts plain TCP and this task runs ``start_tls`` (a task per
-        connection, next to a handshake's public-key operations).  The client's first bytes
-        may be read before it runs (uvloop starts reading right after ``connection_made``):
-        ``data_received`` keeps them and pauses reading, and they are handed to the TLS layer
-        once ``start_tls`` has installed it and before it resumes reading (below)."""
+        progress; so the server accepts plain TCP and starts TLS here, one task per
+        connection (next to a handshake's public-key operations: +30 µs of 550,
+        docs/benchmarks.md).  The client's first bytes may be read before that task runs
+        (uvloop starts reading right after ``connection_made``): ``data_received`` keeps
+        them and pauses reading, and ``_handover`` gives them to the TLS layer."""
         loop = asyncio.get_running_loop()
-        starting = asyncio.ensure_future(
-            loop.start_tls(
-                tcp,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._server.settings.handshake_timeout,
+        self._ciphertext = bytearray()
+        task = self._server.track(
+            loop.create_task(
+                loop.start_tls(
+                    tcp,
+                    self,
+                    context,
+                    server_side=True,
+                    ssl_handshake_timeout=self._server.settings.handshake_timeout,
+                )
             )
         )
-        try:
-            # One turn: ``starting`` runs first (scheduled first), and start_tls does all of
-            # this before it waits: pause reading, install its protocol, schedule that
-            # protocol's connection_made and the resume of reading.  So the bytes given to it
-            # here come before any the resumed transport reads.
-            await asyncio.sleep(0)
-            ciphertext, self._ciphertext = self._ciphertext, None
-            self._early = bytearray()
-            layer = tcp.get_protocol()
-            if ciphertext and layer is not self and not starting.done():
-                _feed(layer, bytes(ciphertext))
-            upgraded = await starting
-        except asyncio.CancelledError:  # the server closes
-            starting.cancel()
+        # Callbacks run in the order they were scheduled: the task's first step comes first,
+        # and in it start_tls does all of this before it waits: pause reading, install its
+        # protocol, schedule that protocol's connection_made and the resume of reading.  So
+        # the bytes ``_handover`` gives it come before any the resumed transport reads.
+        loop.call_soon(self._handover, tcp, task)
+        task.add_done_callback(functools.partial(self._tls_done, tcp))
+
+    def _handover(
+        self, tcp: asyncio.Transport, task: asyncio.Task[asyncio.Transport | None]
+    ) -> None:
+        ciphertext, self._ciphertext = self._ciphertext, None
+        self._early = bytearray()
+        layer = tcp.get_protocol()
+        if ciphertext and layer is not self and not task.done():
+            _feed(layer, bytes(ciphertext))
+
+    def _tls_done(
+        self, tcp: asyncio.Transport, task: asyncio.Task[asyncio.Transport | None]
+    ) -> None:
+        if task.cancelled():  # the server closes
             tcp.abort()
             self._release()
-            raise
-        except Exception as exc:  # a failed or timed-out handshake, a peer that left
-            # (start_tls closed the connection); an ordinary event, so not above debug.
+            return
+        exc = task.exception()
+        if exc is not None:  # a failed or timed-out handshake, a peer that left (start_tls
+            # closed the connection): an ordinary event, so not above debug.
             log.debug("tunnel peer %s: TLS handshake failed: %r", self._peer, exc)
             self._release()
             return
+        upgraded = task.result()
         if upgraded is None or upgraded.is_closing() or self._counted is None:
-            self._release()  # it ended while this task was waiting to resume
+            self._release()  # it ended before this callback ran
             return
         self._server.clients.replace(tcp, upgraded)  # its next owners release this one
         self._counted = upgraded
@@ -215,11 +229,11 @@ class _ServerHandshake(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             if self._ciphertext is not None and self._counted is not None:
-                # Read before ``_tls`` handed the connection to TLS: kept for it, and no
+                # Read before ``_handover`` gave the connection to TLS: kept for it, and no
                 # more read meanwhile (start_tls resumes reading).
                 self._ciphertext += data
                 cast(asyncio.Transport, self._counted).pause_reading()
-            elif self._early is not None:  # TLS is up, and ``_tls`` has not resumed yet
+            elif self._early is not None:  # TLS is up, and ``_tls_done`` has not run yet
                 self._early += data
             return
         if self._parser.state in (http1.ParserState.DONE, http1.ParserState.FAILED):
@@ -338,7 +352,7 @@ class TunnelServer:
         self._servers: list[asyncio.Server] = []
         self._dials: set[asyncio.Task[None]] = set()
         #: TLS handshakes in progress (``_ServerHandshake._tls``), cancelled on close.
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: set[asyncio.Task[Any]] = set()
         #: Dials in progress per tunnel connection (``settings.max_pending_opens``).
         self._opening: dict[MuxConnection, int] = {}
         #: TCP connections per client address (``settings.max_connections_per_address``):
@@ -436,11 +450,11 @@ class TunnelServer:
             await listening.wait_closed()
         self.trimmer.close()
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        """Run a connection's TLS handshake as a task the server cancels when it closes."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+    def track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """A connection's TLS handshake: the server cancels it when it closes."""
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
+        return task
 
     def auth_blocked(self, peer: str) -> float:
         """Seconds the address of ``peer`` (``host:port``) is still refused for, or 0."""
