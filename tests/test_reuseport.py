@@ -5,6 +5,8 @@ Python) says."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import select
 import socket
 import sys
@@ -14,6 +16,9 @@ from contextlib import contextmanager
 import pytest
 
 from autovpn import reuseport
+from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
+from tests.conftest import SECRET, Certs, eventually, run
+from tests.tunnel.test_safe_defaults import native_request
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="SO_ATTACH_REUSEPORT_CBPF is Linux's"
@@ -108,3 +113,56 @@ def test_the_programs_jumps_stay_in_range_for_256_slots() -> None:
                 assert i + 1 + max(jt, jf) < len(code)
     with pytest.raises(ValueError, match="steer_by"):
         reuseport.program(2, [0, 1], "random")
+
+
+def test_a_kernel_that_refuses_the_program_is_said_once_and_spreads_by_its_hash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel without SO_ATTACH_REUSEPORT_CBPF (before Linux 4.5): here an option number
+    no kernel has, which it refuses the same way."""
+    monkeypatch.setattr(reuseport, "_SO_ATTACH_REUSEPORT_CBPF", 9999)
+    with group("127.0.0.1", 2, "address") as listening:
+        assert not listening.steer([0, 1])
+        assert listening.unsteered == "SO_ATTACH_REUSEPORT_CBPF refused: ENOPROTOOPT"
+        assert not listening.steer([1])  # not tried again, not logged again
+        warnings = [r for r in caplog.records if "refused the program" in r.getMessage()]
+        assert len(warnings) == 1
+        # Served all the same, by the kernel's hash over both sockets.
+        assert {accepted_by(listening, "127.0.0.1")[0] for _ in range(40)} == {0, 1}
+
+
+def test_a_worker_serves_every_address_of_its_listen_host(certs: Certs) -> None:
+    """The listen host stands for two addresses (here none: every IPv4 and IPv6 address):
+    a group each, and a worker's tunnel server listens on its slot's socket of both."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with group("", 2, "address") as listening:
+        families = sorted(g[0].family for g in listening.groups)
+        assert families == sorted([socket.AF_INET, socket.AF_INET6])
+        assert listening.steer([0, 1])
+        port = listening.groups[0][0].getsockname()[1]
+
+        async def main() -> None:
+            def settings(index: int) -> ServerSettings:
+                # Each worker's own copies of its slot's descriptors (one per family).
+                fds = tuple(os.dup(fd) for fd in listening.fds(index))
+                return ServerSettings("", port, {"default": SECRET}, listen_fds=fds)
+
+            async with TunnelServer(settings(0)) as w0, TunnelServer(settings(1)) as w1:
+                workers = [w0, w1]
+                assert w0.port == w1.port == port
+                for host, source in (("127.0.0.1", "127.0.0.9"), ("::1", "::1")):
+                    reader, writer = await asyncio.open_connection(
+                        host, port, local_addr=(source, 0)
+                    )
+                    writer.write(native_request(SECRET, port))
+                    assert (await reader.readline()).startswith(b"HTTP/1.1 101"), host
+                    home = workers[reuseport.slot(source, 0, 2)]
+                    assert len(home.connections) == 1, host
+                    writer.close()
+                    await eventually(lambda: not w0.connections and not w1.connections)
+
+        run(main())
