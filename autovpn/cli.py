@@ -65,6 +65,7 @@ from autovpn.config import (
 from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError, Terminated
 from autovpn.monitor.engines import ENGINES_DIR, ROLES, EngineRecord, choose, live_records
 from autovpn.policy import AllowEntry
+from autovpn.reuseport import STEER_BY
 from autovpn.routing.router import Mode
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
@@ -287,6 +288,13 @@ def _parser() -> argparse.ArgumentParser:
         help="processes accepting on the address (SO_REUSEPORT, Linux; default: one per core;"
         " 1: a single process)",
     )
+    s.add_argument(
+        "--steer-by",
+        choices=STEER_BY,
+        help="with workers, which worker gets a connection: by client address (the default:"
+        " the limits per address hold across workers) or by connection (a client's pool"
+        " spreads over the workers)",
+    )
     _add_keepalive_arguments(s, "client")
     add_reverse_limit_arguments(s)
     add_handshake_timeout_argument(
@@ -457,6 +465,8 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
                 "--workers", f"{args.workers}: give 1 to {MAX_WORKERS} (1: a single process)"
             )
         sc.workers = args.workers
+    if args.steer_by is not None:
+        sc.steer_by = args.steer_by
     _apply_keepalive_arguments(args, sc)
     if args.auth_failure_limit is not None:
         if args.auth_failure_limit < 0:

@@ -47,6 +47,7 @@ Example::
     idle_timeout = 300                   # a relayed stream silent both ways this long is reset
     users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
     workers = 4                          # processes on the port (Linux); default: one per core
+    steer_by = "address"                 # which worker: by client "address" or "connection"
     max_connections_per_address = 512    # TCP connections per client address
     max_streams_per_connection = 1024    # per tunnel connection; more: REFUSED_STREAM
     max_pending_opens = 512              # streams being dialled per tunnel connection
@@ -88,6 +89,7 @@ from autovpn.net import (
 )
 from autovpn.pem import certificate_problem, private_key_problem
 from autovpn.policy import AllowEntry
+from autovpn.reuseport import DEFAULT_STEER_BY, STEER_BY
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.lists import ListFormat
 from autovpn.routing.router import Action, ListSpec, Mode, Router, parse_user_rule
@@ -699,8 +701,6 @@ class WstunnelServerOptions:
     )
 
 
-
-
 @dataclass(slots=True)
 class ClientConfig:
     """The ``[client]`` table: the local listeners and the tunnel server they use."""
@@ -1085,9 +1085,22 @@ class ServerConfig:
             " core; 1: a single process (docs/deploy.md)",
         ),
     )
-    reuse_port: bool = field(
-        default=False,
-        metadata=not_in_file("a worker of `autovpn server --workers N`: bind with SO_REUSEPORT"),
+    steer_by: str = field(
+        default=DEFAULT_STEER_BY,
+        metadata=toml(
+            choice(*STEER_BY),
+            "with workers, which worker gets a connection: by the client's address (every"
+            " connection of an address on one worker, so the limits per address hold across"
+            " workers) or by connection (a client's pool spreads over the workers; the limits"
+            " per address are per worker); docs/deploy.md",
+        ),
+    )
+    listen_fds: tuple[int, ...] = field(
+        default=(),
+        metadata=not_in_file(
+            "a worker of `autovpn server --workers N`: the listening sockets its supervisor"
+            " opened for it (one per address of the listen host)"
+        ),
     )
 
 

@@ -603,7 +603,7 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         auth_failure_limit=sc.auth_failure_limit,
         auth_failure_window=sc.auth_failure_window,
         handshake_timeout=sc.handshake_timeout,
-        reuse_port=sc.reuse_port,
+        listen_fds=sc.listen_fds,
         max_connections_per_address=sc.max_connections_per_address,
         max_streams_per_connection=sc.max_streams_per_connection,
         max_pending_opens=sc.max_pending_opens,

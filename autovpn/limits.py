@@ -145,6 +145,17 @@ class ConnectionsPerAddress:
         if not held:
             del self._held[address]
 
+    def replace(self, old: Closable, new: Closable) -> None:
+        """``old``'s connection goes on as ``new`` (the TLS transport over the accepted TCP
+        one): still counted once, now released (or pruned) by ``new``."""
+        address = self._address.pop(old, None)
+        if address is None:
+            return
+        held = self._held[address]
+        held.pop(old, None)
+        held[new] = None
+        self._address[new] = address
+
     def releaser(self, transport: Closable) -> Callable[[], None]:
         """``release(transport)`` as a one-shot callable for the connection's next owner, which
         forgets the transport once called: a callback kept by a protocol must not hold its

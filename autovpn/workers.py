@@ -22,11 +22,21 @@ worker; no replay cache needs to be shared).  The workers are in their own proce
 a terminal's Ctrl-C reaches the parent only, and each asks the kernel to SIGKILL it when its
 parent dies (``PR_SET_PDEATHSIG``): a supervisor killed with SIGKILL leaves no worker serving.
 
-Linux only: there SO_REUSEPORT spreads new connections over the sockets bound to the address
-by a hash of the connection's addresses and ports (Linux 3.9 and later).  The BSDs' and
-macOS's SO_REUSEPORT lets several sockets bind but does not spread the connections (FreeBSD's
-SO_REUSEPORT_LB would), and Windows has no such option: there the server runs one process and
-says so at start.
+The supervisor opens the listening sockets itself, one ``SO_REUSEPORT`` socket per worker
+(and per address of the listen host), in slot order, and keeps them; worker ``i`` gets slot
+``i``'s, and so does the worker started in its place (``reuseport.ListenGroup``).  A classic BPF
+program attached to the group steers each new connection to a worker by its client's address
+(``steer_by = "address"``, the default: the limits a worker keeps per address then hold across
+workers) or by its address and port (``"connection"``: a client's pool spreads over the
+workers); the supervisor attaches another program while a worker is down, which gives that
+worker's share to the others (autovpn/reuseport.py says why the sockets must outlive their
+workers for this).
+
+Linux only: there SO_REUSEPORT makes one group of the sockets bound to the address (Linux 3.9
+and later), and the program needs Linux 4.5 (without it the kernel spreads connections by its
+own hash, and the start says so).  The BSDs' and macOS's SO_REUSEPORT lets several sockets bind
+but does not spread the connections (FreeBSD's SO_REUSEPORT_LB would), and Windows has no such
+option: there the server runs one process and says so at start.
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from autovpn.engine import Engine
 from autovpn.errors import ConfigError
 from autovpn.eventloop import loop_factory, run
 from autovpn.monitor.api import ControlAPI, request
+from autovpn.ports import bind_error
+from autovpn.reuseport import ListenGroup
 
 if TYPE_CHECKING:
     from autovpn.proxy.listener import ProxyListener
@@ -60,7 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autovpn.workers")
 
-#: Set in a worker's environment: ``INDEX:PARENT_PID:READY_FD``.
+#: Set in a worker's environment: ``INDEX:PARENT_PID:READY_FD:LISTEN_FD[,LISTEN_FD...]``.
 WORKER_ENV = "AUTOVPN_WORKER"
 #: Seconds a worker may take to start (import, read its files, bind) before the start fails.
 START_TIMEOUT = 60.0
@@ -138,6 +150,8 @@ class WorkerRole:
     index: int
     parent: int
     ready_fd: int
+    #: The listening sockets the supervisor opened for this worker's slot.
+    listen_fds: tuple[int, ...] = ()
     _quiet: _UntilReady | None = None
 
     @classmethod
@@ -146,10 +160,11 @@ class WorkerRole:
         if not value:
             return None
         try:
-            index, parent, fd = (int(part) for part in value.split(":"))
+            index, parent, fd, listening = value.split(":")
+            fds = tuple(int(one) for one in listening.split(","))
+            return cls(int(index), int(parent), int(fd), fds)
         except ValueError:
             raise ConfigError(WORKER_ENV, f"{value!r}: set by the supervisor only") from None
-        return cls(index, parent, fd)
 
     def attach(self) -> None:
         """Die with the parent: SIGKILL when it exits, however it exits (Linux)."""
@@ -173,10 +188,10 @@ class WorkerRole:
             handler.addFilter(self._quiet)
 
     def configure(self, cfg: Config) -> None:
-        """The worker's own settings: SO_REUSEPORT; its control API on an ephemeral port of
-        the same loopback address (the parent's ``/status`` asks it)."""
+        """The worker's own settings: the listening sockets of its slot; its control API on
+        an ephemeral port of the same loopback address (the parent's ``/status`` asks it)."""
         assert cfg.server is not None
-        cfg.server.reuse_port = True
+        cfg.server.listen_fds = self.listen_fds
         if cfg.control is not None:
             host, _, _ = cfg.control.rpartition(":")
             cfg.control = f"{host}:0"
@@ -227,6 +242,8 @@ class Slot:
     control: str | None = None
     restarts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    #: Its worker listens (ready, and not exited since): the steering sends it connections.
+    live: bool = False
 
     @property
     def pid(self) -> int | None:
@@ -377,20 +394,37 @@ class Supervisor:
         self.api: ControlAPI | None = None  # when the configuration has a control API
         #: The workers' counters, summed across their restarts (``/status``, ``/metrics``).
         self.totals = FleetTotals()
+        assert cfg.server is not None
+        listen = cfg.server.listen
+        self.listening = ListenGroup(listen.host, listen.port, count, cfg.server.steer_by)
+
+    @property
+    def steering(self) -> str:
+        """How connections are given to the workers, as the banner and ``/status`` say it."""
+        if self.listening.unsteered is not None:
+            return f"the kernel's hash ({self.listening.unsteered})"
+        return f"by client {self.listening.by}"
+
+    def _steer(self) -> None:
+        """Attach the program for the workers that listen now (autovpn/reuseport.py)."""
+        self.listening.steer([slot.index for slot in self.slots if slot.live])
 
     # -- processes --------------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> tuple[subprocess.Popen[bytes], int]:
         read, write = os.pipe()
+        listening = self.listening.fds(slot.index)
         env = dict(os.environ)
-        env[WORKER_ENV] = f"{slot.index}:{os.getpid()}:{write}"
+        env[WORKER_ENV] = (
+            f"{slot.index}:{os.getpid()}:{write}:{','.join(str(fd) for fd in listening)}"
+        )
         env["AUTOVPN_STATE_DIR"] = str(worker_state_dir(slot.index))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "autovpn", *self.argv],
                 stdin=subprocess.DEVNULL,
                 env=env,
-                pass_fds=(write,),
+                pass_fds=(write, *listening),
                 # Its own process group: a terminal's Ctrl-C reaches the parent only, which
                 # passes it on once (twice would interrupt the worker's own closing).
                 process_group=0,
@@ -479,6 +513,8 @@ class Supervisor:
             return False
         exited.cancel()
         slot.control = info.get("control")
+        slot.live = True
+        self._steer()  # its share of the clients comes back to it
         return True
 
     def _signal_all(self, sig: int) -> None:
@@ -523,6 +559,10 @@ class Supervisor:
             self.totals.exited(slot.index, proc.pid)
             if self.stopping:
                 return
+            # Its socket stays open (the supervisor's): what it had queued waits for the next
+            # worker in its place, and new clients of its share go to the others meanwhile.
+            slot.live = False
+            self._steer()
             delay = slot.backoff.delay(loop.time() - started)
             log.warning(
                 "worker %d (pid %d) exited with %s; starting it again in %.1f s",
@@ -602,8 +642,16 @@ class Supervisor:
             self.stopping = True
             self._signal_all(signal.SIGTERM)
             await self._reap_all()
+            self.listening.close()
 
     async def _serve(self) -> int | None:
+        try:
+            self.listening.open()
+        except OSError as exc:
+            raise bind_error(
+                "tunnel server", self.listening.host, self.listening.port, exc
+            ) from exc
+        self._steer()  # before any worker listens: nothing is steered by the kernel's hash
         # A signal while they start stops them too (``_on_signal``): each start then ends.
         started = await asyncio.gather(*(self._start(s) for s in self.slots))
         if self.stopping:
@@ -651,7 +699,7 @@ class Supervisor:
         lines = [
             f"autovpn {__version__} running ({name} event loop) in {len(self.slots)} worker"
             " processes",
-            f"  tunnel server  {sc.listen}  (SO_REUSEPORT; worker pids {pids})",
+            f"  tunnel server  {sc.listen}  (SO_REUSEPORT, {self.steering}; worker pids {pids})",
         ]
         if self.api is not None:
             lines.append(f"  control api    {self.api.url}  (/status and /metrics sum the workers)")
@@ -702,12 +750,14 @@ class FleetView:
         out = self.engine.status()
         out["server"], out["stats"] = sup.totals.sums(statuses)
         out["control"] = sup.api.url if sup.api is not None else None
+        out["steering"] = sup.steering
         workers: list[dict[str, Any]] = []
         for slot, status in zip(sup.slots, statuses, strict=True):
             entry: dict[str, Any] = {
                 "index": slot.index,
                 "pid": slot.pid,
                 "restarts": slot.restarts,
+                "live": slot.live,  # taking connections (down: its share goes to the others)
                 "control": slot.control,
                 "server": None if status is None else status.get("server"),
             }

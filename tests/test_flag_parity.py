@@ -661,6 +661,13 @@ def cases(d: Path) -> list[Case]:
             lambda sc: sc.workers,
         ),
         s(
+            "--steer-by",
+            "steer_by",
+            ["--steer-by", "connection"],
+            "connection",
+            lambda sc: sc.steer_by,
+        ),
+        s(
             "--allow-anonymous",
             "allow_anonymous",
             ["--allow-anonymous"],

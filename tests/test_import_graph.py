@@ -33,6 +33,7 @@ LAYERS: list[set[str]] = [
         "autovpn.logs",  # log destinations, formats and redaction (the CLI configures them)
         "autovpn.limits",
         "autovpn.idle",  # the idle timeout's sweep, for the relays of every layer above
+        "autovpn.reuseport",  # the workers' listening sockets and the program that steers them
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},

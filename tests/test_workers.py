@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from autovpn import reuseport
 from autovpn.config import ServerURL, parse_config
 from autovpn.engine import Engine
 from autovpn.monitor.api import request
@@ -251,14 +252,18 @@ async def _connections_per_worker(server: ServerProcess, total: int) -> list[int
 
 
 @linux_only
-def test_two_workers_share_the_port_and_a_pool_lands_on_both(certs: Certs, tmp_path: Path) -> None:
-    """16 pool connections from distinct source ports: the kernel's hash puts them all on one
-    of two workers with probability 2 x 2^-16."""
+@pytest.mark.parametrize("steer_by", ["connection", "address"])
+def test_two_workers_share_the_port_and_a_pool_lands_as_steered(
+    certs: Certs, tmp_path: Path, steer_by: str
+) -> None:
+    """By connection: 16 pool connections from distinct source ports land on both of two
+    workers (all on one with probability 2 x 2^-16).  By address (the default): all on the
+    worker of 127.0.0.1's slot."""
     pool = 16
 
     async def main() -> None:
         async with (
-            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            autovpn_server(certs, tmp_path, "--workers", "2", "--steer-by", steer_by) as server,
             tcp_server(echo_handler) as echo,
         ):
             pids = server.worker_pids
@@ -266,12 +271,19 @@ def test_two_workers_share_the_port_and_a_pool_lands_on_both(certs: Certs, tmp_p
             assert [_parent_of(p) for p in pids] == [server.pid, server.pid]
             # What each worker would say at start, worker 0 says once for all.
             assert server.text().count("tunnel server listening on") == 1, server.text()
+            assert f"SO_REUSEPORT, by client {steer_by}; worker pids" in server.text()
             cfg = engine_config(certs, server=False, server_port=server.port, pool_size=pool)
             async with Engine(cfg) as eng:
                 per_worker = await _connections_per_worker(server, pool)
-                assert sum(per_worker) == pool and min(per_worker) >= 1, per_worker
+                assert sum(per_worker) == pool, per_worker
+                if steer_by == "connection":
+                    assert min(per_worker) >= 1, per_worker
+                else:
+                    home = reuseport.slot("127.0.0.1", 0, 2)
+                    assert per_worker[home] == pool, per_worker
                 status = await server.status()
                 assert [w["pid"] for w in status["workers"]] == pids
+                assert status["steering"] == f"by client {steer_by}"
                 # One stream at a time takes each connection in turn: the 16 streams ran on
                 # the 16 connections, so each worker opened one per connection it holds.
                 for _ in range(pool):
@@ -389,9 +401,10 @@ def test_a_killed_supervisor_leaves_no_worker_serving(certs: Certs, tmp_path: Pa
 
 
 @linux_only
-def test_a_worker_that_cannot_listen_fails_the_start(certs: Certs, tmp_path: Path) -> None:
-    """Another program holds the port (without SO_REUSEPORT): no worker can bind, and the
-    supervisor exits with an error instead of starting them again and again."""
+def test_a_taken_port_fails_the_start(certs: Certs, tmp_path: Path) -> None:
+    """Another program holds the port (without SO_REUSEPORT): the supervisor, which opens
+    the workers' sockets, cannot bind it and exits with the error (naming the holder) before
+    any worker starts."""
     port = free_port()
 
     async def main() -> None:
@@ -402,7 +415,10 @@ def test_a_worker_that_cannot_listen_fails_the_start(certs: Certs, tmp_path: Pat
                 async with autovpn_server(certs, tmp_path, "--workers", "2", port=port):
                     pass
         text = str(failed.value)
-        assert "did not start" in text and f"127.0.0.1:{port}" in text, text
+        assert f"tunnel server cannot bind 127.0.0.1:{port}: port in use by pid {os.getpid()}" in (
+            text
+        ), text
+        assert "worker" not in text, text
 
     run(main())
 
