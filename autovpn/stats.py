@@ -12,8 +12,8 @@ Cost model.  Counting is per connection and per read, never per byte in Python:
 - a connection costs one ``Flow`` object, made when the route is decided and ended once,
   when its client side is lost (``Flow.end``); the aggregates (per listener, route, server,
   user, domain) are not touched then: ended flows are counted BATCH at a time
-  (``Stats.count_ended``), summed per line (listener, route, server, user) and per host
-  first, so that each group is looked up once per batch, not once per connection;
+  (``Stats.count_ended``), summed per line (listener, route, server, user) first, so that
+  those groups are looked up once per batch, not once per connection;
 - a tunnel server's streams are counted per user without a record per stream while the
   access log is off (``StreamTally``), and added to the groups when they are read;
 - the live bytes of open connections are added to the aggregates at read time
@@ -163,6 +163,11 @@ class Flow:
         """The connection is over (``result``: ``ok`` or why it failed, a short name that the
         failures are counted by; ``detail``: the message, for the access log only).  Only the
         first call counts: both sides of a relay may report their end."""
+        self.finish(None, result, detail)
+
+    def finish(self, relay: Metered | None, result: str = RESULT_OK, detail: str = "") -> None:
+        """``end``, as a relay that holds a ``Recorder`` calls it (the body is here, not in
+        ``end``: the relays' call is the common one, and it saves a call per connection)."""
         if self.ended:
             return
         meter = self.meter
@@ -180,19 +185,17 @@ class Flow:
         self.detail = detail
         stats = self.stats
         stats.open.discard(self)
-        if result == RESULT_OK and not access_log.isEnabledFor(_INFO):
+        if result == RESULT_OK:
             # Counted later, with others (``Stats.count_ended``): a batch finds the totals in
             # the cache and looks each group up once per batch, not once per connection.
             ended = stats.ended
             ended.append(self)
             if len(ended) >= BATCH:
                 stats.count_ended()
-        else:  # the moment matters: the access line, the recent failures
+            if access_log.isEnabledFor(_INFO):
+                stats._log_access(self, time.time())
+        else:  # counted now: a failure shows at once (and in the recent failures)
             stats._count(self)
-
-    def finish(self, relay: Metered, result: str = RESULT_OK, detail: str = "") -> None:
-        """``end``, as a relay that holds a ``Recorder`` calls it."""
-        self.end(result, detail)
 
     def keys(self) -> tuple[str, str, str, str, str]:
         """The groups it counts in: listener, route, server, user, domain ("": none).  A
@@ -374,13 +377,14 @@ class Stats:
         the tunnel server's streams counted per user (``StreamTally``).
 
         The flows of a batch are summed per line first (listener, route, server, user: a
-        client has a handful of them) and per host, and each sum is added to its groups once:
-        a connection costs one dictionary look-up and three additions, not five groups'."""
+        client has a handful of them), and each line's sums are added to its four groups once;
+        a flow's domain is counted directly (the hosts of a batch are mostly distinct)."""
         ended = self.ended
         if ended:
             self.ended = []
             lines: dict[tuple[str, str, str, str], list[int]] = {}
-            hosts: dict[str, list[int]] = {}
+            domains = self.domains
+            items = domains.items
             for flow in ended:
                 up, down = flow.up, flow.down
                 key = (flow.listener, flow.route, flow.server, flow.user)
@@ -392,20 +396,19 @@ class Stats:
                     line[1] += up
                     line[2] += down
                 if flow.route:  # a tunnel server's streams count no domain (see ``keys``)
-                    line = hosts.get(flow.host)
-                    if line is None:
-                        hosts[flow.host] = [1, up, down]
-                    else:
-                        line[0] += 1
-                        line[1] += up
-                        line[2] += down
+                    name = flow.host.lower()
+                    totals = items.get(name)
+                    if totals is None:  # a new name: ``get`` makes it (and may drop the least used)
+                        totals = domains.get(name)
+                        items = domains.items
+                    totals.total += 1
+                    totals.up += up
+                    totals.down += down
             groups = (self.listeners, self.routes, self.servers, self.users)
             for names, (total, up, down) in lines.items():
                 for group, name in zip(groups, names, strict=True):
                     if name:
                         group.get(name).add(total, up, down)
-            for host, (total, up, down) in hosts.items():
-                self.domains.get(host.lower()).add(total, up, down)
         for tally in self.tallies.values():
             tally.fold()
 
@@ -469,20 +472,31 @@ class Stats:
             where.append(f"server={flow.server}")
         if flow.user:
             where.append(f"user={flow.user}")
-        access_log.info(
+        # The record is made here rather than by ``access_log.info``, which would look for
+        # its caller in the stack (``findCaller``) for every line: a tenth of a line's cost.
+        record = access_log.makeRecord(
+            access_log.name,
+            _INFO,
+            __file__,
+            _ACCESS_LINE,
             "%s %s -> %s:%d %s up=%d down=%d %.3fs %s%s",
-            flow.listener,
-            flow.client,
-            flow.host,
-            flow.port,
-            " ".join(where),
-            flow.up,
-            flow.down,
-            duration,
-            flow.result,
-            f" ({flow.detail})" if flow.detail else "",
-            extra={"access": fields},
+            (
+                flow.listener,
+                flow.client,
+                flow.host,
+                flow.port,
+                " ".join(where),
+                flow.up,
+                flow.down,
+                duration,
+                flow.result,
+                f" ({flow.detail})" if flow.detail else "",
+            ),
+            None,
+            "_log_access",
+            {"access": fields},
         )
+        access_log.handle(record)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -542,6 +556,10 @@ class Stats:
                 server: [s.to_json() for s in history] for server, history in self.health.items()
             },
         }
+
+
+#: Where an access line comes from (a record's ``lineno``).
+_ACCESS_LINE = Stats._log_access.__code__.co_firstlineno
 
 
 def ratio(lost: int, sent: int) -> float | None:
