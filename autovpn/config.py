@@ -159,6 +159,8 @@ class ServerURL:
             raise ConfigError(key, f"{text!r}: {exc}") from None
         if not parts.hostname:
             raise ConfigError(key, f"{text!r}: no host")
+        if port == 0:  # urlsplit gives 0, not None: taken for "no port", it became 80/443
+            raise ConfigError(key, f"{text!r}: port 0 is not a server's port (omit it for 443)")
         tls = parts.scheme == "wss"
         return cls(tls, parts.hostname, port or (443 if tls else 80))
 

@@ -19,6 +19,7 @@ from autovpn.config import (
     SERVER_HANDSHAKE_TIMEOUT,
     Config,
     ListenSpec,
+    ServerURL,
     load_file,
     parse_config,
 )
@@ -68,6 +69,33 @@ def test_listen_spec_credentials_and_options() -> None:
 def test_listen_spec_errors_name_the_problem(text: str, reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         ListenSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("wss://vpn.example.net", "wss://vpn.example.net:443"),
+        ("ws://127.0.0.1", "ws://127.0.0.1:80"),
+        ("wss://[::1]:8443", "wss://[::1]:8443"),
+    ],
+)
+def test_server_url_forms(text: str, expected: str) -> None:
+    assert str(ServerURL.parse(text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("https://vpn.example.net", "scheme must be wss:// or ws://"),
+        ("wss://:8443", "no host"),
+        ("wss://vpn.example.net:99999", "out of range"),
+        # urlsplit says 0, which once read as "no port" and dialled 80/443 instead.
+        ("ws://127.0.0.1:0", "port 0 is not a server's port"),
+    ],
+)
+def test_server_url_errors_say_what_is_wrong(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        ServerURL.parse(text)
 
 
 def test_config_file_reports_every_error_with_its_key(tmp_path: Path) -> None:

@@ -10,21 +10,51 @@ the listener's ``Dialer``.  ``socks5_listener.Socks5Handshake`` and
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, cast
 
 from autovpn.errors import ResetReason, StreamError
-from autovpn.proxy.dialer import Upstream, discard
-
-if TYPE_CHECKING:
-    from autovpn.proxy.listener import ProxyListener
+from autovpn.limits import ConnectionsPerAddress
+from autovpn.proxy.dialer import Dialer, Upstream, discard
+from autovpn.proxy.udp_relay import UdpRelayStats
+from autovpn.wire.auth import Credentials
 
 log = logging.getLogger("autovpn.proxy")
 
 
+class ListenerKind(enum.Enum):
+    SOCKS5 = "socks5"
+    HTTP = "http"
+
+
+class ListenerSide(Protocol):
+    """What a connection needs of the listener that accepted it (``listener.ProxyListener``).
+
+    Said here rather than by importing ``ProxyListener``: the listener picks the handshake
+    class for its kind, so it imports the handshakes, and they must not import it back.
+    """
+
+    kind: ListenerKind
+    host: str
+    dialer: Dialer
+    credentials: Credentials
+    handshake_timeout: float
+    clients: ConnectionsPerAddress
+    handshaking: set[HandshakeBase]
+    udp_stats: UdpRelayStats
+    loop: asyncio.AbstractEventLoop
+    accepted: int
+    failed: int
+
+    def watch_clients(self) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None: ...
+
+
 class HandshakeBase(asyncio.Protocol):
-    def __init__(self, listener: ProxyListener) -> None:
+    def __init__(self, listener: ListenerSide) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -105,7 +135,8 @@ class HandshakeBase(asyncio.Protocol):
                 port,
             )
             self.fail(
-                failure(StreamError(ResetReason.GENERAL_FAILURE)), f"{host}:{port}: internal error",
+                failure(StreamError(ResetReason.GENERAL_FAILURE)),
+                f"{host}:{port}: internal error",
                 None,
             )
             return None

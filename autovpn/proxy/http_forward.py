@@ -41,14 +41,11 @@ from typing import Any, cast
 from autovpn.errors import StreamError
 from autovpn.net import reset_transport
 from autovpn.proxy.dialer import Upstream
+from autovpn.proxy.handshake import ListenerSide
 from autovpn.wire import http1, http_proxy
 from autovpn.wire.auth import parse_basic_proxy_authorization
 from autovpn.wire.http1 import BodyFramer, BodyKind, BodyTracker, HttpError, ResponseHead
 from autovpn.wire.http_proxy import HttpRequestHead
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from autovpn.proxy.listener import ProxyListener
 
 log = logging.getLogger("autovpn.proxy")
 
@@ -65,7 +62,7 @@ _FRAMING = frozenset({"content-length", "transfer-encoding"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def authorization_problem(listener: ProxyListener, head: HttpRequestHead) -> str | None:
+def authorization_problem(listener: ListenerSide, head: HttpRequestHead) -> str | None:
     """None if ``head`` may use the proxy, else why not (for the log)."""
     creds = listener.credentials
     if not creds:
@@ -255,7 +252,7 @@ class Phase(enum.Enum):
 class HttpForwarder(asyncio.Protocol):
     """The client transport's protocol for absolute-form forwarding (see module docstring)."""
 
-    def __init__(self, listener: ProxyListener, transport: asyncio.Transport, peer: str) -> None:
+    def __init__(self, listener: ListenerSide, transport: asyncio.Transport, peer: str) -> None:
         self.listener = listener
         self.transport = transport
         self.peer = peer

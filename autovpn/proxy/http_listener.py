@@ -10,10 +10,9 @@ connection with keep-alive.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from autovpn.errors import RemoteProtocolError
-from autovpn.proxy.handshake import HandshakeBase
+from autovpn.proxy.handshake import HandshakeBase, ListenerSide
 from autovpn.proxy.http_forward import (
     HttpForwarder,
     authorization_problem,
@@ -22,14 +21,11 @@ from autovpn.proxy.http_forward import (
 )
 from autovpn.wire import http_proxy
 
-if TYPE_CHECKING:
-    from autovpn.proxy.listener import ProxyListener
-
 log = logging.getLogger("autovpn.proxy")
 
 
 class HttpHandshake(HandshakeBase):
-    def __init__(self, listener: ProxyListener) -> None:
+    def __init__(self, listener: ListenerSide) -> None:
         super().__init__(listener)
         self._parser = http_proxy.HttpHeadParser()
         self._done = False

@@ -9,7 +9,6 @@ then on.  Every handshake task belongs to its ``ProxyListener`` and is cancelled
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -21,11 +20,13 @@ from autovpn.limits import LISTENER_MAX_CONNECTIONS_PER_ADDRESS, ConnectionsPerA
 from autovpn.net import is_loopback
 from autovpn.ports import bind_error
 from autovpn.proxy.dialer import Dialer
-from autovpn.proxy.handshake import HandshakeBase
+from autovpn.proxy.handshake import HandshakeBase, ListenerKind
 from autovpn.proxy.http_listener import HttpHandshake
 from autovpn.proxy.socks5_listener import Socks5Handshake
 from autovpn.proxy.udp_relay import UdpRelayStats
 from autovpn.wire.auth import Credentials
+
+__all__ = ["ListenerKind", "ProxyListener"]
 
 log = logging.getLogger("autovpn.proxy")
 
@@ -39,11 +40,6 @@ HANDSHAKE_TIMEOUT = LISTENER_HANDSHAKE_TIMEOUT
 PRUNE_INTERVAL = 2.0
 #: Closed connections let go of at one check that make it the end of a burst: trim the heap.
 TRIM_AFTER_CONNECTIONS = 256
-
-
-class ListenerKind(enum.Enum):
-    SOCKS5 = "socks5"
-    HTTP = "http"
 
 
 class ProxyListener:

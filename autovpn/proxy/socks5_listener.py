@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-from autovpn.proxy.handshake import HandshakeBase
+from autovpn.proxy.handshake import HandshakeBase, ListenerSide
 from autovpn.proxy.udp_relay import DatagramTunnel, Socks5UdpAssociation
 from autovpn.wire import socks5
-
-if TYPE_CHECKING:
-    from autovpn.proxy.listener import ProxyListener
 
 log = logging.getLogger("autovpn.proxy")
 
 
 class Socks5Handshake(HandshakeBase):
-    def __init__(self, listener: ProxyListener) -> None:
+    def __init__(self, listener: ListenerSide) -> None:
         super().__init__(listener)
         self._parser = socks5.Socks5ServerHandshake(listener.credentials or None)
         self._done = False
