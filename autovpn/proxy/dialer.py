@@ -197,6 +197,7 @@ class Dialer:
                 mode=decision.mode,
             )
         self.counts[decision.action] += 1
+        route = action.value  # once: an enum's value is a property, not a plain attribute
         # The decision as it is made: the access log's line without statistics, a debug line
         # with them (the access line, with bytes and result, is written at the end).
         (log if self.stats is None else route_log).log(
@@ -206,7 +207,7 @@ class Dialer:
             client,
             host,
             port,
-            action.value,
+            route,
             decision.reason,
         )
         if self.stats is None:
@@ -216,7 +217,7 @@ class Dialer:
             client=client,
             host=host,
             port=port,
-            route=action.value,
+            route=route,
             rule=decision.reason,
         )
         try:
