@@ -435,7 +435,10 @@ def test_the_supervisors_metrics_sum_the_workers_across_a_restart(
 
     async def main() -> None:
         async with (
-            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            # One client address: steered by connection, or its pool would all be on one worker.
+            autovpn_server(
+                certs, tmp_path, "--workers", "2", "--steer-by", "connection"
+            ) as server,
             tcp_server(echo_handler) as echo,
         ):
             cfg = engine_config(certs, server=False, server_port=server.port, pool_size=pool)
