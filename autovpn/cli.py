@@ -29,12 +29,14 @@ from autovpn.cli_settings import (
     add_control_arguments,
     add_failover_arguments,
     add_handshake_timeout_argument,
+    add_idle_timeout_argument,
     add_limit_arguments,
     add_reverse_limit_arguments,
     add_routing_arguments,
     apply_control_arguments,
     apply_failover_arguments,
     apply_handshake_timeout_argument,
+    apply_idle_timeout_argument,
     apply_limit_arguments,
     apply_reverse_limit_arguments,
     apply_routing_arguments,
@@ -63,6 +65,7 @@ from autovpn.config import (
 from autovpn.errors import AutovpnError, BindError, ConfigError, EngineChoiceError, Terminated
 from autovpn.monitor.engines import ENGINES_DIR, ROLES, EngineRecord, choose, live_records
 from autovpn.policy import AllowEntry
+from autovpn.reuseport import STEER_BY
 from autovpn.routing.router import Mode
 from autovpn.tunnel.wstunnel import cli as wstunnel_cli
 
@@ -243,6 +246,7 @@ def _parser() -> argparse.ArgumentParser:
         "seconds a local SOCKS5/HTTP client has for its request and its connect",
         LISTENER_HANDSHAKE_TIMEOUT,
     )
+    add_idle_timeout_argument(c, "a relayed connection (direct, tunnelled, forwarded)")
     add_limit_arguments(c, ClientConfig)
     wstunnel_cli.add_client_arguments(c)
     add_routing_arguments(c)
@@ -284,6 +288,13 @@ def _parser() -> argparse.ArgumentParser:
         help="processes accepting on the address (SO_REUSEPORT, Linux; default: one per core;"
         " 1: a single process)",
     )
+    s.add_argument(
+        "--steer-by",
+        choices=STEER_BY,
+        help="with workers, which worker gets a connection: by client address (the default:"
+        " the limits per address hold across workers) or by connection (a client's pool"
+        " spreads over the workers)",
+    )
     _add_keepalive_arguments(s, "client")
     add_reverse_limit_arguments(s)
     add_handshake_timeout_argument(
@@ -291,6 +302,7 @@ def _parser() -> argparse.ArgumentParser:
         "seconds a tunnel client has for each step: TLS, upgrade request, AUTH",
         SERVER_HANDSHAKE_TIMEOUT,
     )
+    add_idle_timeout_argument(s, "a relayed stream or wstunnel tunnel")
     add_limit_arguments(s, ServerConfig)
     wstunnel_cli.add_server_arguments(s)
     add_control_arguments(s)
@@ -397,6 +409,7 @@ def _client_from_args(args: argparse.Namespace, cfg: Config) -> None:
     for note in wstunnel_cli.apply_client_arguments(args, cc):
         print(note, file=sys.stderr)
     apply_handshake_timeout_argument(args, cc)
+    apply_idle_timeout_argument(args, cc)
     apply_limit_arguments(args, cc)
     apply_routing_arguments(args, cfg.routing)
     apply_control_arguments(args, cfg)
@@ -450,6 +463,8 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
                 "--workers", f"{args.workers}: give 1 to {MAX_WORKERS} (1: a single process)"
             )
         sc.workers = args.workers
+    if args.steer_by is not None:
+        sc.steer_by = args.steer_by
     _apply_keepalive_arguments(args, sc)
     if args.auth_failure_limit is not None:
         if args.auth_failure_limit < 0:
@@ -463,6 +478,7 @@ def _server_from_args(args: argparse.Namespace, cfg: Config) -> None:
         sc.users_file = args.users_file
     apply_reverse_limit_arguments(args, sc)
     apply_handshake_timeout_argument(args, sc)
+    apply_idle_timeout_argument(args, sc)
     apply_limit_arguments(args, sc)
     wstunnel_cli.apply_server_arguments(args, sc)
     apply_control_arguments(args, cfg)

@@ -1,5 +1,5 @@
 """The command-line flags of the settings that only a config file could say before: routing,
-the control API, the handshake timeouts, the server's reverse-tunnel limits.
+the control API, the handshake and idle timeouts, the server's reverse-tunnel limits.
 
 Each flag's value is checked by its key's own parser (``config.py``), so a flag and its key
 take the same values and refuse them with the same words; the error names the flag.  Only adds
@@ -22,6 +22,7 @@ from autovpn.config import (
     DOMAIN_NAME,
     GEOIP,
     HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
     LIST_ENTRY,
     RULE,
     SERVER_ENTRY,
@@ -201,22 +202,58 @@ def apply_handshake_timeout_argument(
         )
 
 
-#: The per-peer limits' flags (autovpn/limits.py): flag -> (key, the sections that have it, help).
-_LIMIT_FLAGS: dict[str, tuple[str, tuple[type[ClientConfig | ServerConfig], ...], str]] = {
+def add_idle_timeout_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"reset {what} that moved no byte either way this long ({IDLE_TIMEOUT:g}; 0: never)",
+    )
+
+
+def apply_idle_timeout_argument(
+    args: argparse.Namespace, section: ClientConfig | ServerConfig
+) -> None:
+    if args.idle_timeout is not None:
+        section.idle_timeout = _value(
+            _key_parser(type(section), "idle_timeout"), args.idle_timeout, "--idle-timeout"
+        )
+
+
+#: The per-peer limits' flags (autovpn/limits.py, net.py): flag -> (key, the sections that have
+#: it, help, the value's type).
+_LIMIT_FLAGS: dict[
+    str, tuple[str, tuple[type[ClientConfig | ServerConfig], ...], str, type[int | float]]
+] = {
     "--max-connections-per-address": (
         "max_connections_per_address",
         (ClientConfig, ServerConfig),
         "connections one client address may hold; more are closed at once (%s)",
+        int,
     ),
     "--max-streams-per-connection": (
         "max_streams_per_connection",
         (ServerConfig,),
         "streams one tunnel connection may have open; more: REFUSED_STREAM (%s)",
+        int,
     ),
     "--max-pending-opens": (
         "max_pending_opens",
         (ServerConfig,),
         "streams of one tunnel connection being dialled at once; more: REFUSED_STREAM (%s)",
+        int,
+    ),
+    "--lookup-timeout": (
+        "lookup_timeout",
+        (ServerConfig,),
+        "seconds a destination name's lookup may take; then the stream fails (%s)",
+        float,
+    ),
+    "--max-lookups-per-address": (
+        "max_lookups_per_address",
+        (ServerConfig,),
+        "name lookups one client address may have in progress; more wait their turn (%s)",
+        int,
     ),
 }
 
@@ -226,13 +263,14 @@ def add_limit_arguments(
 ) -> None:
     """The limits' flags of the client's or the server's command, with the key's default."""
     defaults = {f.name: f.default for f in dataclasses.fields(section)}
-    for flag, (key, sections, text) in _LIMIT_FLAGS.items():
+    for flag, (key, sections, text, kind) in _LIMIT_FLAGS.items():
         if section in sections:
-            p.add_argument(flag, type=int, metavar="N", help=text % defaults[key])
+            metavar = "N" if kind is int else "SECONDS"
+            p.add_argument(flag, type=kind, metavar=metavar, help=text % f"{defaults[key]:g}")
 
 
 def apply_limit_arguments(args: argparse.Namespace, section: ClientConfig | ServerConfig) -> None:
-    for flag, (key, sections, _) in _LIMIT_FLAGS.items():
+    for flag, (key, sections, _, _) in _LIMIT_FLAGS.items():
         value = getattr(args, key, None)
         if value is not None and type(section) in sections:
             setattr(section, key, _value(_key_parser(type(section), key), value, flag))

@@ -27,6 +27,7 @@ Example::
     listen = ["socks5://127.0.0.1:1080", "http://127.0.0.1:8080?login=u&password=p"]
     keepalive_interval = 15              # seconds (server too); 0 turns keepalive off
     keepalive_timeout = 45               # a tunnel connection silent this long is dead
+    idle_timeout = 300                   # a relayed connection silent both ways this long is reset
     handshake_timeout = 30               # seconds a local client has for its SOCKS5/HTTP request
     max_connections_per_address = 1024   # per client address on each SOCKS5/HTTP listener
     reverse = ["tcp://127.0.0.1:2222:127.0.0.1:22"]   # -R: the server's port 2222 comes here
@@ -43,11 +44,15 @@ Example::
     auth_failure_limit = 10              # failures per address within the window; 0: no limit
     auth_failure_window = 60             # seconds; also how long such an address is refused
     handshake_timeout = 10               # seconds for each step: TLS, upgrade request, AUTH
+    idle_timeout = 300                   # a relayed stream silent both ways this long is reset
     users_file = "users"                 # NAME:SECRET_FILE lines, added to [server.users]
     workers = 4                          # processes on the port (Linux); default: one per core
+    steer_by = "address"                 # which worker: by client "address" or "connection"
     max_connections_per_address = 512    # TCP connections per client address
     max_streams_per_connection = 1024    # per tunnel connection; more: REFUSED_STREAM
     max_pending_opens = 512              # streams being dialled per tunnel connection
+    lookup_timeout = 10                  # seconds for a destination name's lookup
+    max_lookups_per_address = 16         # name lookups one client address has in progress
     [server.users]
     alice = { secret_file = "alice.secret" }
     [server.wstunnel]                    # how stock wstunnel clients are served
@@ -75,9 +80,16 @@ from autovpn.limits import (
     MAX_STREAMS_PER_CONNECTION,
     SERVER_MAX_CONNECTIONS_PER_ADDRESS,
 )
-from autovpn.net import is_loopback, normalize_host_name, parse_host
+from autovpn.net import (
+    LOOKUP_TIMEOUT,
+    MAX_LOOKUPS_PER_ADDRESS,
+    is_loopback,
+    normalize_host_name,
+    parse_host,
+)
 from autovpn.pem import certificate_problem, private_key_problem
 from autovpn.policy import AllowEntry
+from autovpn.reuseport import DEFAULT_STEER_BY, STEER_BY
 from autovpn.routing.hosts import default_hosts_path
 from autovpn.routing.lists import ListFormat
 from autovpn.routing.router import Action, ListSpec, Mode, Router, parse_user_rule
@@ -138,6 +150,11 @@ LISTENER_HANDSHAKE_TIMEOUT = 30.0
 SERVER_HANDSHAKE_TIMEOUT = 10.0
 #: The most either may be set to: an hour is no limit any more.
 MAX_HANDSHAKE_TIMEOUT = 3600.0
+#: ``idle_timeout``'s default, client and server: v2ray's and Xray's ``connIdle`` (docs/
+#: protocol.md says why).  An application that keeps a connection silent for longer (SSH
+#: without ServerAliveInterval, IMAP IDLE renewed every 29 minutes) needs its own keepalive,
+#: as behind those proxies, or a longer setting; 0 turns the timeout off.
+IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,10 +176,10 @@ class ServerURL:
             raise ConfigError(key, f"{text!r}: {exc}") from None
         if not parts.hostname:
             raise ConfigError(key, f"{text!r}: no host")
-        if port == 0:  # urlsplit gives 0, not None: taken for "no port", it became 80/443
-            raise ConfigError(key, f"{text!r}: port 0 is not a server's port (omit it for 443)")
         tls = parts.scheme == "wss"
-        return cls(tls, parts.hostname, port or (443 if tls else 80))
+        # ``is None``, not falsy: an explicit port 0 once became 80/443 (the tests use it as
+        # "no server here"; a connect to it fails and says so).
+        return cls(tls, parts.hostname, (443 if tls else 80) if port is None else port)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -290,12 +307,19 @@ class ListenSpec:
         return dict(self.options).get(name, default)
 
     def __str__(self) -> str:
+        """As it is written (``-L``), without credentials: it names a forward in log lines
+        and in the access log's ``rule``."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        text = f"{self.scheme}://{host}:{self.port}"
-        if self.target_host is not None:
-            target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
-            text += f":{target}:{self.target_port}"
-        return text
+        if self.scheme == "stdio":  # no local address
+            text = "stdio://"
+        elif self.scheme == "unix":  # the path, no port
+            text = f"unix://{self.host}:"
+        else:
+            text = f"{self.scheme}://{host}:{self.port}:"
+        if self.target_host is None:
+            return text[:-1]
+        target = f"[{self.target_host}]" if ":" in self.target_host else self.target_host
+        return f"{text}{target}:{self.target_port}"
 
 
 def _local_forward(
@@ -679,8 +703,6 @@ class WstunnelServerOptions:
     )
 
 
-
-
 @dataclass(slots=True)
 class ClientConfig:
     """The ``[client]`` table: the local listeners and the tunnel server they use."""
@@ -760,6 +782,14 @@ class ClientConfig:
         metadata=toml(
             KEEPALIVE_TIMEOUT,
             "a tunnel connection silent this many seconds is dead (longer than the interval)",
+        ),
+    )
+    idle_timeout: float = field(
+        default=IDLE_TIMEOUT,
+        metadata=toml(
+            SECONDS_OR_OFF,
+            "a relayed connection (direct, tunnelled, forwarded) that moved no byte either way"
+            " this many seconds is reset, here and at the server; 0: never",
         ),
     )
     handshake_timeout: float = field(
@@ -843,7 +873,7 @@ class ClientConfig:
         metadata=toml(
             list_of(text()),
             "reverse tunnels (-R): the server listens, each connection comes back here;"
-            " tcp://[BIND:]PORT:HOST:PORT, and with protocol = \"wstunnel\" also"
+            ' tcp://[BIND:]PORT:HOST:PORT, and with protocol = "wstunnel" also'
             " socks5://[BIND:]PORT and unix://PATH:HOST:PORT",
         ),
     )
@@ -977,6 +1007,14 @@ class ServerConfig:
             "a client connection silent this many seconds is dead (longer than the interval)",
         ),
     )
+    idle_timeout: float = field(
+        default=IDLE_TIMEOUT,
+        metadata=toml(
+            SECONDS_OR_OFF,
+            "a relayed stream or wstunnel tunnel that moved no byte either way this many"
+            " seconds is reset, here and at the client; 0: never",
+        ),
+    )
     handshake_timeout: float = field(
         default=SERVER_HANDSHAKE_TIMEOUT,
         metadata=toml(
@@ -1009,6 +1047,22 @@ class ServerConfig:
             " once; more are refused with REFUSED_STREAM",
         ),
     )
+    lookup_timeout: float = field(
+        default=LOOKUP_TIMEOUT,
+        metadata=toml(
+            number(above=0, at_most=300),
+            "seconds a destination name's lookup (the system resolver) may take, its wait for"
+            " a turn included; then the stream or wstunnel tunnel fails, naming the resolver",
+        ),
+    )
+    max_lookups_per_address: int = field(
+        default=MAX_LOOKUPS_PER_ADDRESS,
+        metadata=toml(
+            integer(1),
+            "destination name lookups one client address (IPv6: its /64) may have in progress;"
+            " more wait for its own turn, never for other clients' lookups",
+        ),
+    )
     secret_file: Path | None = field(
         default=None,
         metadata=toml(
@@ -1033,9 +1087,22 @@ class ServerConfig:
             " core; 1: a single process (docs/deploy.md)",
         ),
     )
-    reuse_port: bool = field(
-        default=False,
-        metadata=not_in_file("a worker of `autovpn server --workers N`: bind with SO_REUSEPORT"),
+    steer_by: str = field(
+        default=DEFAULT_STEER_BY,
+        metadata=toml(
+            choice(*STEER_BY),
+            "with workers, which worker gets a connection: by the client's address (every"
+            " connection of an address on one worker, so the limits per address hold across"
+            " workers) or by connection (a client's pool spreads over the workers; the limits"
+            " per address are per worker); docs/deploy.md",
+        ),
+    )
+    listen_fds: tuple[int, ...] = field(
+        default=(),
+        metadata=not_in_file(
+            "a worker of `autovpn server --workers N`: the listening sockets its supervisor"
+            " opened for it (one per address of the listen host)"
+        ),
     )
 
 

@@ -448,6 +448,7 @@ class Engine:
             retries=client.retries,
             fallback_direct=lambda: servers.fallback_direct,
             stats=self.stats,
+            idle_timeout=client.idle_timeout,
         )
         self._dialers.append(dialer)
         return dialer
@@ -514,9 +515,9 @@ class Engine:
     async def _start_forward(self, spec: ListenSpec, opener: TunnelOpener) -> None:
         forward: ForwardListener | StdioForward
         if spec.scheme == "stdio":
-            forward = StdioForward(spec, opener, self.stop)
+            forward = StdioForward(spec, opener, self.stop, self.stats)
         else:
-            forward = ForwardListener(spec, opener)
+            forward = ForwardListener(spec, opener, self.stats)
         await forward.start()
         self.forwards.append(forward)
 
@@ -645,14 +646,17 @@ def _server_settings(sc: ServerConfig) -> ServerSettings:
         reverse_binds=tuple(sc.reverse_binds),
         keepalive_interval=sc.keepalive_interval,
         keepalive_timeout=sc.keepalive_timeout,
+        idle_timeout=sc.idle_timeout,
         max_reverse_listeners_per_client=sc.max_reverse_listeners_per_client,
         auth_failure_limit=sc.auth_failure_limit,
         auth_failure_window=sc.auth_failure_window,
         handshake_timeout=sc.handshake_timeout,
-        reuse_port=sc.reuse_port,
+        listen_fds=sc.listen_fds,
         max_connections_per_address=sc.max_connections_per_address,
         max_streams_per_connection=sc.max_streams_per_connection,
         max_pending_opens=sc.max_pending_opens,
+        lookup_timeout=sc.lookup_timeout,
+        max_lookups_per_address=sc.max_lookups_per_address,
     )
 
 
@@ -679,6 +683,7 @@ def _client_settings(cc: ClientConfig, server: ServerURL) -> ClientSettings:
         open_timeout=cc.open_timeout,
         keepalive_interval=cc.keepalive_interval,
         keepalive_timeout=cc.keepalive_timeout,
+        idle_timeout=cc.idle_timeout,
         permanent_backoff=cc.retry_refused_after,
         reverse=tuple(cc.reverse),
     )

@@ -130,17 +130,31 @@ class StreamError(AutovpnError):
 
     ``tunnel``: the tunnel failed (its connection was lost or stalled, the server did not
     answer), not the destination, so the same stream may succeed through another server.
+    ``sent``: the stream's OPEN, with its early data, may have reached the server, which may
+    have passed that data on to the destination: opening the stream again could deliver it
+    twice.  False only where it provably never left us.
+    ``draining``: the server refused the stream (REFUSED_STREAM) because its connection is
+    closing (GOAWAY): a new connection will take it.  A REFUSED_STREAM without it is a limit.
     ``public``: one line the local client may read (the HTTP proxy's 502 body); empty for a
     bare reply.  It is only ever about our own tunnel, never about the far side.
     """
 
     def __init__(
-        self, reason: ResetReason, message: str = "", *, tunnel: bool = False, public: str = ""
+        self,
+        reason: ResetReason,
+        message: str = "",
+        *,
+        tunnel: bool = False,
+        public: str = "",
+        sent: bool = True,
+        draining: bool = False,
     ) -> None:
         super().__init__(message or reason.name.lower().replace("_", " "))
         self.reason = reason
         self.tunnel = tunnel
         self.public = public
+        self.sent = sent
+        self.draining = draining
 
 
 class TunnelUnavailable(StreamError):
@@ -156,8 +170,19 @@ class TunnelUnavailable(StreamError):
             message,
             tunnel=True,
             public=public or f"tunnel down: {message}",
+            sent=False,  # raised before any stream was opened
         )
         self.permanent = permanent
+
+
+class LookupTimedOut(StreamError, OSError):
+    """The system resolver did not answer for a name in time (``net.SystemResolver``): its
+    lookup, or the turn of its client address (``max_lookups_per_address``), took longer than
+    the lookup timeout.  An OSError, as the resolver's own failures are: HOST_UNREACHABLE."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(ResetReason.HOST_UNREACHABLE, message)
+        self.name = name
 
 
 class InvalidHostName(StreamError, OSError):

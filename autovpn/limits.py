@@ -24,6 +24,7 @@ __all__ = [
     "SERVER_MAX_CONNECTIONS_PER_ADDRESS",
     "ConnectionsPerAddress",
     "address_key",
+    "peer_key",
 ]
 
 log = logging.getLogger("autovpn.limits")
@@ -62,6 +63,11 @@ def address_key(address: str) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+
+
+def peer_key(peer: str) -> str:
+    """``address_key`` of a peer given as ``host:port`` (how the tunnel server names them)."""
+    return address_key(peer.rpartition(":")[0] or peer)
 
 
 class Closable(Protocol):
@@ -138,6 +144,17 @@ class ConnectionsPerAddress:
             self._warned.discard(address)
         if not held:
             del self._held[address]
+
+    def replace(self, old: Closable, new: Closable) -> None:
+        """``old``'s connection goes on as ``new`` (the TLS transport over the accepted TCP
+        one): still counted once, now released (or pruned) by ``new``."""
+        address = self._address.pop(old, None)
+        if address is None:
+            return
+        held = self._held[address]
+        held.pop(old, None)
+        held[new] = None
+        self._address[new] = address
 
     def releaser(self, transport: Closable) -> Callable[[], None]:
         """``release(transport)`` as a one-shot callable for the connection's next owner, which

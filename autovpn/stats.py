@@ -11,7 +11,11 @@ Cost model.  Counting is per connection and per read, never per byte in Python:
   (a scrape, the status page, the flow's end);
 - a connection costs one ``Flow`` object, made when the route is decided and ended once,
   when its client side is lost (``Flow.end``); the aggregates (per listener, route, server,
-  user, domain) change only at those two moments;
+  user, domain) are not touched then: ended flows are counted BATCH at a time
+  (``Stats.count_ended``), summed per line (listener, route, server, user) first, so that
+  those groups are looked up once per batch, not once per connection;
+- a tunnel server's streams are counted per user without a record per stream while the
+  access log is off (``StreamTally``), and added to the groups when they are read;
 - the live bytes of open connections are added to the aggregates at read time
   (``Stats.snapshot``), so an open connection's traffic shows before it ends.
 
@@ -36,6 +40,7 @@ __all__ = [
 ]
 
 access_log = logging.getLogger("autovpn.access")
+_INFO = logging.INFO  # a global, not an attribute look-up per connection
 
 RESULT_OK = "ok"
 #: The listener name of a tunnel server's streams.
@@ -60,6 +65,15 @@ class Totals:
     up: int = 0
     down: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+
+    def add(self, total: int, up: int, down: int, failures: dict[str, int] | None = None) -> None:
+        self.total += total
+        self.up += up
+        self.down += down
+        if failures:
+            mine = self.failures
+            for reason, count in failures.items():
+                mine[reason] = mine.get(reason, 0) + count
 
     def to_json(self, live: tuple[int, int, int] = (0, 0, 0)) -> dict[str, object]:
         """``live``: the open connections of the group, their bytes up and down so far."""
@@ -149,27 +163,39 @@ class Flow:
         """The connection is over (``result``: ``ok`` or why it failed, a short name that the
         failures are counted by; ``detail``: the message, for the access log only).  Only the
         first call counts: both sides of a relay may report their end."""
+        self.finish(None, result, detail)
+
+    def finish(self, relay: Metered | None, result: str = RESULT_OK, detail: str = "") -> None:
+        """``end``, as a relay that holds a ``Recorder`` calls it (the body is here, not in
+        ``end``: the relays' call is the common one, and it saves a call per connection)."""
         if self.ended:
             return
-        self.up, self.down = self.bytes()
-        self.meter = None  # the relay's objects are not kept alive by the record
+        meter = self.meter
+        if meter is None:
+            self.up = self.down = 0
+        else:
+            a, b = meter.counts()
+            if self.reverse:
+                self.up, self.down = b, a
+            else:
+                self.up, self.down = a, b
+            self.meter = None  # the relay's objects are not kept alive by the record
         self.ended = True
         self.result = result
         self.detail = detail
         stats = self.stats
         stats.open.discard(self)
-        if result == RESULT_OK and not access_log.isEnabledFor(logging.INFO):
-            # Counted later, with others: a batch finds the totals in the cache, one at a
-            # time each connection's end paid for the misses (measured: about 3x the cost).
-            stats.ended.append(self)
-            if len(stats.ended) >= BATCH:
+        if result == RESULT_OK:
+            # Counted later, with others (``Stats.count_ended``): a batch finds the totals in
+            # the cache and looks each group up once per batch, not once per connection.
+            ended = stats.ended
+            ended.append(self)
+            if len(ended) >= BATCH:
                 stats.count_ended()
-        else:  # the moment matters: the access line, the recent failures
+            if access_log.isEnabledFor(_INFO):
+                stats._log_access(self, time.time())
+        else:  # counted now: a failure shows at once (and in the recent failures)
             stats._count(self)
-
-    def finish(self, relay: Metered, result: str = RESULT_OK, detail: str = "") -> None:
-        """``end``, as a relay that holds a ``Recorder`` calls it."""
-        self.end(result, detail)
 
     def keys(self) -> tuple[str, str, str, str, str]:
         """The groups it counts in: listener, route, server, user, domain ("": none).  A
@@ -204,30 +230,44 @@ class Recorder(Protocol):
 class StreamTally:
     """A tunnel server's streams of one user, counted without a record per stream: used while
     the access log is off, when no line needs a stream's own record.  The relays of its open
-    streams are kept (``open``) for their bytes so far; at its end a stream's counts go to the
-    user's totals and the ``tunnel`` listener's."""
+    streams are kept (``open``) for their bytes so far; at its end a stream's counts are added
+    here, and from here to the user's totals and the ``tunnel`` listener's when the figures
+    are read (``Stats.count_ended``): a stream's end touches this one object only."""
 
-    __slots__ = ("stats", "user", "open")
+    __slots__ = ("stats", "user", "open", "total", "up", "down", "failures")
 
     def __init__(self, stats: Stats, user: str) -> None:
         self.stats = stats
         self.user = user
         self.open: set[Metered] = set()
+        # The ended streams not yet added to the groups (``fold``).
+        self.total = self.up = self.down = 0
+        self.failures: dict[str, int] = {}
 
     def finish(self, relay: Metered, result: str = RESULT_OK, detail: str = "") -> None:
-        if relay not in self.open:
+        open_ = self.open
+        if relay not in open_:
             return  # only the first call counts
-        self.open.discard(relay)
+        open_.discard(relay)
         down, up = relay.counts()  # a server's relay reads the target: its reads go down
+        self.total += 1
+        self.up += up
+        self.down += down
+        if result != RESULT_OK:
+            self.failures[result] = self.failures.get(result, 0) + 1
+            self.stats._remember_failure(time.time(), TUNNEL, f"user {self.user}", result)
+
+    def fold(self) -> None:
+        """Add the ended streams counted here to the user's totals and the ``tunnel``
+        listener's."""
+        if not self.total:
+            return
         stats = self.stats
         for totals in (stats.listeners.get(TUNNEL), stats.users.get(self.user)):
-            totals.total += 1
-            totals.up += up
-            totals.down += down
-            if result != RESULT_OK:
-                totals.failures[result] = totals.failures.get(result, 0) + 1
-        if result != RESULT_OK:
-            stats._remember_failure(time.time(), TUNNEL, f"user {self.user}", result)
+            totals.add(self.total, self.up, self.down, self.failures)
+        self.total = self.up = self.down = 0
+        if self.failures:
+            self.failures = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +360,7 @@ class Stats:
 
     def logs_access(self) -> bool:
         """Whether the access log is on: a connection then needs its own record (``Flow``)."""
-        return access_log.isEnabledFor(logging.INFO)
+        return access_log.isEnabledFor(_INFO)
 
     def tally(self, user: str) -> StreamTally:
         """The per-user counter of a tunnel server's streams (see ``StreamTally``)."""
@@ -333,10 +373,44 @@ class Stats:
         return self.listeners, self.routes, self.servers, self.users, self.domains
 
     def count_ended(self) -> None:
-        """Count the ended flows waiting in ``ended`` (every BATCH ends, and before a read)."""
-        ended, self.ended = self.ended, []
-        for flow in ended:
-            self._count(flow)
+        """Count the ended flows waiting in ``ended`` (every BATCH ends, and before a read) and
+        the tunnel server's streams counted per user (``StreamTally``).
+
+        The flows of a batch are summed per line first (listener, route, server, user: a
+        client has a handful of them), and each line's sums are added to its four groups once;
+        a flow's domain is counted directly (the hosts of a batch are mostly distinct)."""
+        ended = self.ended
+        if ended:
+            self.ended = []
+            lines: dict[tuple[str, str, str, str], list[int]] = {}
+            domains = self.domains
+            items = domains.items
+            for flow in ended:
+                up, down = flow.up, flow.down
+                key = (flow.listener, flow.route, flow.server, flow.user)
+                line = lines.get(key)
+                if line is None:
+                    lines[key] = [1, up, down]
+                else:
+                    line[0] += 1
+                    line[1] += up
+                    line[2] += down
+                if flow.route:  # a tunnel server's streams count no domain (see ``keys``)
+                    name = flow.host.lower()
+                    totals = items.get(name)
+                    if totals is None:  # a new name: ``get`` makes it (and may drop the least used)
+                        totals = domains.get(name)
+                        items = domains.items
+                    totals.total += 1
+                    totals.up += up
+                    totals.down += down
+            groups = (self.listeners, self.routes, self.servers, self.users)
+            for names, (total, up, down) in lines.items():
+                for group, name in zip(groups, names, strict=True):
+                    if name:
+                        group.get(name).add(total, up, down)
+        for tally in self.tallies.values():
+            tally.fold()
 
     def _count(self, flow: Flow) -> None:
         up, down, result = flow.up, flow.down, flow.result
@@ -353,7 +427,7 @@ class Stats:
             self._remember_failure(
                 time.time(), flow.listener, f"{flow.host}:{flow.port}", flow.result
             )
-        if access_log.isEnabledFor(logging.INFO):
+        if access_log.isEnabledFor(_INFO):
             self._log_access(flow, time.time())
 
     def failure(self, listener: str, client: str, reason: str) -> None:
@@ -398,20 +472,31 @@ class Stats:
             where.append(f"server={flow.server}")
         if flow.user:
             where.append(f"user={flow.user}")
-        access_log.info(
+        # The record is made here rather than by ``access_log.info``, which would look for
+        # its caller in the stack (``findCaller``) for every line: a tenth of a line's cost.
+        record = access_log.makeRecord(
+            access_log.name,
+            _INFO,
+            __file__,
+            _ACCESS_LINE,
             "%s %s -> %s:%d %s up=%d down=%d %.3fs %s%s",
-            flow.listener,
-            flow.client,
-            flow.host,
-            flow.port,
-            " ".join(where),
-            flow.up,
-            flow.down,
-            duration,
-            flow.result,
-            f" ({flow.detail})" if flow.detail else "",
-            extra={"access": fields},
+            (
+                flow.listener,
+                flow.client,
+                flow.host,
+                flow.port,
+                " ".join(where),
+                flow.up,
+                flow.down,
+                duration,
+                flow.result,
+                f" ({flow.detail})" if flow.detail else "",
+            ),
+            None,
+            "_log_access",
+            {"access": fields},
         )
+        access_log.handle(record)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -471,6 +556,10 @@ class Stats:
                 server: [s.to_json() for s in history] for server, history in self.health.items()
             },
         }
+
+
+#: Where an access line comes from (a record's ``lineno``).
+_ACCESS_LINE = Stats._log_access.__code__.co_firstlineno
 
 
 def ratio(lost: int, sent: int) -> float | None:

@@ -10,8 +10,10 @@ ARGS``) with ``AUTOVPN_WORKER`` in their environment, waits until each one liste
   SIGKILL) and exits: 0 after SIGTERM, 130 after SIGINT;
 * serves the control API on the configured address.  Each worker serves its own on an
   ephemeral loopback port, which it reports when it is ready; the parent's ``GET /status``
-  asks every worker and answers the sum of their ``server`` counters, with one entry per
-  worker (pid, restarts, its own counters).
+  and ``GET /metrics`` ask every worker and answer the sums of their counters (``server``
+  and the statistics, ``stats``), with one entry per worker (pid, restarts, its own
+  counters).  The sums never go down when a worker dies (``FleetTotals``): Prometheus takes
+  any decrease of a counter for a reset and would count the survivors' totals again.
 
 Workers share nothing at run time: each reads the configuration, the certificate and the
 secrets or users file itself, and the tunnel's authentication is stateless (the 101's
@@ -20,11 +22,21 @@ worker; no replay cache needs to be shared).  The workers are in their own proce
 a terminal's Ctrl-C reaches the parent only, and each asks the kernel to SIGKILL it when its
 parent dies (``PR_SET_PDEATHSIG``): a supervisor killed with SIGKILL leaves no worker serving.
 
-Linux only: there SO_REUSEPORT spreads new connections over the sockets bound to the address
-by a hash of the connection's addresses and ports (Linux 3.9 and later).  The BSDs' and
-macOS's SO_REUSEPORT lets several sockets bind but does not spread the connections (FreeBSD's
-SO_REUSEPORT_LB would), and Windows has no such option: there the server runs one process and
-says so at start.
+The supervisor opens the listening sockets itself, one ``SO_REUSEPORT`` socket per worker
+(and per address of the listen host), in slot order, and keeps them; worker ``i`` gets slot
+``i``'s, and so does the worker started in its place (``reuseport.ListenGroup``).  A classic BPF
+program attached to the group steers each new connection to a worker by its client's address
+(``steer_by = "address"``, the default: the limits a worker keeps per address then hold across
+workers) or by its address and port (``"connection"``: a client's pool spreads over the
+workers); the supervisor attaches another program while a worker is down, which gives that
+worker's share to the others (autovpn/reuseport.py says why the sockets must outlive their
+workers for this).
+
+Linux only: there SO_REUSEPORT makes one group of the sockets bound to the address (Linux 3.9
+and later), and the program needs Linux 4.5 (without it the kernel spreads connections by its
+own hash, and the start says so).  The BSDs' and macOS's SO_REUSEPORT lets several sockets bind
+but does not spread the connections (FreeBSD's SO_REUSEPORT_LB would), and Windows has no such
+option: there the server runs one process and says so at start.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +62,8 @@ from autovpn.engine import Engine
 from autovpn.errors import ConfigError
 from autovpn.eventloop import loop_factory, run
 from autovpn.monitor.api import ControlAPI, request
+from autovpn.ports import bind_error
+from autovpn.reuseport import ListenGroup
 
 if TYPE_CHECKING:
     from autovpn.proxy.listener import ProxyListener
@@ -57,7 +72,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autovpn.workers")
 
-#: Set in a worker's environment: ``INDEX:PARENT_PID:READY_FD``.
+#: Set in a worker's environment: ``INDEX:PARENT_PID:READY_FD:LISTEN_FD[,LISTEN_FD...]``.
 WORKER_ENV = "AUTOVPN_WORKER"
 #: Seconds a worker may take to start (import, read its files, bind) before the start fails.
 START_TIMEOUT = 60.0
@@ -135,6 +150,8 @@ class WorkerRole:
     index: int
     parent: int
     ready_fd: int
+    #: The listening sockets the supervisor opened for this worker's slot.
+    listen_fds: tuple[int, ...] = ()
     _quiet: _UntilReady | None = None
 
     @classmethod
@@ -143,10 +160,11 @@ class WorkerRole:
         if not value:
             return None
         try:
-            index, parent, fd = (int(part) for part in value.split(":"))
+            index, parent, fd, listening = value.split(":")
+            fds = tuple(int(one) for one in listening.split(","))
+            return cls(int(index), int(parent), int(fd), fds)
         except ValueError:
             raise ConfigError(WORKER_ENV, f"{value!r}: set by the supervisor only") from None
-        return cls(index, parent, fd)
 
     def attach(self) -> None:
         """Die with the parent: SIGKILL when it exits, however it exits (Linux)."""
@@ -170,10 +188,10 @@ class WorkerRole:
             handler.addFilter(self._quiet)
 
     def configure(self, cfg: Config) -> None:
-        """The worker's own settings: SO_REUSEPORT; its control API on an ephemeral port of
-        the same loopback address (the parent's ``/status`` asks it)."""
+        """The worker's own settings: the listening sockets of its slot; its control API on
+        an ephemeral port of the same loopback address (the parent's ``/status`` asks it)."""
         assert cfg.server is not None
-        cfg.server.reuse_port = True
+        cfg.server.listen_fds = self.listen_fds
         if cfg.control is not None:
             host, _, _ = cfg.control.rpartition(":")
             cfg.control = f"{host}:0"
@@ -224,30 +242,143 @@ class Slot:
     control: str | None = None
     restarts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    #: Its worker listens (ready, and not exited since): the steering sends it connections.
+    live: bool = False
 
     @property
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
 
 
-def _add(total: dict[str, Any], counters: dict[str, Any]) -> None:
-    """Sum ``counters`` (numbers, nested tables of numbers) into ``total``."""
+def _add(
+    total: dict[str, Any], counters: dict[str, Any], skip: frozenset[str] = frozenset()
+) -> None:
+    """Sum ``counters`` (numbers, nested tables of numbers) into ``total``; numbers named in
+    ``skip`` are left out."""
     for key, value in counters.items():
         if isinstance(value, bool):
             continue
         if isinstance(value, int | float):
-            total[key] = total.get(key, 0) + value
+            if key not in skip:
+                total[key] = total.get(key, 0) + value
         elif isinstance(value, dict):
-            _add(total.setdefault(key, {}), value)
+            _add(total.setdefault(key, {}), value, skip)
 
 
-def sum_workers(statuses: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """The ``server`` counters of the workers that answered, added up."""
-    total: dict[str, Any] = {}
-    for status in statuses:
-        if status is not None and isinstance(status.get("server"), dict):
-            _add(total, status["server"])
-    return total
+#: The groups of a worker's statistics (``autovpn.stats.Stats.snapshot``), summed by name.
+STATS_GROUPS = ("listeners", "routes", "servers", "users", "domains")
+#: Numbers in a worker's status that are levels, not counts: they leave with the worker.
+GAUGES = frozenset({"open", "connections", "streams_open"})
+#: Open connections listed in the summed statistics (a worker lists its 50 busiest).
+CONNECTIONS_SHOWN = 50
+#: Recent failures kept in the summed statistics (as ``autovpn.stats.RECENT_FAILURES``).
+RECENT_FAILURES = 20
+
+
+def _counted(status: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a worker's status that are summed: ``server`` and the statistics'
+    groups."""
+    stats = status.get("stats")
+    groups = {k: stats.get(k) or {} for k in STATS_GROUPS} if isinstance(stats, dict) else {}
+    server = status.get("server")
+    return {"server": server if isinstance(server, dict) else {}, "stats": groups}
+
+
+class FleetTotals:
+    """The workers' counters, added up so that no sum goes down when a worker dies (sans-I/O).
+
+    Each sum is the workers' latest answers, plus for a worker that did not answer this time
+    its previous answer's counters, plus the counters last seen of the worker processes that
+    have exited (``retired``): a dead worker's counts stay in the sums, its levels (open
+    connections, ``GAUGES``) leave with it.  What a worker counted after the supervisor last
+    asked it (the last scrape or ``/status``) and before it died is lost: the sums then stay
+    where they were, they do not go down.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.since = clock()
+        #: Counters of the exited worker processes, summed (as ``_counted`` shapes them).
+        self.retired: dict[str, Any] = {}
+        #: Each slot's process and its last answer: slot index -> (pid, status).
+        self.last: dict[int, tuple[int, dict[str, Any]]] = {}
+
+    def seen(self, index: int, pid: int, status: dict[str, Any]) -> None:
+        """The worker in slot ``index`` (process ``pid``, running) answered ``status``."""
+        self.last[index] = (pid, status)
+
+    def exited(self, index: int, pid: int) -> None:
+        """Process ``pid`` of slot ``index`` exited: its last counters are kept for good."""
+        last = self.last.get(index)
+        if last is not None and last[0] == pid:
+            del self.last[index]
+            _add(self.retired, _counted(last[1]), GAUGES)
+
+    def sums(
+        self, statuses: Sequence[dict[str, Any] | None]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(``server``, ``stats``) summed over ``statuses`` (by slot; None: no answer now);
+        ``stats`` None when no worker keeps statistics."""
+        total: dict[str, Any] = {"server": {}, "stats": {k: {} for k in STATS_GROUPS}}
+        _add(total, self.retired)
+        answered: list[tuple[int, dict[str, Any]]] = []
+        kept = bool(self.retired.get("stats"))
+        for index, status in enumerate(statuses):
+            if status is not None:
+                answered.append((index, status))
+                _add(total, _counted(status))
+                kept = kept or isinstance(status.get("stats"), dict)
+            elif index in self.last:  # a worker that did not answer in time: no levels
+                _add(total, _counted(self.last[index][1]), GAUGES)
+        server = total["server"]
+        if server:  # every worker may be gone for now: its levels are 0 then, not missing
+            for name in ("connections", "streams_open"):
+                server.setdefault(name, 0)
+        return server, self._stats(total["stats"], answered) if kept else None
+
+    def _stats(
+        self, groups: dict[str, Any], answered: list[tuple[int, dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """The summed groups shaped as one engine's statistics; the open connections and
+        recent failures of the workers that answered, each with its ``worker``."""
+        for members in groups.values():
+            for figures in members.values():
+                for name in ("open", "total", "bytes_up", "bytes_down"):
+                    figures.setdefault(name, 0)
+                figures.setdefault("failures", {})
+        connections: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        health: dict[str, Any] = {}
+        shown = 0
+        for index, status in answered:
+            stats = status.get("stats")
+            if not isinstance(stats, dict):
+                continue
+            shown += int(stats.get("open") or 0)
+            connections += [{**c, "worker": index} for c in stats.get("connections") or ()]
+            failures += [{**f, "worker": index} for f in stats.get("recent_failures") or ()]
+            health.update(stats.get("health") or {})
+        connections.sort(key=lambda c: c.get("bytes_up", 0) + c.get("bytes_down", 0), reverse=True)
+        failures.sort(key=lambda f: f.get("time", 0))
+        return {
+            "since": round(self.since, 3),
+            **groups,
+            "open": shown,
+            "connections": connections[:CONNECTIONS_SHOWN],
+            "recent_failures": failures[-RECENT_FAILURES:],
+            "health": health,
+        }
+
+
+def _bytes(status: dict[str, Any]) -> tuple[int, int] | None:
+    """A worker's bytes up and down, over its listeners (each connection is in one)."""
+    stats = status.get("stats")
+    if not isinstance(stats, dict):
+        return None
+    listeners = (stats.get("listeners") or {}).values()
+    return (
+        sum(int(f.get("bytes_up", 0)) for f in listeners),
+        sum(int(f.get("bytes_down", 0)) for f in listeners),
+    )
 
 
 class Supervisor:
@@ -261,20 +392,39 @@ class Supervisor:
         self.signal: int | None = None
         self._stop = asyncio.Event()
         self.api: ControlAPI | None = None  # when the configuration has a control API
+        #: The workers' counters, summed across their restarts (``/status``, ``/metrics``).
+        self.totals = FleetTotals()
+        assert cfg.server is not None
+        listen = cfg.server.listen
+        self.listening = ListenGroup(listen.host, listen.port, count, cfg.server.steer_by)
+
+    @property
+    def steering(self) -> str:
+        """How connections are given to the workers, as the banner and ``/status`` say it."""
+        if self.listening.unsteered is not None:
+            return f"the kernel's hash ({self.listening.unsteered})"
+        return f"by client {self.listening.by}"
+
+    def _steer(self) -> None:
+        """Attach the program for the workers that listen now (autovpn/reuseport.py)."""
+        self.listening.steer([slot.index for slot in self.slots if slot.live])
 
     # -- processes --------------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> tuple[subprocess.Popen[bytes], int]:
         read, write = os.pipe()
+        listening = self.listening.fds(slot.index)
         env = dict(os.environ)
-        env[WORKER_ENV] = f"{slot.index}:{os.getpid()}:{write}"
+        env[WORKER_ENV] = (
+            f"{slot.index}:{os.getpid()}:{write}:{','.join(str(fd) for fd in listening)}"
+        )
         env["AUTOVPN_STATE_DIR"] = str(worker_state_dir(slot.index))
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "autovpn", *self.argv],
                 stdin=subprocess.DEVNULL,
                 env=env,
-                pass_fds=(write,),
+                pass_fds=(write, *listening),
                 # Its own process group: a terminal's Ctrl-C reaches the parent only, which
                 # passes it on once (twice would interrupt the worker's own closing).
                 process_group=0,
@@ -363,6 +513,8 @@ class Supervisor:
             return False
         exited.cancel()
         slot.control = info.get("control")
+        slot.live = True
+        self._steer()  # its share of the clients comes back to it
         return True
 
     def _signal_all(self, sig: int) -> None:
@@ -404,8 +556,13 @@ class Supervisor:
             assert proc is not None
             started = loop.time()
             code = await self._exited(proc)
+            self.totals.exited(slot.index, proc.pid)
             if self.stopping:
                 return
+            # Its socket stays open (the supervisor's): what it had queued waits for the next
+            # worker in its place, and new clients of its share go to the others meanwhile.
+            slot.live = False
+            self._steer()
             delay = slot.backoff.delay(loop.time() - started)
             log.warning(
                 "worker %d (pid %d) exited with %s; starting it again in %.1f s",
@@ -432,15 +589,24 @@ class Supervisor:
     # -- the control API ----------------------------------------------------------------------
 
     async def worker_statuses(self) -> list[dict[str, Any] | None]:
+        """Each slot's worker's status (None: no answer); each answer is remembered
+        (``FleetTotals.seen``)."""
+
         async def one(slot: Slot) -> dict[str, Any] | None:
-            if slot.control is None:
+            proc, control = slot.proc, slot.control
+            if control is None or proc is None:
                 return None
             try:
                 async with asyncio.timeout(STATUS_TIMEOUT):
-                    reply = await request(slot.control, "GET", "/status")
+                    reply = await request(control, "GET", "/status")
                 status: dict[str, Any] = reply.json()
             except (OSError, TimeoutError, ValueError, IndexError, asyncio.IncompleteReadError):
                 return None  # not answering, or not with a status: counted as missing
+            if slot.proc is not proc or proc.returncode is not None:
+                # It exited while answering, and its earlier counters are retired already:
+                # counting this answer too would count it twice.
+                return None
+            self.totals.seen(slot.index, proc.pid, status)
             return status
 
         return list(await asyncio.gather(*(one(s) for s in self.slots)))
@@ -476,8 +642,16 @@ class Supervisor:
             self.stopping = True
             self._signal_all(signal.SIGTERM)
             await self._reap_all()
+            self.listening.close()
 
     async def _serve(self) -> int | None:
+        try:
+            self.listening.open()
+        except OSError as exc:
+            raise bind_error(
+                "tunnel server", self.listening.host, self.listening.port, exc
+            ) from exc
+        self._steer()  # before any worker listens: nothing is steered by the kernel's hash
         # A signal while they start stops them too (``_on_signal``): each start then ends.
         started = await asyncio.gather(*(self._start(s) for s in self.slots))
         if self.stopping:
@@ -525,10 +699,10 @@ class Supervisor:
         lines = [
             f"autovpn {__version__} running ({name} event loop) in {len(self.slots)} worker"
             " processes",
-            f"  tunnel server  {sc.listen}  (SO_REUSEPORT; worker pids {pids})",
+            f"  tunnel server  {sc.listen}  (SO_REUSEPORT, {self.steering}; worker pids {pids})",
         ]
         if self.api is not None:
-            lines.append(f"  control api    {self.api.url}  (/status sums the workers)")
+            lines.append(f"  control api    {self.api.url}  (/status and /metrics sum the workers)")
         print("\n".join(lines), flush=True)
 
 
@@ -537,7 +711,8 @@ class FleetView:
 
     Routing answers (``/route``, PAC files, ``/mode``) come from an engine built from the
     same configuration and never started, as ``autovpn route`` answers when no engine runs:
-    a tunnel server routes nothing itself.  ``/status`` gathers the workers'.
+    a tunnel server routes nothing itself.  ``/status`` (and so ``/metrics``) gathers the
+    workers': ``server`` and ``stats`` are their sums (``FleetTotals``).
     """
 
     def __init__(self, supervisor: Supervisor) -> None:
@@ -573,19 +748,26 @@ class FleetView:
         sup = self.supervisor
         statuses = await sup.worker_statuses()
         out = self.engine.status()
-        out["server"] = sum_workers(statuses)
+        out["server"], out["stats"] = sup.totals.sums(statuses)
         out["control"] = sup.api.url if sup.api is not None else None
-        out["workers"] = [
-            {
+        out["steering"] = sup.steering
+        workers: list[dict[str, Any]] = []
+        for slot, status in zip(sup.slots, statuses, strict=True):
+            entry: dict[str, Any] = {
                 "index": slot.index,
                 "pid": slot.pid,
                 "restarts": slot.restarts,
+                "live": slot.live,  # taking connections (down: its share goes to the others)
                 "control": slot.control,
                 "server": None if status is None else status.get("server"),
-                **({} if status is not None else {"error": "no answer from its control API"}),
             }
-            for slot, status in zip(sup.slots, statuses, strict=True)
-        ]
+            moved = None if status is None else _bytes(status)
+            if moved is not None:
+                entry["bytes_up"], entry["bytes_down"] = moved
+            if status is None:
+                entry["error"] = "no answer from its control API"
+            workers.append(entry)
+        out["workers"] = workers
         return out
 
 

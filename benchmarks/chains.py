@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -329,12 +330,13 @@ def _start_autovpn_pair(
     *,
     workers: int = 1,
     pool_size: int = 1,
+    server_args: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     """``autovpn server wss://… --allow 127.0.0.0/8`` and ``autovpn client -L LISTEN wss://…``
     as two processes (the secret in AUTOVPN_SECRET); returns (server, client) once the server
     listens.  The caller waits for the client's own port.  The server runs ``workers``
     processes (one by default: the chains compare one process with one process), the
-    client ``pool_size`` tunnel connections.
+    client ``pool_size`` tunnel connections; ``server_args``: more of the server's flags.
 
     Their state (engine records, IP scores) stays in the chain's work directory: never the
     user's own state directory, whose engines' records it would mix with."""
@@ -358,6 +360,7 @@ def _start_autovpn_pair(
             "--allow",
             "127.0.0.0/8",
             *(["--workers", str(workers)] if workers > 1 or knows_workers() else []),
+            *server_args,
         ],
         work.path / f"{log_name}-server.log",
         env,

@@ -1,7 +1,10 @@
 """``python -m benchmarks.workers_bench``: an autovpn server as one process and as two workers.
 
-For each worker count and repetition, a fresh chain: ``autovpn server --workers N`` and one
-``autovpn client --pool-size 4`` (the pool's connections land on different workers), then:
+For each worker count (and, with more than one worker, each way of steering connections to
+workers: ``--steer-by connection``, where the pool's 4 connections land on different workers,
+and ``address``, the default, where one client's connections all reach one worker) and
+repetition, a fresh chain: ``autovpn server --workers N`` and one ``autovpn client
+--pool-size 4``, then:
 
 1. **new connections/s**: the load generator's ``conns`` test (50 concurrent SOCKS5 connects,
    one short HTTP exchange each, for ``conn_seconds``), as in the main harness;
@@ -52,6 +55,7 @@ class Sample:
     """One repetition with ``workers`` workers."""
 
     workers: int
+    steer_by: str = ""  # "" with one worker
     conns_per_s: float = 0.0
     requests: int = 0
     down_mbs: float = 0.0
@@ -63,18 +67,19 @@ class Sample:
         return sum(v for k, v in self.cpu[test].items() if k.startswith("worker"))
 
 
-def start_chain(work: Workdir, workers: int) -> tuple[Running, dict[str, int]]:
+def start_chain(work: Workdir, workers: int, steer_by: str = "") -> tuple[Running, dict[str, int]]:
     """The chain and its processes by role: supervisor (with workers), worker N, client."""
     socks = chains.free_port()
-    run = Running(f"autovpn-{workers}w", socks)
+    run = Running(f"autovpn-{workers}w{steer_by}", socks)
     try:
         server, client = chains._start_autovpn_pair(
             work,
             run,
             f"socks5://127.0.0.1:{socks}",
-            f"workers-{workers}",
+            f"workers-{workers}{steer_by}",
             workers=workers,
             pool_size=POOL,
+            server_args=["--steer-by", steer_by] if steer_by else [],
         )
         chains.wait_port(socks, client)
     except BaseException:
@@ -108,9 +113,11 @@ def _loadgen(socks: int, test: str, args: dict[str, Any], timeout: float) -> dic
     return result
 
 
-def measure(work: Workdir, workers: int, sizes: Sizes, log: Callable[[str], None]) -> Sample:
-    run, roles = start_chain(work, workers)
-    sample = Sample(workers)
+def measure(
+    work: Workdir, workers: int, sizes: Sizes, log: Callable[[str], None], steer_by: str = ""
+) -> Sample:
+    run, roles = start_chain(work, workers, steer_by)
+    sample = Sample(workers, steer_by)
     try:
         assert run.socks_port is not None
         before = _cpu(roles)
@@ -136,24 +143,34 @@ def measure(work: Workdir, workers: int, sizes: Sizes, log: Callable[[str], None
         run.stop()
     spread = ", ".join(f"{r} {v:.2f}s" for r, v in sorted(sample.cpu["down"].items()))
     log(
-        f"  {workers} worker(s): {sample.conns_per_s:,.0f} conns/s (errors {c['errors']}),"
+        f"  {_name(workers, steer_by)}: {sample.conns_per_s:,.0f} conns/s"
+        f" (errors {c['errors']}),"
         f" download {sample.down_mbs:,.0f} MB/s over {STREAMS} connections; CPU during the"
         f" download: {spread}"
     )
     return sample
 
 
+def _name(workers: int, steer_by: str) -> str:
+    return f"{workers} worker(s)" + (f" by {steer_by}" if steer_by else "")
+
+
 def run_bench(
-    counts: Sequence[int], reps: int, sizes: Sizes, log: Callable[[str], None]
-) -> dict[int, list[Sample]]:
+    counts: Sequence[int],
+    reps: int,
+    sizes: Sizes,
+    log: Callable[[str], None],
+    steer_by: Sequence[str] = ("connection", "address"),
+) -> dict[tuple[int, str], list[Sample]]:
     raise_nofile()
-    samples: dict[int, list[Sample]] = {n: [] for n in counts}
+    configs = [(n, s) for n in counts for s in (steer_by if n > 1 else [""])]
+    samples: dict[tuple[int, str], list[Sample]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="autovpn-workers-bench-") as tmp:
         work = chains.make_certs(Path(tmp))
         for rep in range(1, reps + 1):
-            for n in counts:  # interleaved: drift of the shared machine hits both alike
-                log(f"rep {rep}/{reps}, {n} worker(s)")
-                samples[n].append(measure(work, n, sizes, log))
+            for n, steer in configs:  # interleaved: drift of the shared machine hits all alike
+                log(f"rep {rep}/{reps}, {_name(n, steer)}")
+                samples[(n, steer)].append(measure(work, n, sizes, log, steer))
     return samples
 
 
@@ -161,14 +178,16 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def summarize(samples: dict[int, list[Sample]]) -> list[dict[str, Any]]:
-    """One row per worker count: medians, and each process's share of the server's CPU."""
+def summarize(samples: dict[tuple[int, str], list[Sample]]) -> list[dict[str, Any]]:
+    """One row per worker count and steering: medians, and each process's share of the
+    server's CPU."""
     rows = []
-    for n, reps in samples.items():
+    for (n, steer), reps in samples.items():
         roles = sorted({r for s in reps for r in s.cpu["down"]})
         rows.append(
             {
                 "workers": n,
+                "steer_by": steer,
                 "conns_per_s": _median([s.conns_per_s for s in reps]),
                 "down_mbs": _median([s.down_mbs for s in reps]),
                 "cpu_us_per_request": _median(
@@ -192,7 +211,7 @@ def projection(row: dict[str, Any], cores: int = 16) -> tuple[float, float]:
 
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| workers | new conns/s | download MB/s (4 conns) | server CPU µs/request |"
+        "| workers (steered by) | new conns/s | download MB/s (4 conns) | server CPU µs/request |"
         " server CPU-s/GiB | CPU s per process, conns test | CPU s per process, download |",
         "|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -201,8 +220,9 @@ def render(rows: list[dict[str, Any]]) -> str:
             ", ".join(f"{r} {v:.2f}" for r, v in row[key].items())
             for key in ("cpu_conns", "cpu_down")
         )
+        steered = f" ({row['steer_by']})" if row["steer_by"] else ""
         lines.append(
-            f"| {row['workers']} | {row['conns_per_s']:,.0f} | {row['down_mbs']:,.0f} |"
+            f"| {row['workers']}{steered} | {row['conns_per_s']:,.0f} | {row['down_mbs']:,.0f} |"
             f" {row['cpu_us_per_request']:,.0f} | {row['cpu_s_per_gib']:.2f} | {conns} | {down} |"
         )
     return "\n".join(lines)
@@ -213,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="256 MiB, 2 s of connections")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--workers", type=int, action="append", help="worker counts (1 and 2)")
+    p.add_argument(
+        "--steer-by",
+        action="append",
+        choices=["connection", "address"],
+        help="with more than one worker, each of these (both)",
+    )
     args = p.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
     samples = run_bench(
@@ -220,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         args.reps,
         sizes,
         lambda s: print(s, file=sys.stderr, flush=True),
+        args.steer_by or ["connection", "address"],
     )
     rows = summarize(samples)
     print(render(rows))
@@ -227,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         conns, gib = projection(row)
         print(
-            f"- {row['workers']} worker(s): 16 cores at the measured cost would serve"
+            f"- {_name(row['workers'], row['steer_by'])}: 16 cores at the measured cost"
+            " would serve"
             f" {conns:,.0f} new connections/s or {gib:.1f} GiB/s"
             f" ({gib * GIB * 8 / 1e9:.0f} Gbit/s)"
         )

@@ -63,7 +63,9 @@ class ServerProcess:
         return "".join(self.output)
 
 
-def server_args(certs: Certs, port: int, secret: Path, tls: bool = True) -> list[str]:
+def server_args(
+    certs: Certs, port: int, secret: Path, tls: bool = True, wstunnel: bool = False
+) -> list[str]:
     pem = ["--tls-certificate", str(certs.cert), "--tls-private-key", str(certs.key)]
     return [
         "server",
@@ -73,7 +75,7 @@ def server_args(certs: Certs, port: int, secret: Path, tls: bool = True) -> list
         str(secret),
         "--allow",
         "127.0.0.0/8",
-        "--no-wstunnel",
+        *([] if wstunnel else ["--no-wstunnel"]),
     ]
 
 
@@ -85,9 +87,11 @@ async def autovpn_server(
     port: int | None = None,
     name: str = "server",
     tls: bool = True,
+    wstunnel: bool = False,
 ) -> AsyncIterator[ServerProcess]:
     """A tunnel server on 127.0.0.1 (wss with the test CA's certificate, or ws:// without
-    ``tls``; user "default" with SECRET) with the ``extra`` flags (``--workers 2``...), once
+    ``tls``; user "default" with SECRET; stock wstunnel clients served with ``wstunnel``,
+    by SECRET as their path prefix) with the ``extra`` flags (``--workers 2``...), once
     its banner is out (its workers listen).  On exit it gets SIGTERM (SIGKILL after 30 s)
     and is waited for."""
     port = port or free_port()
@@ -101,7 +105,7 @@ async def autovpn_server(
         sys.executable,
         "-m",
         "autovpn",
-        *server_args(certs, port, secret, tls),
+        *server_args(certs, port, secret, tls, wstunnel),
         *extra,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

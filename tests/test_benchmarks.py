@@ -266,10 +266,16 @@ def test_workers_bench_runs_one_and_two_workers() -> None:
     sizes = workers_bench.Sizes(transfer=8 << 20, transfer_seconds=10.0, conn_seconds=0.5)
     samples = workers_bench.run_bench([1, 2], 1, sizes, log=lambda s: None)
     rows = workers_bench.summarize(samples)
-    assert [r["workers"] for r in rows] == [1, 2]
+    assert [(r["workers"], r["steer_by"]) for r in rows] == [
+        (1, ""),
+        (2, "connection"),
+        (2, "address"),
+    ]
     for row in rows:
         assert row["conns_per_s"] > 0 and row["down_mbs"] > 0
         assert row["cpu_s_per_gib"] > 0
     # Each process's CPU is its own: the supervisor and both workers are listed.
     assert set(rows[1]["cpu_down"]) == {"client", "supervisor", "worker 0", "worker 1"}
-    assert "| 2 |" in workers_bench.render(rows)
+    rendered = workers_bench.render(rows)
+    assert "| 1 |" in rendered and "| 2 (connection) |" in rendered, rendered
+    assert "| 2 (address) |" in rendered, rendered

@@ -77,6 +77,8 @@ def test_listen_spec_errors_name_the_problem(text: str, reason: str) -> None:
         ("wss://vpn.example.net", "wss://vpn.example.net:443"),
         ("ws://127.0.0.1", "ws://127.0.0.1:80"),
         ("wss://[::1]:8443", "wss://[::1]:8443"),
+        # An explicit 0 stays 0 (it once read as "no port" and dialled 80/443 instead).
+        ("ws://127.0.0.1:0", "ws://127.0.0.1:0"),
     ],
 )
 def test_server_url_forms(text: str, expected: str) -> None:
@@ -89,8 +91,6 @@ def test_server_url_forms(text: str, expected: str) -> None:
         ("https://vpn.example.net", "scheme must be wss:// or ws://"),
         ("wss://:8443", "no host"),
         ("wss://vpn.example.net:99999", "out of range"),
-        # urlsplit says 0, which once read as "no port" and dialled 80/443 instead.
-        ("ws://127.0.0.1:0", "port 0 is not a server's port"),
     ],
 )
 def test_server_url_errors_say_what_is_wrong(text: str, reason: str) -> None:

@@ -397,6 +397,13 @@ def cases(d: Path) -> list[Case]:
             lambda cc: cc.handshake_timeout,
         ),
         c(
+            "--idle-timeout",
+            "idle_timeout",
+            ["--idle-timeout", "0"],
+            0,
+            lambda cc: cc.idle_timeout,
+        ),
+        c(
             "--max-connections-per-address",
             "max_connections_per_address",
             ["--max-connections-per-address", "7"],
@@ -591,6 +598,13 @@ def cases(d: Path) -> list[Case]:
             lambda sc: sc.handshake_timeout,
         ),
         s(
+            "--idle-timeout",
+            "idle_timeout",
+            ["--idle-timeout", "600"],
+            600,
+            lambda sc: sc.idle_timeout,
+        ),
+        s(
             "--max-connections-per-address",
             "max_connections_per_address",
             ["--max-connections-per-address", "9"],
@@ -612,6 +626,20 @@ def cases(d: Path) -> list[Case]:
             lambda sc: sc.max_pending_opens,
         ),
         s(
+            "--lookup-timeout",
+            "lookup_timeout",
+            ["--lookup-timeout", "2.5"],
+            2.5,
+            lambda sc: sc.lookup_timeout,
+        ),
+        s(
+            "--max-lookups-per-address",
+            "max_lookups_per_address",
+            ["--max-lookups-per-address", "4"],
+            4,
+            lambda sc: sc.max_lookups_per_address,
+        ),
+        s(
             "--reverse-bind",
             "reverse_binds",
             ["--reverse-bind", "10.0.0.0/8"],
@@ -631,6 +659,13 @@ def cases(d: Path) -> list[Case]:
             ["--workers", "3"],
             3,
             lambda sc: sc.workers,
+        ),
+        s(
+            "--steer-by",
+            "steer_by",
+            ["--steer-by", "connection"],
+            "connection",
+            lambda sc: sc.steer_by,
         ),
         s(
             "--allow-anonymous",

@@ -32,6 +32,8 @@ LAYERS: list[set[str]] = [
         "autovpn.stats",  # counters the relays write and the control API reads
         "autovpn.logs",  # log destinations, formats and redaction (the CLI configures them)
         "autovpn.limits",
+        "autovpn.idle",  # the idle timeout's sweep, for the relays of every layer above
+        "autovpn.reuseport",  # the workers' listening sockets and the program that steers them
     },
     {"autovpn.routing", "autovpn.policy"},
     {"autovpn.config"},

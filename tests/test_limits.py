@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import ssl
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +33,7 @@ from autovpn.limits import (
 from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.client import ClientSettings, TunnelClient
 from autovpn.tunnel.mux.server import ServerSettings, TunnelServer
-from autovpn.tunnel.tls import client_context
+from autovpn.tunnel.tls import client_context, server_context
 from autovpn.wire import socks5
 from tests.conftest import (
     SECRET,
@@ -43,6 +45,7 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
+from tests.tunnel.test_safe_defaults import native_request
 from tests.tunnel.wstunnel import wstunnel_peer as peer
 
 #: Every connection of these tests has its two ends in this process, and the engine's too.
@@ -288,6 +291,71 @@ def test_server_refuses_connections_past_max_connections_per_address(certs: Cert
             idle.append(await held_open(port, "127.0.0.3"))
             for w in idle:
                 w.close()
+
+    run(main())
+
+
+async def tls_upgrade(port: int, ca: Path, source: str) -> int:
+    """A TLS handshake from ``source``, then the native upgrade with the right secret: the
+    answer's status (0: closed before or during the handshake)."""
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            local_addr=(source, 0),
+            ssl=client_context(ca),
+            server_hostname="localhost",
+        )
+    except (ssl.SSLError, ConnectionError):
+        return 0
+    try:
+        writer.write(native_request(SECRET, port))
+        async with asyncio.timeout(10):
+            status = await reader.readline()
+        return int(status.split()[1]) if status else 0
+    finally:
+        writer.close()
+
+
+def test_server_counts_tls_handshakes_in_progress_per_address(certs: Certs) -> None:
+    """A TLS slowloris (connections that never finish their TLS handshake) holds connections
+    of its own address's allowance: the count starts at the TCP accept, not at the end of
+    the TLS handshake (asyncio's ``create_server(ssl=...)`` reports a connection only then)."""
+    limit = 4
+
+    async def main() -> None:
+        settings = ServerSettings(
+            "127.0.0.1",
+            0,
+            {"default": SECRET},
+            ssl_context=server_context(certs.cert, certs.key),
+            handshake_timeout=120,  # the slowloris outlives the test
+            max_connections_per_address=limit,
+        )
+        async with TunnelServer(settings) as server:
+            port = server.port
+            # Half of them send nothing, half a ClientHello's first bytes (a TLS record
+            # header that promises 512 bytes and never brings them).
+            idle = [await held_open(port, "127.0.0.3") for _ in range(limit // 2)]
+            for _ in range(limit - limit // 2):
+                writer = await held_open(port, "127.0.0.3")
+                writer.write(b"\x16\x03\x01\x02\x00\x01")
+                idle.append(writer)
+            await eventually(lambda: server.clients.count("127.0.0.3") == limit)
+            assert await closed_at_once(port, "127.0.0.3")  # the limit + 1st
+            assert await tls_upgrade(port, certs.ca, "127.0.0.3") == 0
+            assert server.clients.refused == 2
+            # Another address is served meanwhile, TLS handshake and upgrade.
+            assert await tls_upgrade(port, certs.ca, "127.0.0.4") == 101
+            # One of the slowloris's connections ends: its address may complete a handshake.
+            idle.pop().close()
+            await eventually(lambda: server.clients.count("127.0.0.3") < limit)
+            assert await tls_upgrade(port, certs.ca, "127.0.0.3") == 101
+            for w in idle:
+                w.close()
+            # Every connection ended, so nothing is counted any more (TLS or not, upgraded
+            # or not: the count follows the connection from TCP to TLS to the tunnel).
+            await eventually(lambda: len(server.clients) == 0)
 
     run(main())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,66 @@ def test_a_traceback_is_one_record(tmp_path: Path, fmt: str) -> None:
             logs._installed.close()
             logs._installed = None
         root.setLevel(level)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_secret_in_an_access_field_is_replaced_in_the_line_and_its_keys(
+    tmp_path: Path, fmt: str
+) -> None:
+    """The filter searches a line's text and its access fields at once (one search per
+    secret): a secret in a field that the message does not show is still found and replaced,
+    and a line without one is written as it came."""
+    root = logging.getLogger()
+    level = root.level
+    secret = "field-secret-5c0ffee1"
+    try:
+        handler = logs.configure("info", fmt=fmt, file=tmp_path / "s.log")
+        logs.redact(secret)
+        access = logging.getLogger("autovpn.access")
+        access.info("clean %s", "line", extra={"access": {"host": "a.test", "bytes_up": 1}})
+        access.info("dirty", extra={"access": {"detail": f"refused for {secret}", "port": 2}})
+        access.info("%s in the message", secret, extra={"access": {"host": "b.test"}})
+        handler.flush()
+        text = (tmp_path / "s.log").read_text()
+        assert secret not in text and "clean line" in text
+        if fmt == "json":
+            clean, dirty, message = [json.loads(line) for line in text.splitlines()]
+            assert clean["host"] == "a.test" and clean["bytes_up"] == 1
+            assert dirty["detail"] == f"refused for {logs.REDACTED}" and dirty["port"] == 2
+            assert message["message"] == f"{logs.REDACTED} in the message"
+    finally:
+        if logs._installed is not None:
+            root.removeHandler(logs._installed)
+            logs._installed.close()
+            logs._installed = None
+        root.setLevel(level)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_log_file_that_is_not_a_regular_file_is_never_rotated(tmp_path: Path) -> None:
+    """``--log-file`` may name a FIFO (or /dev/stderr): its size says nothing, and renaming
+    it would take it from its reader."""
+    root = logging.getLogger()
+    level = root.level
+    (tmp_path / "logs").mkdir()
+    fifo = tmp_path / "logs" / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # before the writer, which then opens
+    try:
+        handler = logs.configure("info", file=fifo, max_bytes=100, backups=2)
+        for i in range(20):
+            logging.getLogger("autovpn").warning("line %d of a FIFO log", i)
+        handler.flush()
+        got = os.read(reader, 1 << 16).decode()
+        assert got.count("of a FIFO log") == 20
+        assert [p.name for p in fifo.parent.iterdir()] == ["log.fifo"]
+    finally:
+        if logs._installed is not None:
+            root.removeHandler(logs._installed)
+            logs._installed.close()
+            logs._installed = None
+        root.setLevel(level)
+        os.close(reader)
 
 
 def test_the_config_file_has_the_log_and_stats_keys(tmp_path: Path) -> None:

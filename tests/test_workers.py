@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from autovpn import reuseport
 from autovpn.config import ServerURL, parse_config
 from autovpn.engine import Engine
-from autovpn.workers import Backoff, plan, sum_workers
+from autovpn.monitor.api import request
+from autovpn.workers import Backoff, FleetTotals, plan
 from tests.conftest import (
     SECRET,
     Certs,
@@ -35,6 +37,7 @@ from tests.conftest import (
     socks_port,
     tcp_server,
 )
+from tests.monitor.test_metrics import Samples, key, samples
 from tests.server_process import ServerProcess, autovpn_server
 
 linux_only = pytest.mark.skipif(
@@ -91,14 +94,84 @@ def test_the_workers_key_is_checked(tmp_path: Path) -> None:
     assert [(e.key, e.reason) for e in errors] == [("server.workers", "must be between 1 and 256")]
 
 
-def test_the_status_sums_the_workers_counters() -> None:
-    one = {"server": {"connections": 2, "streams_open": 1, "udp": {"flows": 1}, "x": None}}
-    two = {"server": {"connections": 3, "streams_open": 0, "udp": None}}
-    assert sum_workers([one, None, two]) == {
-        "connections": 5,
-        "streams_open": 1,
-        "udp": {"flows": 1},
+def _worker_status(opened: int, conns: int, up: int, is_open: int = 0) -> dict[str, Any]:
+    """A worker's /status, as much of it as the sums read."""
+    figures = {"open": is_open, "total": opened, "bytes_up": up, "bytes_down": 2 * up}
+    return {
+        "server": {
+            "connections": conns,
+            "streams_open": is_open,
+            "streams_opened": opened,
+            "udp": {"datagrams_in": opened},
+            "x": None,
+        },
+        "stats": {
+            "since": 1.0,
+            "listeners": {"tunnel": {**figures, "failures": {"connection_refused": 1}}},
+            "users": {"default": {**figures, "failures": {}}},
+            "routes": {},
+            "servers": {},
+            "domains": {},
+            "open": is_open,
+            "connections": [{"host": f"h{opened}", "bytes_up": up, "bytes_down": 0}],
+            "recent_failures": [{"time": float(opened), "reason": "connection_refused"}],
+            "health": {},
+        },
     }
+
+
+def test_the_sums_of_the_workers_counters_never_go_down() -> None:
+    """A worker that does not answer keeps its counters in the sums (not its levels); one
+    that dies keeps the counters last seen of it; its replacement starts from 0."""
+    fleet = FleetTotals(clock=lambda: 100.0)
+    a, b = _worker_status(3, 2, 1000, is_open=1), _worker_status(5, 4, 500)
+    fleet.seen(0, 11, a)
+    fleet.seen(1, 22, b)
+    server, stats = fleet.sums([a, b])
+    assert server == {
+        "connections": 6,
+        "streams_open": 1,
+        "streams_opened": 8,
+        "udp": {"datagrams_in": 8},
+    }
+    assert stats is not None and stats["since"] == 100.0
+    assert stats["listeners"]["tunnel"] == {
+        "open": 1,
+        "total": 8,
+        "bytes_up": 1500,
+        "bytes_down": 3000,
+        "failures": {"connection_refused": 2},
+    }
+    assert [c["worker"] for c in stats["connections"]] == [0, 1]  # the busiest first
+    assert [f["worker"] for f in stats["recent_failures"]] == [0, 1]  # the oldest first
+    # Worker 1 does not answer this time: its counts stay, its open connections do not.
+    server, stats = fleet.sums([a, None])
+    assert (server["streams_opened"], server["connections"]) == (8, 2)
+    assert stats is not None and stats["users"]["default"]["bytes_up"] == 1500
+    # Worker 0 dies; its replacement starts from nothing.
+    fleet.exited(0, 11)
+    fleet.exited(0, 99)  # not the process it knows: nothing happens
+    fresh = _worker_status(0, 0, 0)
+    fleet.seen(0, 12, fresh)
+    server, stats = fleet.sums([fresh, b])
+    assert (server["streams_opened"], server["connections"], server["streams_open"]) == (8, 4, 0)
+    assert stats is not None and stats["listeners"]["tunnel"]["total"] == 8
+    assert stats["listeners"]["tunnel"]["open"] == 0
+    # Every worker gone at once: the counters stay, the levels are 0 (not missing).
+    fleet.exited(0, 12)
+    fleet.exited(1, 22)
+    server, stats = fleet.sums([None, None])
+    assert server == {
+        "connections": 0,
+        "streams_open": 0,
+        "streams_opened": 8,
+        "udp": {"datagrams_in": 8},
+    }
+    assert stats is not None and stats["users"]["default"]["open"] == 0
+    assert stats["users"]["default"]["bytes_down"] == 3000
+    # Statistics off in the workers: no ``stats`` in the sums either.
+    bare = {"server": {"connections": 1}, "stats": None}
+    assert FleetTotals().sums([bare]) == ({"connections": 1, "streams_open": 0}, None)
 
 
 # -- real processes --------------------------------------------------------------------------
@@ -145,6 +218,25 @@ async def _cli_status(state: Path) -> str:
     return out.decode()
 
 
+async def _scrape(server: ServerProcess) -> Samples:
+    """The supervisor's /metrics, read by prometheus_client's own parser."""
+    async with asyncio.timeout(20):
+        reply = await request(server.control, "GET", "/metrics")
+    assert reply.status == 200, reply
+    return samples(reply.body.decode())
+
+
+async def _scrape_until(server: ServerProcess, name: str, value: float, **labels: str) -> Samples:
+    """Scrapes until ``name{labels}`` reads ``value`` (the workers count a stream's bytes as
+    they move, and its end a moment after the client's)."""
+    got: Samples = {}
+    async with asyncio.timeout(30):
+        while got.get(key(name, **labels)) != value:
+            got = await _scrape(server)
+            await asyncio.sleep(0.05)
+    return got
+
+
 async def _connections_per_worker(server: ServerProcess, total: int) -> list[int]:
     """Each worker's tunnel connections, once every worker answered and they add up to
     ``total``."""
@@ -160,14 +252,18 @@ async def _connections_per_worker(server: ServerProcess, total: int) -> list[int
 
 
 @linux_only
-def test_two_workers_share_the_port_and_a_pool_lands_on_both(certs: Certs, tmp_path: Path) -> None:
-    """16 pool connections from distinct source ports: the kernel's hash puts them all on one
-    of two workers with probability 2 x 2^-16."""
+@pytest.mark.parametrize("steer_by", ["connection", "address"])
+def test_two_workers_share_the_port_and_a_pool_lands_as_steered(
+    certs: Certs, tmp_path: Path, steer_by: str
+) -> None:
+    """By connection: 16 pool connections from distinct source ports land on both of two
+    workers (all on one with probability 2 x 2^-16).  By address (the default): all on the
+    worker of 127.0.0.1's slot."""
     pool = 16
 
     async def main() -> None:
         async with (
-            autovpn_server(certs, tmp_path, "--workers", "2") as server,
+            autovpn_server(certs, tmp_path, "--workers", "2", "--steer-by", steer_by) as server,
             tcp_server(echo_handler) as echo,
         ):
             pids = server.worker_pids
@@ -175,12 +271,19 @@ def test_two_workers_share_the_port_and_a_pool_lands_on_both(certs: Certs, tmp_p
             assert [_parent_of(p) for p in pids] == [server.pid, server.pid]
             # What each worker would say at start, worker 0 says once for all.
             assert server.text().count("tunnel server listening on") == 1, server.text()
+            assert f"SO_REUSEPORT, by client {steer_by}; worker pids" in server.text()
             cfg = engine_config(certs, server=False, server_port=server.port, pool_size=pool)
             async with Engine(cfg) as eng:
                 per_worker = await _connections_per_worker(server, pool)
-                assert sum(per_worker) == pool and min(per_worker) >= 1, per_worker
+                assert sum(per_worker) == pool, per_worker
+                if steer_by == "connection":
+                    assert min(per_worker) >= 1, per_worker
+                else:
+                    home = reuseport.slot("127.0.0.1", 0, 2)
+                    assert per_worker[home] == pool, per_worker
                 status = await server.status()
                 assert [w["pid"] for w in status["workers"]] == pids
+                assert status["steering"] == f"by client {steer_by}"
                 # One stream at a time takes each connection in turn: the 16 streams ran on
                 # the 16 connections, so each worker opened one per connection it holds.
                 for _ in range(pool):
@@ -298,9 +401,10 @@ def test_a_killed_supervisor_leaves_no_worker_serving(certs: Certs, tmp_path: Pa
 
 
 @linux_only
-def test_a_worker_that_cannot_listen_fails_the_start(certs: Certs, tmp_path: Path) -> None:
-    """Another program holds the port (without SO_REUSEPORT): no worker can bind, and the
-    supervisor exits with an error instead of starting them again and again."""
+def test_a_taken_port_fails_the_start(certs: Certs, tmp_path: Path) -> None:
+    """Another program holds the port (without SO_REUSEPORT): the supervisor, which opens
+    the workers' sockets, cannot bind it and exits with the error (naming the holder) before
+    any worker starts."""
     port = free_port()
 
     async def main() -> None:
@@ -311,6 +415,105 @@ def test_a_worker_that_cannot_listen_fails_the_start(certs: Certs, tmp_path: Pat
                 async with autovpn_server(certs, tmp_path, "--workers", "2", port=port):
                     pass
         text = str(failed.value)
-        assert "did not start" in text and f"127.0.0.1:{port}" in text, text
+        assert f"tunnel server cannot bind 127.0.0.1:{port}: port in use by pid {os.getpid()}" in (
+            text
+        ), text
+        assert "worker" not in text, text
+
+    run(main())
+
+
+@linux_only
+def test_the_supervisors_metrics_sum_the_workers_across_a_restart(
+    certs: Certs, tmp_path: Path
+) -> None:
+    """A scraper pointed at ``server --workers 2`` sees the families a single server has,
+    summed over the workers (and per worker); a worker killed and started again takes its
+    open connections away but not its counts: no summed counter goes down."""
+    pool = 16
+    sizes = [1000 + 100 * i for i in range(pool)]
+
+    async def main() -> None:
+        async with (
+            # One client address: steered by connection, or its pool would all be on one worker.
+            autovpn_server(
+                certs, tmp_path, "--workers", "2", "--steer-by", "connection"
+            ) as server,
+            tcp_server(echo_handler) as echo,
+        ):
+            cfg = engine_config(certs, server=False, server_port=server.port, pool_size=pool)
+            async with Engine(cfg) as eng:
+                per_worker = await _connections_per_worker(server, pool)
+                assert min(per_worker) >= 1, per_worker  # both workers carry traffic
+                for size in sizes:  # one stream on each pool connection in turn
+                    reader, writer = await socks_open(socks_port(eng), "127.0.0.1", echo)
+                    writer.write(b"z" * size)
+                    await reader.readexactly(size)
+                    writer.close()
+                    await writer.wait_closed()
+                sent = sum(sizes)
+                got = await _scrape_until(
+                    server, "autovpn_listener_connections_open", 0, listener="tunnel"
+                )
+                got = await _scrape_until(
+                    server, "autovpn_user_bytes_total", sent, user="default", direction="down"
+                )
+                assert got[key("autovpn_info", mode="global", version="0.1.0")] == 1
+                tunnel = {"listener": "tunnel"}
+                user = {"user": "default"}
+                assert got[key("autovpn_listener_connections_total", **tunnel)] == pool
+                for way in ("up", "down"):
+                    assert got[key("autovpn_listener_bytes_total", direction=way, **tunnel)] == sent
+                    assert got[key("autovpn_user_bytes_total", direction=way, **user)] == sent
+                assert got[key("autovpn_user_connections_total", **user)] == pool
+                assert got[key("autovpn_server_streams_opened_total")] == pool
+                assert got[key("autovpn_server_tunnel_connections")] == pool
+
+                # Per worker: each answered, the parts add up to the sums.
+                def each(name: str, **labels: str) -> list[float]:
+                    return [got[key(name, worker=w, **labels)] for w in ("0", "1")]
+
+                assert each("autovpn_worker_up") == [1, 1]
+                assert each("autovpn_worker_restarts_total") == [0, 0]
+                # One stream per pool connection: each worker opened as many as it holds.
+                assert each("autovpn_worker_streams_opened_total") == per_worker
+                assert each("autovpn_worker_tunnel_connections") == per_worker
+                moved = each("autovpn_worker_bytes_total", direction="up")
+                assert sum(moved) == sent and min(moved) > 0
+
+                # Worker 0 dies, and is started again (its back-off is 0.5 s).
+                first = server.worker_pids[0]
+                os.kill(first, signal.SIGKILL)
+                async with asyncio.timeout(30):
+                    while True:
+                        status = await server.status()
+                        w0 = status["workers"][0]
+                        if w0["pid"] not in (first, None) and "error" not in w0:
+                            break
+                        await asyncio.sleep(0.1)
+                after = await _scrape(server)
+                assert after[key("autovpn_worker_restarts_total", worker="0")] == 1
+                assert after[key("autovpn_worker_streams_opened_total", worker="0")] == 0
+                for name, labels in (
+                    ("autovpn_listener_connections_total", tunnel),
+                    ("autovpn_listener_bytes_total", {"direction": "up", **tunnel}),
+                    ("autovpn_user_bytes_total", {"direction": "down", "user": "default"}),
+                    ("autovpn_server_streams_opened_total", {}),
+                ):
+                    assert after[key(name, **labels)] == got[key(name, **labels)], name
+                # /status says the same as /metrics.
+                assert status["server"]["streams_opened"] == pool
+                assert status["stats"]["listeners"]["tunnel"]["bytes_up"] == sent
+
+                # Traffic after the restart adds to the sums.
+                await eventually(lambda: eng.tunnel is not None and eng.tunnel.up, within=20)
+                await _connections_per_worker(server, pool)
+                for _ in range(4):
+                    await _echo_through(eng, echo)  # 4 bytes each way
+                got = await _scrape_until(
+                    server, "autovpn_listener_bytes_total", sent + 16, direction="down", **tunnel
+                )
+                assert got[key("autovpn_listener_connections_total", **tunnel)] == pool + 4
+                assert got[key("autovpn_server_streams_opened_total")] == pool + 4
 
     run(main())

@@ -71,8 +71,8 @@ from autovpn.monitor.metrics import exposition
 from autovpn.ports import AUTO_PORT_TRIES, bind_error, port_holder, port_in_use
 from autovpn.proxy.listener import ListenerKind, ProxyListener
 from autovpn.routing.dns import Resolution, SplitResolver
-from autovpn.routing.pac import render_pac
-from autovpn.routing.router import Mode, Router
+from autovpn.routing.pac import render_pac, unportable_regexes
+from autovpn.routing.router import Action, Mode, Router
 
 __all__ = [
     "EngineView",
@@ -160,6 +160,7 @@ class PacCache:
         self._files: dict[tuple[object, ...], PacFile] = {}
         self.generations = 0
         self.clock = clock
+        self._told: set[int] = set()  # routers whose unportable regexes were logged
 
     def get(self, engine: EngineView, mode: Mode) -> PacFile:
         http_port, socks_port = _proxy_ports(engine)
@@ -169,6 +170,9 @@ class PacCache:
         key = (mode, id(router), router.default, http_port, socks_port)
         pac = self._files.get(key)
         if pac is None:
+            if mode is Mode.SMART and id(router) not in self._told:
+                self._told.add(id(router))
+                _tell_unportable(router)
             text = render_pac(router, mode, http_port=http_port, socks_port=socks_port).encode()
             etag = '"' + hashlib.sha256(text).hexdigest()[:32] + '"'
             pac = PacFile(text, etag, float(int(self.clock())))
@@ -179,6 +183,20 @@ class PacCache:
             self._files[key] = pac
             self.generations += 1
         return pac
+
+
+def _tell_unportable(router: Router) -> None:
+    """One line per regex rule the smart PAC cannot evaluate in a browser (its file says it
+    too, in a comment): the user may want to write it in the syntax both share."""
+    for rule in unportable_regexes(router):
+        log.warning(
+            "PAC: regex %r (%s) has no JavaScript equivalent: %s",
+            rule.value,
+            rule.source,
+            "left out of the PAC (the engine still applies it)"
+            if rule.action is Action.DIRECT
+            else "the PAC sends every host that reaches it to the engine, which applies it",
+        )
 
 
 def _proxy_ports(engine: EngineView) -> tuple[int, int]:
@@ -318,18 +336,16 @@ class ControlAPI:
         #: This engine's record in the state directory while it runs (``monitor/engines.py``).
         self.record: EngineRecord | None = None
         self.pacs = PacCache()
-        self._exposition = exposition(self._status_now)
+        self._exposition = exposition()
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
 
-    def _status_now(self) -> dict[str, object]:
-        """The status for a scrape, which is synchronous: a supervisor of workers gathers its
-        status over the network, so its /metrics has no counters yet (its /status sums them)."""
+    async def _status_now(self) -> dict[str, object]:
+        """The engine's status; awaited where it is gathered (a supervisor asks its workers:
+        /status and /metrics then answer their sums)."""
         status = self.engine.status()
         if inspect.isawaitable(status):
-            if inspect.iscoroutine(status):
-                status.close()
-            return {}
+            status = await status
         return status
 
     @property
@@ -457,10 +473,7 @@ class ControlAPI:
     # -- routes ----------------------------------------------------------------------------
 
     async def _status(self, request: web.Request) -> Response:
-        status = self.engine.status()
-        if inspect.isawaitable(status):
-            status = await status
-        return web.json_response(status, dumps=_dumps_indented)
+        return web.json_response(await self._status_now(), dumps=_dumps_indented)
 
     async def _dashboard(self, request: web.Request) -> Response:
         page = _static("dashboard.html").replace(b"{{PAGE_TOKEN}}", self.page_token.encode())
@@ -479,7 +492,7 @@ class ControlAPI:
 
     async def _metrics(self, request: web.Request) -> Response:
         # Read-only, no token (a scraper has none): the Host guard still applies.
-        body = self._exposition()
+        body = self._exposition(await self._status_now())
         return Response(body=body, headers={"Content-Type": METRICS_TYPE})
 
     async def _get_mode(self, request: web.Request) -> Response:

@@ -1,8 +1,11 @@
 """``GET /metrics``: the engine's counters in Prometheus's text exposition format.
 
-A custom collector reads the engine's status (``EngineView.status()``: the counters of
-``autovpn.stats`` and of the parts) when a scraper asks, and nothing else: the hot path makes
-no Prometheus call at all, and an engine nobody scrapes pays nothing for this.
+A custom collector renders the engine's status (``EngineView.status()``: the counters of
+``autovpn.stats`` and of the parts), which the control API gathers when a scraper asks, and
+nothing else: the hot path makes no Prometheus call at all, and an engine nobody scrapes pays
+nothing for this.  The status of ``autovpn server --workers N``'s supervisor is gathered from
+its workers (``autovpn.workers``): the same families, summed, and a few per worker
+(``autovpn_worker_*``, label ``worker``).
 
 Names follow Prometheus's conventions: ``autovpn_`` prefix, counters end in ``_total``,
 units in the name (``_bytes``, ``_seconds``), one family per measure with the group in a
@@ -38,14 +41,14 @@ def _dict(value: object) -> Mapping[str, Any]:
 
 
 class EngineCollector(Collector):
-    """Reads ``status()`` (a zero-argument callable returning the ``GET /status`` object) at
-    each scrape."""
+    """Renders ``status`` (the ``GET /status`` object), set before each scrape (``exposition``:
+    the status may have to be awaited, which a collector cannot do)."""
 
-    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
-        self._status = status
+    def __init__(self) -> None:
+        self.status: Mapping[str, Any] = {}
 
     def collect(self) -> Iterator[Metric]:
-        st = self._status()
+        st = self.status
         info = GaugeMetricFamily(
             "autovpn_info", "the engine's version and routing mode", labels=["version", "mode"]
         )
@@ -59,6 +62,7 @@ class EngineCollector(Collector):
         yield from self._tunnel(st.get("tunnel"))
         yield from self._server(st.get("server"))
         yield from self._udp(st.get("udp_relays"))
+        yield from self._workers(st.get("workers"))
 
     @staticmethod
     def _groups(stats: Mapping[str, Any]) -> Iterator[Metric]:
@@ -195,9 +199,63 @@ class EngineCollector(Collector):
         yield from (datagrams, dropped)
 
 
-def exposition(status: Callable[[], Mapping[str, Any]]) -> Callable[[], bytes]:
-    """A function that renders the exposition text, with its own registry (never the
-    process-wide one: an embedding program's metrics are its own)."""
+    @staticmethod
+    def _workers(workers: object) -> Iterator[Metric]:
+        """A supervisor's workers, by index (``worker``; not the pid, which a restart
+        changes).  A worker's own counters start again at 0 when it is restarted, which
+        ``rate()`` takes for a counter reset of that series; the families above are the sums,
+        which keep an exited worker's last counts (``workers.FleetTotals``)."""
+        if not isinstance(workers, list):
+            return
+        up = GaugeMetricFamily(
+            "autovpn_worker_up", "1 when the worker answered the supervisor", labels=["worker"]
+        )
+        restarts = CounterMetricFamily(
+            "autovpn_worker_restarts", "times the supervisor started the worker again",
+            labels=["worker"],
+        )
+        conns = GaugeMetricFamily(
+            "autovpn_worker_tunnel_connections",
+            "tunnel connections to the worker",
+            labels=["worker"],
+        )
+        opened = CounterMetricFamily(
+            "autovpn_worker_streams_opened",
+            "streams the worker dialled, since it started",
+            labels=["worker"],
+        )
+        moved = CounterMetricFamily(
+            "autovpn_worker_bytes",
+            "bytes the worker relayed, since it started (up: from the clients)",
+            labels=["worker", "direction"],
+        )
+        for worker in workers:
+            name = [str(worker.get("index", ""))]
+            server = worker.get("server")
+            up.add_metric(name, 0 if "error" in worker or server is None else 1)
+            restarts.add_metric(name, worker.get("restarts", 0))
+            if isinstance(server, dict):
+                conns.add_metric(name, server.get("connections", 0))
+                opened.add_metric(name, server.get("streams_opened", 0))
+            if "bytes_up" in worker:
+                moved.add_metric([*name, "up"], worker["bytes_up"])
+                moved.add_metric([*name, "down"], worker["bytes_down"])
+        yield from (up, restarts, conns, opened, moved)
+
+
+def exposition() -> Callable[[Mapping[str, Any]], bytes]:
+    """A function that renders a status as the exposition text, with its own registry (never
+    the process-wide one: an embedding program's metrics are its own)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(status))
-    return lambda: generate_latest(registry)
+    collector = EngineCollector()
+    registry.register(collector)
+
+    def render(status: Mapping[str, Any]) -> bytes:
+        # Synchronous from here to the end: no other scrape can set another status meanwhile.
+        collector.status = status
+        try:
+            return generate_latest(registry)
+        finally:
+            collector.status = {}
+
+    return render

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from autovpn.config import IDLE_TIMEOUT
 from autovpn.errors import InvalidHostName, ResetReason, StreamError
+from autovpn.idle import IdleSweep
 from autovpn.net import check_host_name, reset_reason_for
 from autovpn.proxy.relay import Pipe, abort_all, link
 from autovpn.routing.router import Action, Decision, Router
@@ -133,6 +135,9 @@ class Dialer:
     ``fallback_direct``: true while smart mode's default route should go DIRECT because every
     tunnel server is down (``client.fallback_direct_after``); never for a rule or a list.
 
+    A DIRECT relay in which no byte moved either way for ``idle_timeout`` seconds is reset
+    (``autovpn.idle``; 0: never); tunnelled streams have their tunnel's own sweep.
+
     With ``stats``, each connection is a ``Flow`` (``autovpn.stats``) from the routing decision
     to its end, whose end writes the access log line.  Without, the access log has the
     decision only.
@@ -151,6 +156,7 @@ class Dialer:
         retry_backoff: float = 0.1,
         fallback_direct: Callable[[], bool] | None = None,
         stats: Stats | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.router = router
         self.stats = stats
@@ -164,6 +170,7 @@ class Dialer:
         self.fallback_direct = fallback_direct
         self.counts = {Action.DIRECT: 0, Action.PROXY: 0, Action.REJECT: 0}
         self.pipes: set[Pipe] = set()  # live DIRECT relays, ended by ``close``
+        self.idle = IdleSweep(idle_timeout, lambda: self.pipes, "direct connections")
 
     async def connect(
         self, host: str, port: int, early: bytes = b"", *, client: str = "", via: str = ""
@@ -190,6 +197,7 @@ class Dialer:
                 mode=decision.mode,
             )
         self.counts[decision.action] += 1
+        route = action.value  # once: an enum's value is a property, not a plain attribute
         # The decision as it is made: the access log's line without statistics, a debug line
         # with them (the access line, with bytes and result, is written at the end).
         (log if self.stats is None else route_log).log(
@@ -199,7 +207,7 @@ class Dialer:
             client,
             host,
             port,
-            action.value,
+            route,
             decision.reason,
         )
         if self.stats is None:
@@ -209,7 +217,7 @@ class Dialer:
             client=client,
             host=host,
             port=port,
-            route=action.value,
+            route=route,
             rule=decision.reason,
         )
         try:
@@ -235,6 +243,7 @@ class Dialer:
 
     def close(self) -> None:
         """End the DIRECT relays (tunnelled streams end with their tunnel)."""
+        self.idle.close()
         abort_all(self.pipes)
 
     async def _direct(self, host: str, port: int, early: bytes) -> _DirectUpstream:
@@ -253,6 +262,7 @@ class Dialer:
         loop = asyncio.get_running_loop()
         local, remote = Pipe(), Pipe(self.pipes)
         link(local, remote)
+        self.idle.start()  # armed once, by the first connection
         remote.early = early
         literal = parse_ip(normalize_host(host)) is not None
         try:
@@ -280,8 +290,14 @@ class Dialer:
                     except BaseException:
                         sock.close()
                         raise
-        except (OSError, TimeoutError) as exc:
-            raise StreamError(reset_reason_for(exc), str(exc) or type(exc).__name__) from exc
+        except BaseException as exc:
+            # Never connected: no connection_lost will take it out of the live relays.
+            self.pipes.discard(remote)
+            if remote.transport is not None:  # connected, then cancelled: no one to relay
+                remote.transport.abort()
+            if isinstance(exc, OSError | TimeoutError):
+                raise StreamError(reset_reason_for(exc), str(exc) or type(exc).__name__) from exc
+            raise
         return _DirectUpstream(local)
 
 

@@ -6,6 +6,11 @@ router: the target is named from the server's point of view (``127.0.0.1:22`` is
 own sshd).  ``?proxy_protocol`` asks a wstunnel server for a PROXY v2 header (wstunnel protocol
 only).  ``stdio://`` bridges stdin/stdout to the tunnel through a socket pair, so the tunnel's
 relay code sees an ordinary socket, and stops the engine when the tunnel closes.
+
+Statistics: each connection is a ``Flow`` as a SOCKS5 connection is (``autovpn.stats``), with
+the listener ``tcp-forward``, ``unix-forward`` or ``stdio-forward``, the route ``proxy``, the
+forward itself (``-L tcp://...``) as its rule, and the tunnel server; its access log line is
+written at its end.
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from autovpn.errors import BindError, StreamError
 from autovpn.net import reset_transport
 from autovpn.ports import bind_error
-from autovpn.proxy.dialer import TunnelOpener, Upstream
-from autovpn.tunnel.wstunnel.client import WsUpstream
+from autovpn.proxy.dialer import MeteredUpstream, TunnelOpener, discard
+from autovpn.stats import Flow, Stats
 from autovpn.tunnel.wstunnel.servers import WstunnelServers
-from autovpn.wire import wstunnel
 
 if TYPE_CHECKING:
     from autovpn.config import ListenSpec
@@ -35,16 +39,50 @@ log = logging.getLogger("autovpn.forward")
 FORWARD_LISTENER_SCHEMES: Final = ("tcp", "unix", "stdio")
 
 
-async def open_forward(opener: TunnelOpener, spec: ListenSpec, early: bytes = b"") -> Upstream:
+#: The route of every forwarded connection: through the tunnel, whatever the rules say.
+ROUTE: Final = "proxy"
+
+
+def listener_name(spec: ListenSpec) -> str:
+    """The forward's listener name in the statistics: ``tcp-forward`` and so on."""
+    return f"{spec.scheme}-forward"
+
+
+def start_flow(stats: Stats | None, spec: ListenSpec, client: str) -> Flow | None:
+    """The record of one forwarded connection (None when statistics are off)."""
+    if stats is None:
+        return None
+    assert spec.target_host is not None and spec.target_port is not None
+    return stats.start(
+        listener=listener_name(spec),
+        client=client,
+        host=spec.target_host,
+        port=spec.target_port,
+        route=ROUTE,
+        rule=f"-L {spec}",
+    )
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed open's result, as the dialer names it: the reset reason, or the type."""
+    if isinstance(exc, StreamError):
+        return exc.reason.name.lower()
+    return type(exc).__name__
+
+
+async def open_forward(
+    opener: TunnelOpener, spec: ListenSpec, early: bytes = b""
+) -> MeteredUpstream:
     """Open the tunnel for one connection of ``spec`` (honouring ``?proxy_protocol``)."""
     assert spec.target_host is not None and spec.target_port is not None
     if isinstance(opener, WstunnelServers):
+        # Its refusals (an HTTP 400) become a StreamError there, as for the proxies: before,
+        # this opened the tunnel itself, and a refusal escaped the forward's handler,
+        # leaving its client's connection open with nothing behind it.
         proxy_protocol = spec.option("proxy_protocol") is not None
-        protocol = wstunnel.LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=proxy_protocol)
-        ws, _ = await opener.open_tunnel(protocol, spec.target_host, spec.target_port)
-        if early:
-            ws.send_data(early)
-        return WsUpstream(ws)
+        return await opener.open_upstream(
+            spec.target_host, spec.target_port, early, proxy_protocol=proxy_protocol
+        )
     return await opener.open_upstream(spec.target_host, spec.target_port, early)
 
 
@@ -52,12 +90,19 @@ class _Accepted(asyncio.Protocol):
     def __init__(self, listener: ForwardListener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport | None = None
+        self.flow: Flow | None = None  # the connection's record (``connection_made``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()
         self.early = bytearray()
         self.listener.accepted += 1
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            client = f"{peer[0]}:{peer[1]}"
+        else:  # a unix socket's client is unnamed: the socket's path says where it came in
+            client = self.listener.spec.host or "?"
+        self.flow = start_flow(self.listener.stats, self.listener.spec, client)
         self.listener.spawn(self._open(), "forward")
 
     def data_received(self, data: bytes) -> None:
@@ -68,17 +113,32 @@ class _Accepted(asyncio.Protocol):
 
     async def _open(self) -> None:
         assert self.transport is not None
+        flow = self.flow
         try:
-            upstream = await open_forward(self.listener.opener, self.listener.spec)
-            if self.early:
-                upstream = _EarlyUpstream(upstream, bytes(self.early))
+            upstream: MeteredUpstream = await open_forward(
+                self.listener.opener, self.listener.spec
+            )
         except (StreamError, OSError, TimeoutError) as exc:
             self.listener.failed += 1
-            log.info("forward %s: %s", self.listener.spec, exc)
+            if flow is not None:
+                flow.end(failure_reason(exc), str(exc))
+            else:  # without statistics no access line says it
+                log.info("forward %s: %s", self.listener.spec, exc)
             reset_transport(self.transport)  # no reply to give: a reset says it failed
             return
+        except BaseException as exc:  # cancelled (the engine closes): the record ends too
+            if flow is not None:
+                flow.end(type(exc).__name__)
+            raise
+        if flow is not None:
+            upstream.bind(flow)  # ended with the relay, as a SOCKS5 connection's
         if self.transport.is_closing():
+            # The client's socket closed while the tunnel opened: end the stream (and its
+            # record) rather than leave it open.
+            discard(upstream)
             return
+        if self.early:
+            upstream = _EarlyUpstream(upstream, bytes(self.early))
         upstream.attach(self.transport)
 
 
@@ -86,9 +146,12 @@ class _EarlyUpstream:
     """Attaches, then replays the bytes read before the tunnel was open through the attached
     protocol's own read path (so they are framed and flow-controlled like any read)."""
 
-    def __init__(self, upstream: Upstream, early: bytes) -> None:
+    def __init__(self, upstream: MeteredUpstream, early: bytes) -> None:
         self.upstream = upstream
         self.early = early
+
+    def bind(self, flow: Flow) -> None:
+        self.upstream.bind(flow)
 
     def attach(self, transport: asyncio.Transport) -> None:
         self.upstream.attach(transport)
@@ -109,9 +172,10 @@ class _EarlyUpstream:
 class ForwardListener:
     """``tcp://`` or ``unix://``: listen, and tunnel every connection to the fixed target."""
 
-    def __init__(self, spec: ListenSpec, opener: TunnelOpener) -> None:
+    def __init__(self, spec: ListenSpec, opener: TunnelOpener, stats: Stats | None = None) -> None:
         self.spec = spec
         self.opener = opener
+        self.stats = stats
         self.accepted = 0
         self.failed = 0
         self.kind = spec.scheme
@@ -169,10 +233,17 @@ class ForwardListener:
 class StdioForward:
     """``stdio://HOST:PORT``: stdin/stdout through the tunnel; ``on_done`` when it closes."""
 
-    def __init__(self, spec: ListenSpec, opener: TunnelOpener, on_done: Callable[[], None]):
+    def __init__(
+        self,
+        spec: ListenSpec,
+        opener: TunnelOpener,
+        on_done: Callable[[], None],
+        stats: Stats | None = None,
+    ) -> None:
         self.spec = spec
         self.opener = opener
         self.on_done = on_done
+        self.stats = stats
         self.kind = "stdio"
         self.host = ""
         self.bound_port = 0
@@ -196,12 +267,23 @@ class StdioForward:
         writer: asyncio.StreamWriter | None = None
         stdin_transport: asyncio.BaseTransport | None = None
         pump: asyncio.Task[None] | None = None
+        upstream: MeteredUpstream | None = None
+        attached = False
+        flow = start_flow(self.stats, self.spec, "stdio")
         try:
-            upstream = await open_forward(self.opener, self.spec)
+            try:
+                upstream = await open_forward(self.opener, self.spec)
+            except BaseException as exc:
+                if flow is not None:
+                    flow.end(failure_reason(exc), str(exc))
+                raise
+            if flow is not None:
+                upstream.bind(flow)
             transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, pair)
             theirs = None
             transport.pause_reading()
             upstream.attach(transport)
+            attached = True
             reader, writer = await asyncio.open_connection(sock=ours)
             stdin = asyncio.StreamReader()
             stdin_transport, _ = await loop.connect_read_pipe(
@@ -218,6 +300,8 @@ class StdioForward:
             target = f"{self.spec.target_host}:{self.spec.target_port}"
             log.error("stdio forward to %s: %s", target, exc)
         finally:
+            if upstream is not None and not attached:
+                discard(upstream)  # the tunnel's stream (and its record) ends, not leaked
             if pump is not None:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

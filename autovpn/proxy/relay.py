@@ -21,7 +21,18 @@ _READ_BUFFER: Final = memoryview(bytearray(256 * 1024))
 class Pipe(asyncio.BufferedProtocol):
     """One side of a direct relay.  Create both, then ``link`` them."""
 
-    __slots__ = ("transport", "peer", "eof", "closed", "early", "registry", "nread", "flow")
+    __slots__ = (
+        "transport",
+        "peer",
+        "eof",
+        "closed",
+        "early",
+        "registry",
+        "nread",
+        "flow",
+        "idle_mark",
+        "idle_since",
+    )
 
     def __init__(self, registry: set[Pipe] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -34,6 +45,9 @@ class Pipe(asyncio.BufferedProtocol):
         self.nread = 0  # bytes read from this side's socket (one addition per read)
         #: The connection's record (``autovpn.stats``), ended by whichever side is lost first.
         self.flow: Flow | None = None
+        #: For the idle sweep (``autovpn.idle``) of the registry's owner.
+        self.idle_mark = -1
+        self.idle_since = 0.0
         if registry is not None:
             registry.add(self)
 
@@ -59,6 +73,17 @@ class Pipe(asyncio.BufferedProtocol):
         """Bytes read by this side and by its peer (``autovpn.stats.Metered``)."""
         peer = self.peer
         return self.nread, 0 if peer is None else peer.nread
+
+    def activity(self) -> int:
+        """Bytes read by both sides (``autovpn.idle.Idler``): the counts already kept."""
+        peer = self.peer
+        return self.nread if peer is None else self.nread + peer.nread
+
+    def close_idle(self, quiet: float) -> None:
+        """Silent both ways for ``quiet`` seconds: reset both sockets (``autovpn.idle``)."""
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None and not side.closed:
+                reset_transport(side.transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_BUFFER

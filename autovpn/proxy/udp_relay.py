@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from autovpn.limits import address_key
 from autovpn.net import resolve_target
 from autovpn.ports import bind_error
 from autovpn.routing.router import Action, Router
@@ -308,7 +309,10 @@ class Socks5UdpAssociation(asyncio.DatagramProtocol):
     async def _resolve_and_send(self, host: str, port: int, payload: bytes) -> None:
         try:
             # resolve_target: a name getaddrinfo cannot even encode is an OSError there too.
-            addresses = await resolve_target(host, port, udp=True)
+            # Counted against the local client's address: its lookups wait for its own turns.
+            addresses = await resolve_target(
+                host, port, udp=True, client=address_key(str(self.client_host))
+            )
         except OSError:
             self.stats.dropped += 1
             return

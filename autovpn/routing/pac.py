@@ -18,20 +18,34 @@ In smart mode the user's rules come first, exactly as in ``Router.decide``.
 
 REJECT has no PAC spelling; a REJECT decision is sent to the engine's proxy, which rejects it.
 GEOIP rules cannot be evaluated without a database and are left out of the PAC (the engine
-still applies them).  Regexes should use the syntax common to Python and JavaScript; one that
-JavaScript cannot compile is skipped by the PAC.  Every string from users or lists reaches the
-JavaScript through ``json.dumps`` (with ``ensure_ascii``), so nothing can break out of a literal.
+still applies them).
+
+Regex rules are RE2's syntax (``autovpn.routing.regex``); the PAC ships each one as a JavaScript
+``RegExp`` only when ``js_regex`` can spell it so that it means the same in a browser: the
+syntax both share (literals, ``.``, classes without POSIX names or a leading ``]``, ``\\d \\w \\s
+\\b``, ``\\xHH``, escaped punctuation, groups, ``{n,m}`` repeats), with ``\\A``/``\\z`` written
+``^``/``$`` and named groups as plain ones.  Anything else (flags such as ``(?i)``, ``\\pL``,
+``[[:alpha:]]``, ``\\Q...\\E``, characters past U+FFFF) has no JavaScript spelling of the same
+meaning; such a rule is named in a comment at the top of the PAC file and ``unportable_regexes``
+lists it for the engine's start-up warning.  A DIRECT one is left out (a host it would match
+goes to the engine or DIRECT, and the engine decides DIRECT again); a PROXY or REJECT one
+becomes a match-all sending every host that reaches it to the engine, which applies the real
+rule: a browser never goes DIRECT where the engine would not.
+
+Every string from users or lists reaches the JavaScript through ``json.dumps`` (with
+``ensure_ascii``), so nothing can break out of a literal or a comment.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 
 from .router import LOCAL_NETWORKS, Action, Mode, Router
-from .rules import RuleSet
+from .rules import Rule, RuleSet
 
-__all__ = ["pac_answer", "proxy_string", "render_pac"]
+__all__ = ["js_regex", "pac_answer", "proxy_string", "render_pac", "unportable_regexes"]
 
 _CODE = {Action.DIRECT: 0, Action.PROXY: 1, Action.REJECT: 2}
 
@@ -74,13 +88,175 @@ def _v6_key(key: int, plen: int) -> str:
     return hexs[:whole] + tail
 
 
+# -- RE2 patterns as JavaScript -----------------------------------------------------------------
+
+# Escapes both dialects read alike: Perl classes, control characters, punctuation (RE2 allows
+# escaping any, JavaScript takes an identity escape for anything but a letter or digit).
+_SHARED_ESCAPES = frozenset("dDwWsStnrfv") | frozenset(
+    chr(c) for c in range(0x21, 0x7F) if not chr(c).isalnum()
+)
+_HEX2 = re.compile(r"[0-9a-fA-F]{2}")
+_HEX_BRACES = re.compile(r"\{([0-9a-fA-F]{1,6})\}")
+_REPEAT = re.compile(r"\{[0-9]+(?:,[0-9]*)?\}")
+_NAMED_GROUP = re.compile(r"\?P?<[A-Za-z_][A-Za-z0-9_]*>")
+
+
+def _js_escape(p: str, i: int, in_class: bool) -> tuple[str, int] | None:
+    """The escape at ``p[i]`` (just past a backslash) in JavaScript, and the index after it."""
+    c = p[i : i + 1]
+    if c in _SHARED_ESCAPES and c:
+        return "\\" + c, i + 1
+    if c == "x":
+        if _HEX2.match(p, i + 1):
+            return "\\" + p[i : i + 3], i + 3
+        m = _HEX_BRACES.match(p, i + 1)
+        if m and int(m[1], 16) <= 0xFFFF:
+            return f"\\u{int(m[1], 16):04x}", m.end()
+        return None
+    if not in_class and c in ("b", "B"):
+        return "\\" + c, i + 1  # a word boundary: ASCII word characters in both
+    if not in_class and c == "A":
+        return "^", i + 1  # no multi-line flag can be set (flags are not translated)
+    if not in_class and c == "z":
+        return "$", i + 1
+    return None  # \pN, \Q...\E, \C, octal, \a, \b in a class...
+
+
+def _js_class(p: str, i: int) -> tuple[str, int] | None:
+    """The class starting at ``p[i] == "["`` in JavaScript, and the index after it."""
+    out = ["["]
+    i += 1
+    if p[i : i + 1] == "^":
+        out.append("^")
+        i += 1
+    if p[i : i + 1] == "]":
+        return None  # RE2: a literal "]"; JavaScript: an empty class, then "]"
+    while i < len(p):
+        c = p[i]
+        if c == "]":
+            out.append("]")
+            return "".join(out), i + 1
+        if c == "[":
+            return None  # RE2's [:alpha:] names; a literal "[" is not worth telling apart
+        if c == "\\":
+            esc = _js_escape(p, i + 1, True)
+            if esc is None:
+                return None
+            out.append(esc[0])
+            i = esc[1]
+            continue
+        if not _one_unit(c):
+            return None
+        out.append(c)
+        i += 1
+    return None
+
+
+def js_regex(pattern: str) -> str | None:
+    """``pattern`` (RE2 syntax, already accepted by RE2) as a JavaScript ``RegExp`` source of
+    the same meaning on host names, or None when the two dialects would differ."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    assertion = False  # the last atom was ^ $ \\b \\B: RE2 repeats one, JavaScript refuses to
+    while i < n:
+        c = pattern[i]
+        if c in "*+?{" and assertion:
+            return None
+        assertion = False
+        if c == "\\":
+            esc = _js_escape(pattern, i + 1, False)
+            if esc is None:
+                return None
+            out.append(esc[0])
+            assertion = esc[0] in ("^", "$", "\\b", "\\B")
+            i = esc[1]
+        elif c == "[":
+            cls = _js_class(pattern, i)
+            if cls is None:
+                return None
+            out.append(cls[0])
+            i = cls[1]
+        elif c == "(":
+            if pattern.startswith("(?:", i):
+                out.append("(?:")
+                i += 3
+            elif pattern.startswith("(?", i):
+                m = _NAMED_GROUP.match(pattern, i + 1)
+                if m is None:
+                    return None  # flags: (?i), (?s:...), (?U)...
+                out.append("(")  # a name changes no match
+                i = m.end()
+            else:
+                out.append("(")
+                i += 1
+        elif c == "{":
+            m = _REPEAT.match(pattern, i)
+            if m is None or any(len(d) > 4 for d in re.findall("[0-9]+", m[0])):
+                # A literal "{" in RE2 (as is a count it cannot hold: {4294967296});
+                # JavaScript's reading depends on its mode.
+                return None
+            out.append(m[0])
+            i = m.end()
+        elif c in "]}":
+            out.append("\\" + c)  # literal in both; escaped, it cannot be misread
+            i += 1
+        elif not _one_unit(c):
+            return None
+        else:
+            out.append(c)
+            assertion = c in "^$"
+            i += 1
+    return "".join(out)
+
+
+def _one_unit(c: str) -> bool:
+    """Whether ``c`` is one character in RE2 (a code point of UTF-8) and one in JavaScript (a
+    UTF-16 unit): past U+FFFF it is two units there, and a lone surrogate is none here."""
+    o = ord(c)
+    return o <= 0xFFFF and not 0xD800 <= o <= 0xDFFF
+
+
+def unportable_regexes(router: Router) -> list[Rule]:
+    """The regex rules ``js_regex`` cannot spell: the PAC leaves each out (DIRECT) or sends
+    what reaches it to the engine (PROXY, REJECT).  The engine names them at start."""
+    tiers = (router.user_rules, *router.list_tiers)
+    return [rule for rs in tiers for p, rule in rs.regexes if js_regex(p.pattern) is None]
+
+
+def _regexes_js(rs: RuleSet) -> list[list[object]]:
+    out: list[list[object]] = []
+    for p, rule in rs.regexes:
+        js = js_regex(p.pattern)
+        if js is not None:
+            out.append([js, _CODE[rule.action]])
+        elif rule.action is not Action.DIRECT:
+            # What this rule matches cannot be told here: everything that reaches it goes to
+            # the engine, which decides with the rule itself.
+            out.append(["", _CODE[Action.PROXY]])
+            break  # nothing after a match-all is reached
+    return out
+
+
+def _unportable_comment(router: Router) -> str:
+    lines = [
+        f"// regex {_js(rule.value)} ({_js(str(rule.source))}): no JavaScript equivalent; "
+        + (
+            "left out (the engine applies it)"
+            if rule.action is Action.DIRECT
+            else "hosts reaching it go to the engine"
+        )
+        for rule in unportable_regexes(router)
+    ]
+    return "".join(line + "\n" for line in lines)
+
+
 def _tier_js(rs: RuleSet) -> str:
     obj: dict[str, object] = {
         "F": {k: _CODE[r.action] for k, r in rs.full.items()},
         "S": {k: _CODE[r.action] for k, r in rs.suffix.items()},
         "K": rs.keyword_re.pattern if rs.keyword_re is not None else "",
         "KA": {k: _CODE[r.action] for k, r in rs.keywords.items()},
-        "R": [[p.pattern, _CODE[r.action]] for p, r in rs.regexes],
+        "R": _regexes_js(rs),
         "I4L": rs.ipv4_lengths,
         "I4": {
             str(plen): {_v4_key(k, plen): _CODE[r.action] for k, r in rs.ipv4[plen].items()}
@@ -277,6 +453,7 @@ def render_pac(
     tiers = ",\n".join(_tier_js(rs) for rs in router.list_tiers)
     return (
         header
+        + _unportable_comment(router)
         + f"var ANSWER = {_js(answers)};\n"
         + f"var DEFAULT = {_CODE[router.default]};\n"
         + common

@@ -30,6 +30,8 @@ User rule syntax (``parse_user_rule``), one rule per string:
   ``port:25=reject``.  Without ``KIND:`` a domain is a domain-suffix and an address or network an
   ip-cidr: ``example.com=direct``, ``192.168.1.0/24=proxy``.  The value ends at the *last* ``=``.
 * Clash classical: ``DOMAIN-SUFFIX,example.com,PROXY`` (policy required: PROXY, DIRECT, REJECT).
+
+A ``regex`` value is RE2's syntax (``autovpn.routing.regex``), as in the lists.
 """
 
 from __future__ import annotations

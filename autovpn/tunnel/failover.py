@@ -13,10 +13,13 @@ gets the same choice, the same failover and the same messages from either.
   among servers of equal priority, spread by ``weight``.  When the best one comes back, new
   connections go to it again (fail-back); open ones stay where they are.
 - **Retries.** A connection that fails because of the tunnel (``StreamError.tunnel``: the
-  server was unreachable or lost, did not answer, or refused more streams) is tried again on
-  the next server, up to ``retries`` attempts in all, with a short backoff when the same
-  server is the only choice left.  A failure that comes from the destination is final: another
-  server would only dial the same target again.
+  server was unreachable or lost, did not answer, or refused it while closing) is tried again
+  on the next server, or on a new connection to the same one, up to ``retries`` attempts in
+  all, with a short backoff when the same server is the only choice left; but never when its
+  early data may already have reached the destination (``retry_kind``).  A connection refused
+  for a limit of the server's connection is tried only where another connection or server can
+  take it (``ServerSet.elsewhere``), else it fails at once with the reason.  A failure that
+  comes from the destination is final: another server would only dial the same target again.
 - **Fail fast.** When no server is up, a new connection waits only for a connection attempt
   under way or one it starts itself (``kick``), bounded by the connect timeout; once those
   failed it fails at once with ``TunnelUnavailable`` saying why, and a server that refused us
@@ -195,10 +198,27 @@ class Member(Generic[C]):
         self.was_up = False
 
 
-def retryable(exc: StreamError) -> bool:
-    """Whether another server could open this connection: the tunnel failed, or the server
-    refused more streams (shutting down, at its limit); not when the destination failed."""
-    return exc.tunnel or exc.reason is ResetReason.REFUSED_STREAM
+def retry_kind(exc: StreamError, early: bytes) -> str:
+    """Why opening the connection again may succeed without delivering anything twice, or ""
+    when the failure is final:
+
+    - ``draining``: the server refused it because the connection is closing (GOAWAY); a new
+      connection, or another server, takes it.
+    - ``limit``: the server refused it for a limit of that connection (streams open, opens
+      pending); another connection or server may take it, the same one would refuse again.
+    - ``tunnel``: the tunnel failed (lost, stalled, no answer) and nothing of the client's can
+      have reached the destination: the open never left us, or it carried no early data.
+
+    A tunnel failure after an open with early data left is final: the server may have dialled
+    and delivered those bytes before the failure, and a second open would deliver them again
+    (a request sent twice).  So is a failure of the destination itself (refused, unreachable,
+    the server's policy): another server would only dial the same target again.
+    """
+    if exc.reason is ResetReason.REFUSED_STREAM and not exc.tunnel:
+        return "draining" if exc.draining else "limit"
+    if exc.tunnel and (not exc.sent or not early):
+        return "tunnel"
+    return ""
 
 
 class ServerSet(Generic[C]):
@@ -325,16 +345,45 @@ class ServerSet(Generic[C]):
             public = "tunnel down: " + "; ".join(reasons)
         return TunnelUnavailable("; ".join(reasons), public=public, permanent=permanent)
 
-    async def open_retrying(self, host: str, port: int, open_on: Callable[[C], Awaitable[T]]) -> T:
+    def elsewhere(self, client: C) -> bool:
+        """Another server (or, in a protocol that has several, another connection of
+        ``client``'s) could take a connection ``client`` refused for a limit."""
+        return any(c.up for c in self.clients if c is not client)
+
+    async def open_retrying(
+        self,
+        host: str,
+        port: int,
+        open_on: Callable[[C], Awaitable[T]],
+        early: bytes = b"",
+    ) -> T:
         """``open_on(server)`` on the best server; a tunnel failure is tried again on the next
-        one (``retries`` attempts in all).  Raises StreamError or TunnelUnavailable."""
+        one (``retries`` attempts in all).  ``early``: the client's first bytes, when the open
+        carries them (see ``retry_kind``).  Raises StreamError or TunnelUnavailable."""
         tried: list[C] = []
         for attempt in range(1, self.retries + 1):
             client = await self.choose(tried)
             try:
                 return await open_on(client)
             except StreamError as exc:
-                if not retryable(exc) or attempt == self.retries:
+                retry = retry_kind(exc, early)
+                if not retry and exc.tunnel and early:
+                    raise StreamError(
+                        exc.reason,
+                        f"{exc}; not tried again: its first {len(early)} bytes may have reached"
+                        f" {host}:{port} already",
+                        tunnel=True,
+                        public=exc.public,
+                    ) from exc
+                if retry == "limit" and not self.elsewhere(client):
+                    # One connection, one server: trying again would meet the same limit.
+                    why = f"tunnel server {client.settings.server} refused the stream: {exc}"
+                    raise StreamError(
+                        exc.reason,
+                        why + " (its max_streams_per_connection or max_pending_opens)",
+                        public=why,
+                    ) from exc
+                if not retry or attempt == self.retries:
                     raise
                 tried.append(client)
                 self.retried += 1

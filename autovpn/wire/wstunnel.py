@@ -88,12 +88,24 @@ FORBIDDEN: Final = (
 
 
 class WstunnelRejected(RemoteProtocolError):
-    """A wstunnel request refused: the reply is wstunnel's 400 ``Invalid request``."""
+    """A wstunnel request refused: the reply is wstunnel's 400 ``Invalid request``.
+    ``reason``: a short name the server's statistics count the refusal by (``auth``,
+    ``not_allowed``, ``connection_refused``...)."""
 
     status = 400
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: str = "bad_request") -> None:
         super().__init__(message, reply=INVALID_REQUEST)
+        self.reason = reason
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """A refused request's result in the server's statistics."""
+    if isinstance(exc, WstunnelRejected):
+        return exc.reason
+    if isinstance(exc, RemoteProtocolError):
+        return "bad_request"
+    return type(exc).__name__
 
 
 class WstunnelUnauthenticated(WstunnelRejected):
@@ -101,8 +113,8 @@ class WstunnelUnauthenticated(WstunnelRejected):
 
     status = 403
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "auth") -> None:
+        super().__init__(message, reason)
         self.reply = FORBIDDEN
 
 

@@ -50,11 +50,18 @@ def test_restrictions(path: Path) -> None:
         Restrictions.from_yaml(path.read_text(encoding="utf-8"), path.name)
 
 
+#: Inputs that broke a parser once and are valid now that routing regexes run on RE2: it takes
+#: 3,000 nested groups in a millisecond (Python's ``re`` ran out of stack), and reads a repeat
+#: count it cannot hold (``a{4294967296}``) as literal text, which no host name contains.
+NOW_VALID = {"rule-regex-deep-groups.toml", "rule-regex-repeat-overflow.toml"}
+
+
 @pytest.mark.parametrize("path", inputs("config"), ids=ids(inputs("config")))
 def test_config(path: Path) -> None:
     config, errors = load_file(path)
     assert isinstance(config, Config)
-    assert errors and all(isinstance(e, ConfigError) for e in errors)
+    assert all(isinstance(e, ConfigError) for e in errors)
+    assert bool(errors) != (path.name in NOW_VALID)
 
 
 @pytest.mark.parametrize("path", inputs("lists"), ids=ids(inputs("lists")))

@@ -137,6 +137,32 @@ def test_pac_files_use_bound_ports_and_cache_validators(certs: Certs) -> None:
     run(main())
 
 
+def test_pac_names_regex_rules_it_cannot_evaluate(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        cfg = engine_config(certs, mode=Mode.SMART)
+        cfg.routing = RoutingConfig(
+            rules=["regex:^cdn[0-9]+\\.=direct", "regex:(?i)^ADS\\.=reject"],
+            default_lists=False,
+            hosts_file=None,
+        )
+        cfg.control = "127.0.0.1:0"
+        async with Engine(cfg) as eng:
+            with caplog.at_level(logging.WARNING, logger="autovpn.api"):
+                for _ in range(2):
+                    text = (await request(url(eng), "GET", "/proxy.pac")).body.decode()
+                    assert '// regex "(?i)^ADS\\\\." ("user rules, config:2")' in text
+                    assert "^cdn[0-9]+" in text  # the portable one is in the PAC itself
+        told = [r.getMessage() for r in caplog.records if "JavaScript" in r.getMessage()]
+        assert told == [
+            "PAC: regex '(?i)^ADS\\\\.' (user rules, config:2) has no JavaScript equivalent:"
+            " the PAC sends every host that reaches it to the engine, which applies it"
+        ]
+
+    run(main())
+
+
 def test_route_explains_and_resolves_with_scores(certs: Certs) -> None:
     async def main() -> None:
         async with (

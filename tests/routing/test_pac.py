@@ -3,6 +3,7 @@ equal the router's own decision mapped to the PAC string."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autovpn.routing.lists import ListFormat, load_list_file
-from autovpn.routing.pac import pac_answer, proxy_string, render_pac
+from autovpn.routing.pac import (
+    js_regex,
+    pac_answer,
+    proxy_string,
+    render_pac,
+    unportable_regexes,
+)
 from autovpn.routing.router import Action, ListSpec, Mode, Router, local_reason
-from autovpn.routing.rules import normalize_host, parse_ip
+from autovpn.routing.rules import RuleError, compile_regex, normalize_host, parse_ip
 
 from ._shared import shared_file
 
@@ -271,7 +278,7 @@ def test_pac_uses_router_mode_by_default(router: Router) -> None:
 
 def test_user_strings_are_json_escaped(pac: _Pac, tmp_path: Path) -> None:
     r = Router.from_config(
-        rules=['regex:"\\);alert(1);//</script>\\u2028=proxy', 'keyword:quo"te=reject'],
+        rules=['regex:"\\);alert(1);//\u2028</script>=proxy', 'keyword:quo"te=reject'],
         default=Action.DIRECT,
         default_lists=False,
     )
@@ -346,3 +353,132 @@ def test_pac_with_real_gfwlist(pac: _Pac) -> None:
         if (got := pac.ask(h, 443)) != (want := expected(r, Mode.SMART, h, 443))
     ]
     assert wrong == []
+
+
+# -- regex rules: RE2 in the engine, JavaScript in the browser -----------------------------------
+
+# Pieces of RE2 patterns over a host name's alphabet, with the syntax the two dialects share and
+# the spellings js_regex rewrites (\A, \z, \x{..}, named groups, a lone "]" or "}").
+_PIECES = (
+    "a b z 0 . - \\. \\d \\D \\w \\W \\s \\b \\B ^ $ \\A \\z"
+    " [a-c] [^a.] []a] [^]a] [\\d-z] [.-] [\\]a] [^\\w] [\\x61-\\x{7a}]"
+    " ( ) (?: (?P<g> (?<h> | * + ? *? +? ?? {1,2} {2} {0,} {1,2}? ] }"
+    " \\x61 \\x{62} \\- \\/ \\^"
+).split()
+_HOST_CHARS = "abz0.-_"
+
+
+def _random_patterns(rng: random.Random, count: int) -> list[tuple[str, str]]:
+    """(RE2 pattern, its JavaScript spelling) pairs: random pieces that RE2 compiles and
+    js_regex can spell."""
+    out: list[tuple[str, str]] = []
+    while len(out) < count:
+        pattern = "".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 7)))
+        try:
+            compile_regex(pattern)
+        except RuleError:
+            continue
+        js = js_regex(pattern)
+        if js is not None:
+            out.append((pattern, js))
+    return out
+
+
+def test_portable_regexes_mean_the_same_in_javascript(pac: _Pac) -> None:
+    rng = random.Random(15)
+    pairs = _random_patterns(rng, 400)
+    hosts = sorted(
+        {"".join(rng.choice(_HOST_CHARS) for _ in range(rng.randint(1, 9))) for _ in range(300)}
+        | {"a", "b.z", "ab", "0", "-a-", "a.b.z0"}
+    )
+    # One PAC answers, for a host, one digit per pattern: whether its RegExp matches.
+    js = (
+        "var R = " + json.dumps([j for _, j in pairs]) + ".map(function (p) {\n"
+        "  return new RegExp(p);\n});\n"
+        "function FindProxyForURL(url, host) {\n"
+        "  var s = '';\n"
+        "  for (var i = 0; i < R.length; i++) s += R[i].test(host) ? '1' : '0';\n"
+        "  return s;\n}\n"
+    )
+    pac.load(js)
+    compiled = [compile_regex(p) for p, _ in pairs]
+    wrong = []
+    for host in hosts:
+        got = pac.ask(host, 80)
+        want = "".join("1" if r.search(host) else "0" for r in compiled)
+        wrong += [(pairs[i], host, got[i]) for i in range(len(pairs)) if got[i] != want[i]]
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "(?i)^ADS\\.",  # flags
+        "^\\pL+\\.example$",  # Unicode classes
+        "^[[:alpha:]]+\\.example$",  # POSIX names
+        "^[]a]\\.example$",  # a leading "]" in a class
+        "^\\Qa.b\\E\\.example$",  # quoting
+        "^x{,2}\\.example$",  # a literal "{" in RE2
+        "^x{4294967296}\\.example$",  # a count RE2 cannot hold: literal text there
+        "^\\b*x\\.example$",  # a repeated assertion
+        "^\U0001f600?x\\.example$",  # past U+FFFF: two UTF-16 units in JavaScript
+    ],
+)
+def test_regexes_without_a_javascript_spelling_are_named(pattern: str) -> None:
+    compile_regex(pattern)  # RE2 takes each
+    assert js_regex(pattern) is None
+
+
+def test_unportable_regex_rules_in_the_pac(pac: _Pac, tmp_path: Path) -> None:
+    lst = tmp_path / "regex.yaml"
+    lst.write_text(
+        "payload:\n"
+        "  - DOMAIN-REGEX,(?i)^ADS[0-9]*\\.,DIRECT\n"  # DIRECT: left out
+        "  - DOMAIN-REGEX,^cdn[0-9]+\\.media\\.example$\n"  # portable: evaluated
+        "  - DOMAIN-SUFFIX,listed.example\n"
+        "  - DOMAIN-REGEX,^\\pL+\\.tracker\\.example$\n"  # PROXY: hosts reaching it -> engine
+        "  - DOMAIN-REGEX,^after\\.example$\n"
+    )
+    r = Router.from_config(
+        lists=[ListSpec(lst, Action.PROXY, ListFormat.CLASH)],
+        rules=["regex:(?i)^USER\\.=reject", "regex:^(?i:direct)\\.example$=direct"],
+        default=Action.DIRECT,
+        default_lists=False,
+    )
+    assert r.errors == []
+    unportable = unportable_regexes(r)
+    assert [rule.value for rule in unportable] == [
+        "(?i)^USER\\.",
+        "^(?i:direct)\\.example$",
+        "(?i)^ADS[0-9]*\\.",
+        "^\\pL+\\.tracker\\.example$",
+    ]
+    js = render_pac(r, Mode.SMART, http_port=HTTP_PORT, socks_port=SOCKS_PORT)
+    head = js.split("var ANSWER", 1)[0]
+    assert head.count("\n// regex ") == 4
+    assert f"({json.dumps(str(unportable[3].source))}): no JavaScript equivalent;" in head
+    pac.load(js)
+    # The user's REJECT rule has no spelling: every host goes to the engine, which decides.
+    for host in ("user.example", "ads1.example", "cdn1.media.example", "unlisted.example"):
+        assert pac.ask(host, 443) == PROXY, host
+    # Without it, the list's portable rules are evaluated in the browser; its unportable PROXY
+    # rule sends what reaches it to the engine, its unportable DIRECT rule is left out.
+    r = Router.from_config(
+        lists=[ListSpec(lst, Action.PROXY, ListFormat.CLASH)],
+        default=Action.DIRECT,
+        default_lists=False,
+    )
+    pac.load(render_pac(r, Mode.SMART, http_port=HTTP_PORT, socks_port=SOCKS_PORT))
+    assert pac.ask("cdn1.media.example", 443) == PROXY
+    assert r.decide("cdn1.media.example", 443).action is Action.PROXY
+    assert pac.ask("www.listed.example", 443) == PROXY
+    assert pac.ask("ads1.listed.example", 443) == PROXY  # suffix first, as the engine
+    # ads1.example: the engine's DIRECT regex; the PAC lets it reach the match-all: the engine
+    # then decides DIRECT itself.
+    assert r.decide("ads1.example", 443).action is Action.DIRECT
+    assert pac.ask("ads1.example", 443) == PROXY
+    # unlisted: DIRECT in the engine, sent to the engine by the PAC (never DIRECT where the
+    # engine would proxy: the other way round is what is avoided).
+    assert pac.ask("unlisted.example", 443) == PROXY
+    assert pac.ask("wx.tracker.example", 443) == PROXY
+    assert r.decide("wx.tracker.example", 443).action is Action.PROXY

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
-from autovpn.config import ReverseSpec, ServerURL
+from autovpn.config import IDLE_TIMEOUT, ReverseSpec, ServerURL
 from autovpn.errors import (
     RemoteProtocolError,
     ResetReason,
@@ -97,6 +97,8 @@ class ClientSettings:
     open_timeout: float = 15.0
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
+    #: A stream that relayed nothing either way this long is reset (0: never).
+    idle_timeout: float = IDLE_TIMEOUT
     max_backoff: float = 5.0
     #: After a permanent error (see ``permanent_reason``): minutes, not seconds.
     permanent_backoff: float = 300.0
@@ -277,6 +279,11 @@ class TunnelClient(Attempting):
         return any(not (c.closed or c.draining or c.stalled) for c in self.connections)
 
     @property
+    def live(self) -> int:
+        """Connections that can take new streams."""
+        return sum(1 for c in self.connections if not (c.closed or c.draining or c.stalled))
+
+    @property
     def state(self) -> str:
         """``up``, ``stalled`` (it stopped answering), ``down`` (it refused us for good:
         ``permanent`` says why) or ``connecting`` (``last_error`` says what failed last)."""
@@ -391,6 +398,7 @@ class TunnelClient(Attempting):
             on_open=self.reverse.on_open if self.reverse is not None else None,
             peer=str(s.server),
             trimmer=self.trimmer,
+            idle_timeout=s.idle_timeout,
         )
         transport.set_protocol(mux)
         mux.connection_made(transport)
@@ -428,13 +436,18 @@ class TunnelClient(Attempting):
             if self.reverse is not None:
                 self.reverse.register_on(mux)
             self._signal()
-            try:
-                await asyncio.shield(mux.lost)  # cancelling us must not cancel it
-            finally:
-                if mux in self.connections:
-                    self.connections.remove(mux)
-                if not self._closing:
-                    mux.abort()
+            if not await self._hold(mux):
+                if self.reverse is not None:
+                    self.reverse.release_on(mux)
+                # GOAWAY: its streams finish there, and the connection stays listed (``_lost``
+                # takes it out) while a new one is opened for new streams at once.  Streams
+                # the server refused for the GOAWAY are tried again on the new one (the pool).
+                log.info(
+                    "tunnel connection to %s is closing (GOAWAY); opening another",
+                    self.settings.server,
+                )
+                self._signal()
+                continue
             if self._closing:
                 break
             if mux.close_code == CLOSE_AUTH_REFUSED:
@@ -451,6 +464,32 @@ class TunnelClient(Attempting):
                 continue
             log.warning("tunnel connection to %s lost; reconnecting", self.settings.server)
             self._signal()
+
+    async def _hold(self, mux: MuxConnection) -> bool:
+        """Wait until ``mux`` is lost (True) or starts draining (False: it stays up for the
+        streams it has).  Cancelled (the client closes): it is ``close``'s to shut down."""
+        if mux.draining and not mux.closed:
+            return False
+        drain: asyncio.Future[None] = mux.loop.create_future()
+
+        def drained() -> None:
+            if not drain.done():
+                drain.set_result(None)
+
+        mux.on_drain = drained
+        try:
+            # asyncio.wait cancels neither future: cancelling us must not cancel ``lost``.
+            await asyncio.wait([mux.lost, drain], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            mux.on_drain = None
+            drain.cancel()
+        if not mux.lost.done():
+            return False
+        if mux in self.connections:
+            self.connections.remove(mux)
+        if not self._closing:
+            mux.abort()
+        return True
 
     def _failed(self, exc: BaseException, backoff: float) -> float:
         """Record a failed attempt; the delay before the next."""
@@ -632,7 +671,10 @@ class TunnelClient(Attempting):
             ep.on_reset(ResetReason.TIMED_OUT, "no answer from the tunnel server", False)
             conn.reset_stream(ep.sid, ResetReason.CANCELLED, "open timed out")
             raise StreamError(
-                ResetReason.TIMED_OUT, "tunnel server did not answer", tunnel=True
+                ResetReason.TIMED_OUT,
+                "tunnel server did not answer",
+                tunnel=True,
+                sent=ep.sid < conn.written_below,
             ) from None
         except asyncio.CancelledError:
             if not ep.done:

@@ -34,8 +34,10 @@ import time
 from collections.abc import Callable
 from typing import Final, cast
 
+from autovpn.config import IDLE_TIMEOUT
 from autovpn.errors import AuthenticationFailed, RemoteProtocolError, ResetReason, StreamError
 from autovpn.eventloop import HeapTrimmer, LoopBuffers
+from autovpn.idle import IdleSweep
 from autovpn.limits import MAX_STREAMS_PER_CONNECTION
 from autovpn.net import reset_transport
 from autovpn.stats import RESULT_OK, Recorder
@@ -108,6 +110,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         peer: str = "",
         max_streams: int = MAX_STREAMS_PER_CONNECTION,
         trimmer: HeapTrimmer | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.client = client
         self.window = window
@@ -122,6 +125,8 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.writing_paused = False
         self.closed = False
         self.draining = False  # GOAWAY seen or sent: no new streams here
+        #: Called once when the connection starts draining (the client opens another).
+        self.on_drain: Callable[[], None] | None = None
         self.stalled = False  # the peer is suspect: no new streams here (see _keepalive)
         self.timed_out = False  # closed by the keepalive timeout, not by the peer or us
         self.close_code: int | None = None  # the peer's WebSocket close code, if it sent one
@@ -160,6 +165,11 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.lost = self.loop.create_future()
         self._tasks: set[asyncio.Task[None]] = set()  # work for this connection's streams
+        #: Streams whose sockets moved no byte for ``idle_timeout`` are reset (``autovpn.idle``).
+        self.idle = IdleSweep(idle_timeout, self._relaying, "tunnel streams")
+        #: Every stream id below this was in a write handed to the transport: its OPEN (and
+        #: early data) may have reached the peer.  A stream at or above it never left us.
+        self.written_below = self._next_id
 
     # -- asyncio protocol -------------------------------------------------------------------
 
@@ -169,6 +179,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
         if self._keepalive_interval > 0:
             self._keepalive_handle = self.loop.call_later(self._keepalive_interval, self._keepalive)
+        self.idle.start()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
@@ -253,6 +264,7 @@ class MuxConnection(asyncio.BufferedProtocol):
             self._keepalive_handle.cancel()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+        self.idle.close()
         streams, self.streams = self.streams, {}
         for ep in streams.values():
             ep.on_reset(ResetReason.TUNNEL_LOST, "tunnel connection lost", from_peer=False)
@@ -314,7 +326,7 @@ class MuxConnection(asyncio.BufferedProtocol):
             else:
                 self.send_frame(frames.frame(FrameType.PING, 0, bytes(payload), FLAG_ACK))
         elif ftype == TYPE_GOAWAY:
-            self.draining = True
+            self._drain()
         elif ftype == TYPE_AUTH:
             raise RemoteProtocolError("AUTH frame after the first frame, or sent by the server")
 
@@ -399,6 +411,7 @@ class MuxConnection(asyncio.BufferedProtocol):
         self._pending = [b""]
         self._pending_size = 0
         self.bytes_out += size
+        self.written_below = self._next_id  # every OPEN queued so far goes out in this write
         if self._mask_outgoing:
             mask = os.urandom(4)
             pending[0] = b""
@@ -456,12 +469,17 @@ class MuxConnection(asyncio.BufferedProtocol):
         sid = self._next_id
         payload = frames.encode_open(self.window, kind, host, port, early)  # may raise
         self._next_id += 2
-        if self._next_id >= 1 << 32:
-            self.draining = True  # ids exhausted: new streams go to a new connection
         ep.sid = sid
         ep.send_credit = -len(early)  # OPEN_OK grants the window minus what early data used
         self.streams[sid] = ep
         self.send_frame(frames.frame(FrameType.OPEN, sid, payload))
+        if self._next_id >= 1 << 32:
+            self.goaway()  # ids exhausted: new streams go to a new connection (section 4)
+
+    def _relaying(self) -> list[StreamEndpoint]:
+        """The streams relaying a socket (``IdleSweep``): not those still opening, nor the
+        control streams of reverse listeners, which have no socket."""
+        return [ep for ep in self.streams.values() if ep.transport is not None and not ep.done]
 
     def _drop_stream(self, sid: int) -> None:
         ep = self.streams.pop(sid, None)
@@ -492,6 +510,8 @@ class MuxConnection(asyncio.BufferedProtocol):
         """A stream ended: after a burst (its peak, noted as streams end, fell to a quarter),
         the heap is trimmed once.  Two compares per stream otherwise."""
         n = len(self.streams)
+        if not n:
+            self._close_if_drained()
         if n >= self._streams_peak:
             self._streams_peak = n + 1
         elif self._streams_peak >= TRIM_AFTER_STREAMS and n <= self._streams_peak >> 2:
@@ -510,8 +530,21 @@ class MuxConnection(asyncio.BufferedProtocol):
         self.send_frame(frames.frame(FrameType.PING, 0, os.urandom(8)))
 
     def goaway(self) -> None:
-        self.draining = True
+        self._drain()
         self.send_frame(frames.frame(FrameType.GOAWAY, 0))
+
+    def _drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            if self.on_drain is not None:
+                self.on_drain()
+            self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        """A client's draining connection closes once its last stream ended: its pool has
+        opened another for new streams, and the server would keep it up with pings."""
+        if self.client and self.draining and not self.streams and not self.closed:
+            self.loop.call_soon(self.close)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -631,6 +664,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         "nread",
         "nwritten",
         "flow",
+        "idle_mark",
+        "idle_since",
     )
 
     def __init__(self, conn: MuxConnection, sid: int = 0, send_credit: int = 0) -> None:
@@ -656,6 +691,8 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         #: Where the stream's end is told (``autovpn.stats``: its ``Flow``, or on a server its
         #: user's ``StreamTally``).
         self.flow: Recorder | None = None
+        self.idle_mark = -1  # for the connection's idle sweep (``autovpn.idle``)
+        self.idle_since = 0.0
 
     # -- socket side (asyncio protocol) ----------------------------------------------------------
 
@@ -684,6 +721,17 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def counts(self) -> tuple[int, int]:
         """Bytes read from our socket and written to it (``autovpn.stats.Metered``)."""
         return self.nread, self.nwritten
+
+    def activity(self) -> int:
+        """Bytes relayed either way (``autovpn.idle.Idler``): the counts already kept."""
+        return self.nread + self.nwritten
+
+    def close_idle(self, quiet: float) -> None:
+        """Nothing relayed for ``quiet`` seconds: reset the stream here and at the peer,
+        whose socket is reset too (a silent transfer may not be complete)."""
+        why = f"idle for {quiet:.0f} s (idle_timeout)"
+        self.conn.reset_stream(self.sid, ResetReason.TIMED_OUT, why)
+        self.on_reset(ResetReason.TIMED_OUT, why, from_peer=False)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _LOCAL_READ_BUFFER
@@ -832,8 +880,18 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self.conn.forget(self.sid)
         if self.opened is not None and not self.opened.done():
             # Not from the peer: the tunnel itself failed (lost, stalled), not the target.
+            conn = self.conn
             self.opened.set_exception(
-                StreamError(reason, message or reason.name.lower(), tunnel=not from_peer)
+                StreamError(
+                    reason,
+                    message or reason.name.lower(),
+                    tunnel=not from_peer,
+                    # Whether a retry could deliver the early data twice (autovpn.tunnel.mux
+                    # .pool): not if the OPEN was still waiting for its write when we failed.
+                    sent=self.sid < conn.written_below,
+                    # GOAWAY comes before the refusals it causes: the connection is closing.
+                    draining=from_peer and reason is ResetReason.REFUSED_STREAM and conn.draining,
+                )
             )
         elif not already and self.transport is not None:
             # An error after the stream was open: a TCP reset (not abort's FIN), so the

@@ -7,8 +7,11 @@ fallback are ``autovpn.tunnel.failover``'s, shared with the wstunnel protocol's 
 this module adds is our protocol's own: streams, DNS streams and UDP flows.
 
 A stream that fails because of the tunnel (its connection was lost or stalled, the server did
-not answer, or refused more streams) is tried again on the next server; a failure that comes
-from the destination (refused by the target, unreachable, policy) is final.
+not answer, or refused it while closing) is tried again on the next server, or on a new
+connection to the same one; but never when its early data may already have reached the
+destination.  A stream refused for a limit of its connection is tried only where another
+connection or server can take it, else it fails at once with the reason.  A failure that
+comes from the destination (refused by the target, unreachable, policy) is final.
 
 UDP flows follow the best server: a flow whose server went down is opened again on the new one
 with its next datagram (the far end sees a new source, which WireGuard takes in its stride).
@@ -80,7 +83,12 @@ class ServerPool(ServerSet[TunnelClient]):
         async def open_on(client: TunnelClient) -> StreamEndpoint:
             return await client.open_stream(host, port, early, kind)
 
-        return await self.open_retrying(host, port, open_on)
+        return await self.open_retrying(host, port, open_on, early)
+
+    def elsewhere(self, client: TunnelClient) -> bool:
+        """Another connection of ``client``'s, or another server, could take a stream that
+        ``client``'s connection refused for a limit."""
+        return client.live > 1 or super().elsewhere(client)
 
     async def open_upstream(self, host: str, port: int, early: bytes = b"") -> StreamUpstream:
         """``open_stream`` for the dialer: the result relays a local socket once attached."""

@@ -231,14 +231,27 @@ class ReverseClient:
         """Open a control stream for each spec that has none on a live connection."""
         for spec in self.specs:
             current = self._active.get(spec)
-            if current is not None and not current[0].closed and not current[1].done:
-                continue
+            if (
+                current is not None
+                and not (current[0].closed or current[0].draining)
+                and not current[1].done
+            ):
+                continue  # registered on a connection that stays (a draining one does not)
             control = _ClientControl(conn, spec)
             conn.open_stream(
                 control, spec.bind_host, spec.bind_port, kind=frames.StreamKind.REVERSE_TCP
             )
             self._active[spec] = (conn, control)
             log.info("reverse tunnel requested: %s", spec)
+
+    def release_on(self, conn: MuxConnection) -> None:
+        """``conn`` is draining: close its reverse listeners (their open streams carry on),
+        so that the next connection can bind them again."""
+        for spec, (c, control) in list(self._active.items()):
+            if c is conn and not control.done:
+                control.done = True
+                conn.reset_stream(control.sid, ResetReason.CANCELLED, "connection draining")
+                del self._active[spec]
 
     def on_open(
         self,

@@ -1,9 +1,12 @@
 """The tunnel server: accepts upgraded connections and dials the targets their streams name.
 
-Each accepted TCP (or TLS) connection starts in ``_ServerHandshake``, which reads one HTTP head
-and answers it: the tunnel path with good credentials gets 101 and the transport passes to a
-``MuxConnection``; anything else gets a plain, uninformative answer (404 for other paths, 401/403
-for credentials, 400 for a broken upgrade) and is closed.
+Each accepted TCP connection starts in ``_ServerHandshake``.  It is counted against its client's
+address at once (``max_connections_per_address``), before its TLS handshake, which the
+handshake then runs itself (``loop.start_tls``): a peer that opens TLS handshakes and never ends
+them holds connections of its own address's allowance, not of everyone's.  It then reads one
+HTTP head and answers it: the tunnel path with good credentials gets 101 and the transport
+passes to a ``MuxConnection``; anything else gets a plain, uninformative answer (404 for other
+paths, 401/403 for credentials, 400 for a broken upgrade) and is closed.
 
 Targets are resolved here, on the server, then checked against the destination policy address
 by address (so a name cannot smuggle a loopback target past it) and tried in order.
@@ -12,19 +15,22 @@ by address (so a name cannot smuggle a loopback target past it) and tried in ord
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, TypeVar, cast
 
 from autovpn.config import (
     DEFAULT_AUTH_FAILURE_LIMIT,
     DEFAULT_AUTH_FAILURE_WINDOW,
     DEFAULT_REVERSE_BINDS,
+    IDLE_TIMEOUT,
     MAX_REVERSE_LISTENERS_PER_CLIENT,
     SERVER_HANDSHAKE_TIMEOUT,
 )
@@ -36,8 +42,15 @@ from autovpn.limits import (
     MAX_STREAMS_PER_CONNECTION,
     SERVER_MAX_CONNECTIONS_PER_ADDRESS,
     ConnectionsPerAddress,
+    peer_key,
 )
-from autovpn.net import reset_reason_for, resolve_target
+from autovpn.net import (
+    LOOKUP_TIMEOUT,
+    MAX_LOOKUPS_PER_ADDRESS,
+    SystemResolver,
+    reset_reason_for,
+    resolve_target,
+)
 from autovpn.policy import DestinationPolicy
 from autovpn.ports import bind_error
 from autovpn.stats import TUNNEL, Flow, Stats
@@ -49,6 +62,8 @@ from autovpn.wire import handshake, http1
 from autovpn.wire.frames import StreamKind
 
 log = logging.getLogger("autovpn.tunnel.server")
+
+T = TypeVar("T")
 
 #: A peer has this long for each step of its handshake: TLS, then the upgrade request, then the
 #: AUTH frame after the 101 (``[server] handshake_timeout``; wstunnel peers have the first two).
@@ -71,6 +86,8 @@ class ServerSettings:
     keepalive_interval: float = 15.0
     keepalive_timeout: float = 45.0
     udp_idle_timeout: float = 180.0
+    #: A stream (or wstunnel tunnel) that relayed nothing either way this long is reset.
+    idle_timeout: float = IDLE_TIMEOUT
     #: Addresses native reverse tunnels (-R) may bind on the server: loopback unless opened.
     reverse_binds: tuple[str, ...] = DEFAULT_REVERSE_BINDS
     #: Reverse listeners one client may hold (native users and wstunnel clients alike).
@@ -79,16 +96,19 @@ class ServerSettings:
     #: ``auth_failure_window`` seconds; then it is refused at once (429) that long.  0: off.
     auth_failure_limit: int = DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_window: float = DEFAULT_AUTH_FAILURE_WINDOW
-    #: Bind with SO_REUSEPORT: the workers of ``autovpn server --workers N`` share the address
-    #: (the kernel spreads new connections over them).  Off otherwise, so that a second server
-    #: on a taken port fails to start instead of sharing it.
-    reuse_port: bool = False
+    #: A worker of ``autovpn server --workers N`` listens on the sockets its supervisor opened
+    #: (descriptors, one per address of ``host``; autovpn/reuseport.py) instead of binding.
+    listen_fds: tuple[int, ...] = ()
     #: Streams one tunnel connection may have open; OPENs past it get REFUSED_STREAM.
     max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
     #: Streams of one tunnel connection being resolved or dialled at once; more: REFUSED_STREAM.
     max_pending_opens: int = MAX_PENDING_OPENS
     #: TCP connections one client address may hold (handshakes, tunnels, wstunnel tunnels).
     max_connections_per_address: int = SERVER_MAX_CONNECTIONS_PER_ADDRESS
+    #: Seconds a destination name's lookup may take (the system resolver: net.SystemResolver).
+    lookup_timeout: float = LOOKUP_TIMEOUT
+    #: Lookups one client address may have in the lookup threads at once; more wait their turn.
+    max_lookups_per_address: int = MAX_LOOKUPS_PER_ADDRESS
     #: Resolves target names (default: the system's getaddrinfo; like it, raises OSError on
     #: failure); tests point it at a loopback DNS server so that no test name reaches the
     #: system resolver.
@@ -106,24 +126,110 @@ class _ServerHandshake(asyncio.Protocol):
     def __init__(self, server: TunnelServer) -> None:
         self._server = server
         self._parser = http1.RequestHeadParser(handshake.REQUEST_LIMITS)
+        #: The transport the upgrade is read from (the TLS one, once its handshake is over).
         self.transport: asyncio.Transport | None = None
+        #: The transport the per-address count holds for this connection (see ``_tls``).
+        self._counted: asyncio.BaseTransport | None = None
+        #: TLS bytes read before ``_handover`` gave the connection to the TLS layer.
+        self._ciphertext: bytearray | None = None
+        #: Decrypted bytes that arrived between the TLS handshake's end and ``_tls`` resuming.
+        self._early: bytearray | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = cast(asyncio.Transport, transport)
+        # The accepted TCP connection, TLS or not (the server has no ssl= of its own).
         peer = transport.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         # Counted until the connection ends, whoever owns it by then: the mux and wstunnel
-        # release it when their connection is lost.
-        if not self._server.clients.admit(transport, str(peer[0]) if peer else "?"):
-            self.transport.abort()  # past server.max_connections_per_address (logged there)
-            self.transport = None
+        # release it when their connection is lost.  Counted from the accept, so that TLS
+        # handshakes in progress are bounded per address like every other connection.
+        # (uvloop's transports are not asyncio.Transport subclasses, only alike.)
+        tcp = cast(asyncio.Transport, transport)
+        if not self._server.clients.admit(tcp, str(peer[0]) if peer else "?"):
+            tcp.abort()  # past server.max_connections_per_address (logged there)
             return
+        self._counted = tcp
+        context = self._server.settings.ssl_context
+        if context is None:
+            self._upgrade_from(tcp)
+        else:
+            self._tls(tcp, context)
+
+    def _tls(self, tcp: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Run the TLS handshake (``start_tls``, within ``handshake_timeout``); then the
+        upgrade request (``_tls_done``).
+
+        asyncio's own ``create_server(ssl=...)`` calls ``connection_made`` only once the
+        handshake is over, too late to count the connection while its handshake is in
+        progress; so the server accepts plain TCP and starts TLS here, one task per
+        connection (next to a handshake's public-key operations: +30 µs of 550,
+        docs/benchmarks.md).  The client's first bytes may be read before that task runs
+        (uvloop starts reading right after ``connection_made``): ``data_received`` keeps
+        them and pauses reading, and ``_handover`` gives them to the TLS layer."""
+        loop = asyncio.get_running_loop()
+        self._ciphertext = bytearray()
+        task = self._server.track(
+            loop.create_task(
+                loop.start_tls(
+                    tcp,
+                    self,
+                    context,
+                    server_side=True,
+                    ssl_handshake_timeout=self._server.settings.handshake_timeout,
+                )
+            )
+        )
+        # Callbacks run in the order they were scheduled: the task's first step comes first,
+        # and in it start_tls does all of this before it waits: pause reading, install its
+        # protocol, schedule that protocol's connection_made and the resume of reading.  So
+        # the bytes ``_handover`` gives it come before any the resumed transport reads.
+        loop.call_soon(self._handover, tcp, task)
+        task.add_done_callback(functools.partial(self._tls_done, tcp))
+
+    def _handover(
+        self, tcp: asyncio.Transport, task: asyncio.Task[asyncio.Transport | None]
+    ) -> None:
+        ciphertext, self._ciphertext = self._ciphertext, None
+        self._early = bytearray()
+        layer = tcp.get_protocol()
+        if ciphertext and layer is not self and not task.done():
+            _feed(layer, bytes(ciphertext))
+
+    def _tls_done(
+        self, tcp: asyncio.Transport, task: asyncio.Task[asyncio.Transport | None]
+    ) -> None:
+        if task.cancelled():  # the server closes
+            tcp.abort()
+            self._release()
+            return
+        exc = task.exception()
+        if exc is not None:  # a failed or timed-out handshake, a peer that left (start_tls
+            # closed the connection): an ordinary event, so not above debug.
+            log.debug("tunnel peer %s: TLS handshake failed: %r", self._peer, exc)
+            self._release()
+            return
+        upgraded = task.result()
+        if upgraded is None or upgraded.is_closing() or self._counted is None:
+            self._release()  # it ended before this callback ran
+            return
+        self._server.clients.replace(tcp, upgraded)  # its next owners release this one
+        self._counted = upgraded
+        early, self._early = self._early, None
+        self._upgrade_from(upgraded)
+        if early:
+            self.data_received(bytes(early))
+
+    def _upgrade_from(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
         self._timer = asyncio.get_running_loop().call_later(
             self._server.settings.handshake_timeout, self._timeout
         )
+
+    def _release(self) -> None:
+        if self._counted is not None:
+            self._server.clients.release(self._counted)
+            self._counted = None
 
     def _timeout(self) -> None:
         log.info(
@@ -136,7 +242,14 @@ class _ServerHandshake(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
-            return  # refused at accept (max_connections_per_address): nothing is read
+            if self._ciphertext is not None and self._counted is not None:
+                # Read before ``_handover`` gave the connection to TLS: kept for it, and no
+                # more read meanwhile (start_tls resumes reading).
+                self._ciphertext += data
+                cast(asyncio.Transport, self._counted).pause_reading()
+            elif self._early is not None:  # TLS is up, and ``_tls_done`` has not run yet
+                self._early += data
+            return
         if self._parser.state in (http1.ParserState.DONE, http1.ParserState.FAILED):
             return  # answered and closing: what still arrives is not read
         try:
@@ -213,9 +326,24 @@ class _ServerHandshake(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self.transport is not None:
-            self._server.clients.release(self.transport)
+        self._ciphertext = self._early = None
+        self._release()
         self._server.trimmer.released()  # refused, timed out or gone before its upgrade
+
+
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Give ``data`` to ``protocol`` as its transport would (TLS layers are buffered)."""
+    if isinstance(protocol, asyncio.BufferedProtocol) or hasattr(protocol, "get_buffer"):
+        buffered = cast(asyncio.BufferedProtocol, protocol)
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(buffered.get_buffer(len(view)))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            buffered.buffer_updated(n)
+            view = view[n:]
+    else:
+        cast(asyncio.Protocol, protocol).data_received(data)
 
 
 class TunnelServer:
@@ -234,8 +362,11 @@ class TunnelServer:
         self.streams_failed = 0
         #: Per-user counters (``autovpn.stats``), when the engine keeps statistics.
         self.stats: Stats | None = None
-        self._server: asyncio.Server | None = None
+        #: One per listening socket (one, or one per address of a worker's listen host).
+        self._servers: list[asyncio.Server] = []
         self._dials: set[asyncio.Task[None]] = set()
+        #: TLS handshakes in progress (``_ServerHandshake._tls``), cancelled on close.
+        self._handshakes: set[asyncio.Task[Any]] = set()
         #: Dials in progress per tunnel connection (``settings.max_pending_opens``).
         self._opening: dict[MuxConnection, int] = {}
         #: TCP connections per client address (``settings.max_connections_per_address``):
@@ -243,6 +374,9 @@ class TunnelServer:
         self.clients = ConnectionsPerAddress(
             settings.max_connections_per_address, "server.max_connections_per_address"
         )
+        #: Destination names of every user (native streams and UDP targets, wstunnel tunnels)
+        #: are looked up here: bounded per lookup and per client address (net.SystemResolver).
+        self.lookups = SystemResolver(settings.lookup_timeout, settings.max_lookups_per_address)
         #: UDP sessions (DATAGRAM frames); made in ``start`` (it needs the running loop).
         self.udp: UdpFlows | None = None
         self.reverse = ReverseListeners(
@@ -271,8 +405,8 @@ class TunnelServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        port: int = self._server.sockets[0].getsockname()[1]
+        assert self._servers and self._servers[0].sockets
+        port: int = self._servers[0].sockets[0].getsockname()[1]
         return port
 
     def _connection_lost(self, conn: MuxConnection) -> None:
@@ -285,17 +419,23 @@ class TunnelServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
-        self.udp = UdpFlows(s.policy, s.udp_idle_timeout)
+        self.udp = UdpFlows(s.policy, s.udp_idle_timeout, lookups=self.lookups)
         try:
-            self._server = await loop.create_server(
-                lambda: _ServerHandshake(self),
-                s.host,
-                s.port,
-                ssl=s.ssl_context,
-                backlog=1024,
-                reuse_port=s.reuse_port or None,
-                ssl_handshake_timeout=s.handshake_timeout if s.ssl_context else None,
-            )
+            if s.listen_fds:
+                for fd in s.listen_fds:
+                    self._servers.append(
+                        await loop.create_server(
+                            lambda: _ServerHandshake(self),
+                            sock=socket.socket(fileno=fd),
+                            backlog=1024,
+                        )
+                    )
+            else:
+                self._servers.append(
+                    await loop.create_server(
+                        lambda: _ServerHandshake(self), s.host, s.port, backlog=1024
+                    )
+                )
         except OSError as exc:
             raise bind_error("tunnel server", s.host, s.port, exc) from exc
         log.info(
@@ -310,22 +450,28 @@ class TunnelServer:
         )
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for listening in self._servers:
+            listening.close()
         connections = list(self.connections)
         for conn in connections:
             conn.goaway()
-        for task in list(self._dials):
+        for task in [*self._dials, *self._handshakes]:
             task.cancel()
-        if self._dials:
-            await asyncio.gather(*self._dials, return_exceptions=True)
+        if self._dials or self._handshakes:
+            await asyncio.gather(*self._dials, *self._handshakes, return_exceptions=True)
         if self.udp is not None:
             await self.udp.close()
         await asyncio.gather(*(conn.shutdown() for conn in connections))
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        servers, self._servers = self._servers, []
+        for listening in servers:
+            await listening.wait_closed()
         self.trimmer.close()
+
+    def track(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """A connection's TLS handshake: the server cancels it when it closes."""
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+        return task
 
     def auth_blocked(self, peer: str) -> float:
         """Seconds the address of ``peer`` (``host:port``) is still refused for, or 0."""
@@ -395,6 +541,7 @@ class TunnelServer:
             peer=f"{peer} ({accepted.user})",
             max_streams=s.max_streams_per_connection,
             trimmer=self.trimmer,
+            idle_timeout=s.idle_timeout,
         )
         deadline = mux.loop.call_later(s.handshake_timeout, self._no_auth, mux, peer)
         self.connections.add(mux)
@@ -472,7 +619,7 @@ class TunnelServer:
         try:
             if not 0 < port < 65536:
                 raise _Refused(ResetReason.NOT_ALLOWED, f"port {port} out of range")
-            addresses = await self._resolve(host, port)
+            addresses = await self._resolve(host, port, conn)
             if not policy.host_allowed(host, port):
                 allowed = [a for a in addresses if policy.address_allowed(a, port)]
                 if not allowed:
@@ -514,8 +661,14 @@ class TunnelServer:
             ep.done = True
             conn.reset_stream(ep.sid, reason, message)
 
-    async def _resolve(self, host: str, port: int) -> list[str]:
-        return await resolve_target(host, port, lookup=self.settings.resolve)
+    async def _resolve(self, host: str, port: int, conn: MuxConnection) -> list[str]:
+        return await resolve_target(
+            host,
+            port,
+            lookup=self.settings.resolve,
+            resolver=self.lookups,
+            client=peer_key(conn.peer),
+        )
 
 
 class _Refused(Exception):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from autovpn.errors import RemoteProtocolError
-from autovpn.net import resolve_target
+from autovpn.limits import peer_key
+from autovpn.net import SystemResolver, resolve_target
 from autovpn.policy import DestinationPolicy
 from autovpn.tunnel.mux.connection import MuxConnection
 from autovpn.udp_io import BatchFlusher, DatagramBatch, enlarge_buffers, gso_socket
@@ -116,9 +117,16 @@ class _Session:
 class UdpFlows:
     """All UDP sessions of one tunnel server."""
 
-    def __init__(self, policy: DestinationPolicy, idle_timeout: float = 180.0) -> None:
+    def __init__(
+        self,
+        policy: DestinationPolicy,
+        idle_timeout: float = 180.0,
+        *,
+        lookups: SystemResolver | None = None,
+    ) -> None:
         self.policy = policy
         self.idle_timeout = idle_timeout
+        self.lookups = lookups  # the server's: target names are counted per client address
         self.stats = UdpStats()
         self.loop = asyncio.get_running_loop()
         self._sessions: dict[tuple[MuxConnection, int], _Session] = {}
@@ -193,7 +201,13 @@ class UdpFlows:
     async def _open(self, target: _TargetSocket) -> None:
         host, port = target.host, target.port
         try:
-            addresses = await resolve_target(host, port, udp=True)
+            addresses = await resolve_target(
+                host,
+                port,
+                udp=True,
+                resolver=self.lookups,
+                client=peer_key(target.session.conn.peer),
+            )
             if not self.policy.host_allowed(host, port):
                 addresses = [a for a in addresses if self.policy.address_allowed(a, port)]
             if not addresses:

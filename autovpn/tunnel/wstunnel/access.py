@@ -54,6 +54,19 @@ class Identity:
         """A user or a certificate: may open reverse tunnels (under the restrictions)."""
         return self.how in (How.CERTIFICATE, How.SECRET)
 
+    @property
+    def label(self) -> str:
+        """Who it counts for in the statistics (a label value, never a secret): a user's
+        name (as the native protocol's streams count), ``CN=`` a certificate's, ``rule:`` a
+        restriction's, or ``anonymous``."""
+        if self.how is How.SECRET:
+            return self.name
+        if self.how is How.CERTIFICATE:
+            return f"CN={self.name}"
+        if self.how is How.RESTRICTION:
+            return f"rule:{self.name}"
+        return "anonymous"
+
     def __str__(self) -> str:
         if self.how is How.SECRET:
             return f"user {self.name}"

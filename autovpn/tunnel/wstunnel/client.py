@@ -37,14 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from autovpn.config import DEFAULT_PING_INTERVAL, ServerURL
+from autovpn.config import DEFAULT_PING_INTERVAL, IDLE_TIMEOUT, ServerURL
 from autovpn.errors import ConfigError, RemoteProtocolError, ResetReason, StreamError
+from autovpn.idle import IdleSweep
 from autovpn.stats import Flow
 from autovpn.tunnel.failover import Attempting, Attempts
 from autovpn.tunnel.failures import Failing, certificate_reason
 from autovpn.tunnel.tls import client_context
 from autovpn.tunnel.wstunnel.access import path_safe
-from autovpn.tunnel.wstunnel.relay import WsSide
+from autovpn.tunnel.wstunnel.relay import WsSide, tcp_tunnels
 from autovpn.wire import http1, wstunnel
 from autovpn.wire.handshake import RESPONSE_LIMITS
 from autovpn.wire.wstunnel import Claims, LocalProtocol, Session, WstunnelRejected
@@ -106,6 +107,8 @@ class WstunnelClientSettings:
     permanent_backoff: float = 300.0
     ping_interval: float = DEFAULT_PING_INTERVAL
     proxy_protocol: bool = False
+    #: A TCP tunnel that relayed nothing either way this long is dropped (0: never).
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class _Idle(asyncio.Protocol):
@@ -162,7 +165,7 @@ class WsUpstream:
         self.ws = ws
 
     def bind(self, flow: Flow) -> None:
-        """Count this tunnel's bytes in ``flow`` (WebSocket bytes: frames included) and end
+        """Count this tunnel's bytes in ``flow`` (payload bytes, as a mux stream's) and end
         it with the tunnel."""
         self.ws.flow = flow
         flow.meter = self.ws
@@ -182,6 +185,9 @@ class WstunnelClient(Attempting):
         self.opened = 0  # tunnels opened (101 received)
         self.connects = 0  # connects that worked (TCP, and TLS for wss://)
         self.failures = 0  # connects and upgrades that failed because of the server
+        self.idle = IdleSweep(
+            settings.idle_timeout, lambda: tcp_tunnels(self.tunnels), "wstunnel tunnels"
+        )
         self.last_error = ""
         self.failing = Failing()  # the run of failed connection attempts, for last_error
         #: Why the server refused us for good (``refusal``, an untrusted certificate), until a
@@ -224,6 +230,7 @@ class WstunnelClient(Attempting):
         for transport, _ in self._pool:
             transport.abort()
         self._pool.clear()
+        self.idle.close()
         for ws in list(self.tunnels):
             ws.abort()
 
@@ -502,6 +509,7 @@ class WstunnelClient(Attempting):
         )
         self.tunnels.add(ws)
         self.opened += 1
+        self.idle.start()
         ws.start(transport, rest)
         return ws, answer
 
@@ -517,9 +525,14 @@ class WstunnelClient(Attempting):
         # wstunnel answers every failure (policy, unreachable, refused) with one 400.
         return StreamError(ResetReason.GENERAL_FAILURE, str(exc))
 
-    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> WsUpstream:
-        """For the dialer: a Tcp tunnel to host:port.  Raises StreamError."""
-        protocol = LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=self.settings.proxy_protocol)
+    async def open_upstream(
+        self, host: str, port: int, early: bytes = b"", *, proxy_protocol: bool | None = None
+    ) -> WsUpstream:
+        """For the dialer and the forwards: a Tcp tunnel to host:port (``proxy_protocol``:
+        ask for a PROXY v2 header, default the client's setting).  Raises StreamError."""
+        if proxy_protocol is None:
+            proxy_protocol = self.settings.proxy_protocol
+        protocol = LocalProtocol(wstunnel.Kind.TCP, proxy_protocol=proxy_protocol)
         ws, _ = await self.open_tunnel(protocol, host, port)
         if early:
             ws.send_data(early)
@@ -576,6 +589,7 @@ def client_settings(cc: ClientConfig, server: ServerURL | None = None) -> Wstunn
         connect_timeout=cc.connect_timeout,
         permanent_backoff=cc.retry_refused_after,
         ping_interval=w.ping_interval,
+        idle_timeout=cc.idle_timeout,
     )
 
 

@@ -9,6 +9,9 @@ ways.  Every DATA chunk from the target goes out as it is read, within the peer'
 window (the target is paused while the window is shut); received DATA is acknowledged once
 written.  END_STREAM ends the tunnel, as Close does on WebSocket; RST_STREAM, or the HTTP/2
 connection lost, resets the target socket (an error must not look like a clean end there).
+
+Each stream is a ``Flow`` of the statistics as a WebSocket tunnel is (``server.py``); the
+target socket counts the bytes it reads and is written, and its end ends the record.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import h2.exceptions
 
 from autovpn.errors import RemoteProtocolError
 from autovpn.net import reset_transport
+from autovpn.stats import RESULT_OK, Flow
 from autovpn.wire import wstunnel
 from autovpn.wire.http1 import RequestHead
-from autovpn.wire.wstunnel import Kind, WstunnelRejected
+from autovpn.wire.wstunnel import Kind, WstunnelRejected, refusal_reason
 
 if TYPE_CHECKING:
     from autovpn.tunnel.wstunnel.server import WstunnelService
@@ -60,12 +64,27 @@ class _Target(asyncio.Protocol):
         self.held: list[bytes] = []
         self.write_paused = False
         self.unacked = 0  # bytes of received DATA written here, not yet acknowledged
+        #: Bytes read from the destination and written to it (``autovpn.stats.Metered``).
+        self.nread = 0
+        self.nwritten = 0
+        #: The tunnel's record, ended with the destination socket; ``result``: how it ended.
+        self.flow: Flow | None = None
+        self.result = RESULT_OK
+
+    def counts(self) -> tuple[int, int]:
+        return self.nread, self.nwritten
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.nwritten += len(data)
+        self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.pause_reading()  # until the 200 is sent
 
     def data_received(self, data: bytes) -> None:
+        self.nread += len(data)
         self.pending += data
         self.conn.pump(self)
 
@@ -84,9 +103,13 @@ class _Target(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         if exc is not None:
+            if self.result == RESULT_OK:
+                self.result = type(exc).__name__
             self.conn.reset(self.stream_id)
         else:
             self.conn.pump(self)
+        if self.flow is not None:
+            self.flow.end(self.result)
 
 
 class H2Tunnels(asyncio.Protocol):
@@ -139,7 +162,7 @@ class H2Tunnels(asyncio.Protocol):
             sid, size = event.stream_id, event.flow_controlled_length
             target = self.targets.get(sid)
             if target is not None and target.transport is not None:
-                target.transport.write(event.data)
+                target.write(event.data)
                 target.unacked += size
                 if not target.write_paused:
                     self.acknowledge(target)
@@ -157,6 +180,7 @@ class H2Tunnels(asyncio.Protocol):
                     target.transport.close()  # no half-close: the tunnel ends (section 3.6)
                     self._end(event.stream_id)
                 else:  # the client reset the stream: the transfer failed
+                    target.result = "stream_reset"
                     reset_transport(target.transport)
         elif isinstance(event, h2.events.WindowUpdated):
             for target in list(self.targets.values()):
@@ -172,20 +196,38 @@ class H2Tunnels(asyncio.Protocol):
             pseudo.get(":method", "POST"), pseudo.get(":path", ""), "HTTP/1.1", plain
         )
         target = _Target(self, stream_id)
+        flow: Flow | None = None
         try:
             req = wstunnel.check_request(head, client_cn=self.client_cn, require_upgrade=False)
-            self.service.authorize(req, self.client_cn, self.peer)
+            who, _ = self.service.authorize(req, self.client_cn, self.peer)
             if req.claims.protocol.kind is not Kind.TCP:
-                raise WstunnelRejected("only Tcp tunnels over HTTP/2 here")
+                raise WstunnelRejected("only Tcp tunnels over HTTP/2 here", "not_served")
+            # The destination socket's end ends the record (``_Target.connection_lost``);
+            # a refusal ends it first, with its reason.
+            flow = target.flow = self.service.start_flow(req, who, self.peer)
+            if flow is not None:
+                flow.meter = target
             await self.service._dial(req, cast(Any, target), self.peer)
         except RemoteProtocolError as exc:
-            self.service.refused += 1
-            log.info("wstunnel h2 peer %s refused: %s", self.peer, exc)
+            if flow is None:
+                self.service.count_refusal(self.peer, exc)
+                log.info("wstunnel h2 peer %s refused: %s", self.peer, exc)
+            else:  # the access log line says it, once
+                self.service.refused += 1
+                flow.end(refusal_reason(exc), str(exc))
             status = exc.status if isinstance(exc, WstunnelRejected) else 400
             self._refuse(stream_id, status)
             return
+        except asyncio.CancelledError:
+            if flow is not None:
+                flow.end("client_gone")
+            raise
         except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
-            self.service.refused += 1
+            if flow is None:
+                self.service.count_refusal(self.peer, exc)
+            else:
+                self.service.refused += 1
+                flow.end(type(exc).__name__, str(exc))
             log.warning(
                 "wstunnel h2 peer %s refused: unexpected %s: %s",
                 self.peer,
@@ -198,8 +240,11 @@ class H2Tunnels(asyncio.Protocol):
             self._refuse(stream_id)
             return
         if self.closed or stream_id not in self.early:
+            target.result = "client_gone"
             if target.transport is not None:
                 target.transport.close()
+            elif flow is not None:
+                flow.end("client_gone")
             return
         self.service.accepted += 1
         self.targets[stream_id] = target
@@ -210,7 +255,7 @@ class H2Tunnels(asyncio.Protocol):
         self.h2.send_headers(stream_id, response)
         assert target.transport is not None
         for data in self.early.pop(stream_id, []):
-            target.transport.write(data)
+            target.write(data)
         target.unacked += self.early_size.pop(stream_id, 0)
         if not target.write_paused:
             self.acknowledge(target)
@@ -305,6 +350,8 @@ class H2Tunnels(asyncio.Protocol):
     def _drop_targets(self) -> None:
         targets, self.targets = self.targets, {}
         for target in targets.values():
+            if target.result == RESULT_OK:
+                target.result = "tunnel_lost"
             if target.transport is not None:
                 reset_transport(target.transport)
 

@@ -63,6 +63,8 @@ class WsSide(asyncio.BufferedProtocol):
         self.local = LocalSide(self)
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        #: Payload bytes received and sent (the application's bytes, as the native mux
+        #: counts them: no frame headers, pings or Close).
         self.bytes_in = 0
         self.bytes_out = 0
         #: The connection's record (``autovpn.stats``), ended when the tunnel closes.
@@ -75,6 +77,11 @@ class WsSide(asyncio.BufferedProtocol):
         self._on_closed = on_closed
         self._held = b""
         self.done: asyncio.Future[None] = self._loop.create_future()
+        #: Reads that brought data for the local socket (pings and pongs do not count): with
+        #: ``bytes_out``, what the idle sweep watches (``autovpn.idle``).
+        self.data_reads = 0
+        self.idle_mark = -1
+        self.idle_since = 0.0
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -120,7 +127,7 @@ class WsSide(asyncio.BufferedProtocol):
     # -- WebSocket in --------------------------------------------------------------------------
 
     def counts(self) -> tuple[int, int]:
-        """Bytes sent and received on the WebSocket (``autovpn.stats.Metered``)."""
+        """Payload bytes sent and received on the WebSocket (``autovpn.stats.Metered``)."""
         return self.bytes_out, self.bytes_in
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -130,7 +137,6 @@ class WsSide(asyncio.BufferedProtocol):
         self._receive(self._buffer[:nbytes])
 
     def _receive(self, data: bytes | memoryview) -> None:
-        self.bytes_in += len(data)
         try:
             pieces = self.session.receive(data)
         except RemoteProtocolError as exc:
@@ -141,11 +147,27 @@ class WsSide(asyncio.BufferedProtocol):
             return
         local = self.local.transport
         if local is not None and not self.local.closed:
-            for piece in pieces:
+            for piece in pieces:  # usually one or two per read
+                self.bytes_in += len(piece)
                 local.write(bytes(piece))
+        else:  # received, though nobody takes them any more
+            self.bytes_in += sum(len(piece) for piece in pieces)
+        if pieces:
+            self.data_reads += 1
         self._flush()
         if self.session.state is SessionState.CLOSED:
             self.finish()
+
+    def activity(self) -> int:
+        """Data relayed either way (``autovpn.idle.Idler``): WebSocket pings, which keep an
+        idle tunnel's WebSocket alive, are not activity of the relayed connection."""
+        return self.bytes_out + self.data_reads
+
+    def close_idle(self, quiet: float) -> None:
+        """Nothing relayed for ``quiet`` seconds: drop the tunnel (the peer resets its side)
+        and reset the local socket."""
+        log.debug("wstunnel %s: idle for %.0f s (idle_timeout); closing", self.peer, quiet)
+        self.abort()
 
     @property
     def ended_cleanly(self) -> bool:
@@ -303,7 +325,9 @@ class LocalSide(asyncio.BufferedProtocol):
 
 
 class UdpWsSide(WsSide):
-    """The WebSocket side of a UDP tunnel: each data frame is one datagram, both ways."""
+    """The WebSocket side of a UDP tunnel: each data frame is one datagram, both ways.
+
+    Not swept for idleness (``tcp_tunnels``): UDP tunnels have their own timeout."""
 
     def __init__(self, session: Session, **kwargs: Any) -> None:
         super().__init__(session, **kwargs)
@@ -312,12 +336,15 @@ class UdpWsSide(WsSide):
         self.datagram_protocol = _UdpLocal(self)
 
     def _receive(self, data: bytes | memoryview) -> None:
-        self.bytes_in += len(data)
         try:
             for frame in self._splitter.feed(data):
                 pieces = self.session.receive(frame)
-                if pieces and self.udp is not None and not self.udp.is_closing():
-                    self.udp.sendto(b"".join(bytes(p) for p in pieces))
+                if not pieces:
+                    continue
+                datagram = b"".join(bytes(p) for p in pieces)
+                self.bytes_in += len(datagram)
+                if self.udp is not None and not self.udp.is_closing():
+                    self.udp.sendto(datagram)
         except RemoteProtocolError as exc:
             log.info("wstunnel %s: protocol error: %s", self.peer, exc)
             self.session.close(1002)
@@ -361,3 +388,8 @@ class _UdpLocal(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("wstunnel %s: UDP error %s", self.ws.peer, exc)
+
+
+def tcp_tunnels(tunnels: set[WsSide]) -> list[WsSide]:
+    """The TCP relays among ``tunnels``, for an idle sweep (``autovpn.idle``)."""
+    return [ws for ws in tunnels if type(ws) is not UdpWsSide and ws.transport is not None]

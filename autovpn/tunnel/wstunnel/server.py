@@ -17,6 +17,12 @@ then our own ``DestinationPolicy`` on the resolved addresses (private and loopba
 unless allowed).  Anonymous clients never get reverse tunnels.  The JWT itself authenticates
 nothing (section 2.2).
 
+Statistics (``autovpn.stats``): each tunnel (WebSocket or HTTP/2 stream) is a ``Flow`` of the
+listener ``wstunnel`` and its user (``Identity.label``), started once the request is authorized
+(so a destination that cannot be dialled counts as a failure of that user), ended with the
+relay, with its access log line then; a request refused before that counts as a failure of
+the listener by reason (``auth``, ``not_allowed``, ``bad_request``...).
+
 The path prefix may be a user's secret: no log line here shows a request path or prefix.
 """
 
@@ -31,12 +37,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from autovpn.config import WstunnelServerOptions
 from autovpn.errors import ConfigError, RemoteProtocolError
-from autovpn.net import resolve_target
-from autovpn.policy import DestinationPolicy
+from autovpn.idle import IdleSweep
+from autovpn.limits import peer_key
+from autovpn.net import reset_reason_for, resolve_target
+from autovpn.stats import Flow
 from autovpn.tunnel.wstunnel import access
 from autovpn.tunnel.wstunnel.access import How, Identity
 from autovpn.tunnel.wstunnel.h2 import PREFACE_LINE, H2Tunnels
-from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide
+from autovpn.tunnel.wstunnel.relay import UdpWsSide, WsSide, tcp_tunnels
 from autovpn.tunnel.wstunnel.restrictions import Restrictions, Verdict
 from autovpn.tunnel.wstunnel.reverse import ReverseListeners
 from autovpn.wire import wstunnel
@@ -47,12 +55,16 @@ from autovpn.wire.wstunnel import (
     TunnelRequest,
     WstunnelRejected,
     WstunnelUnauthenticated,
+    refusal_reason,
 )
 
 if TYPE_CHECKING:
     from autovpn.tunnel.mux.server import TunnelServer
 
 log = logging.getLogger("autovpn.tunnel.wstunnel")
+
+#: The listener name of wstunnel-protocol tunnels in the statistics.
+LISTENER: Final = "wstunnel"
 
 
 def _client_cn(transport: asyncio.BaseTransport) -> str | None:
@@ -127,6 +139,9 @@ class WstunnelService:
         #: client certificate (the wstunnel protocol authenticates nobody by itself).
         self.allow_anonymous = allow_anonymous
         self.tunnels: set[WsSide] = set()
+        self.idle = IdleSweep(
+            server.settings.idle_timeout, lambda: tcp_tunnels(self.tunnels), "wstunnel tunnels"
+        )
         self.h2_connections: set[H2Tunnels] = set()
         self.accepted = 0
         self.refused = 0
@@ -167,6 +182,7 @@ class WstunnelService:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.idle.close()
         for ws in list(self.tunnels):
             ws.abort()
         for conn in list(self.h2_connections):
@@ -246,7 +262,7 @@ class WstunnelService:
         tunnel server refuses an address with too many at once, before this runs).
         """
         if self.server.auth_blocked(peer):
-            raise WstunnelRejected("too many authentication failures from this address")
+            raise WstunnelRejected("too many authentication failures from this address", "auth")
         who = access.identify(
             req.path_prefix,
             client_cn,
@@ -262,22 +278,51 @@ class WstunnelService:
             self.server.auth_failed(peer)
             raise WstunnelUnauthenticated(
                 "not authenticated: its path prefix is no user's secret, it sent no client "
-                "certificate" + (" and no restriction rule matches it" if self._restricted else "")
+                "certificate" + (" and no restriction rule matches it" if self._restricted else ""),
+                "auth",
             )
         verdict = restrictions.check(req.path_prefix, req.authorization, req.claims, req.host)
         if verdict is None:
             raise WstunnelRejected(
                 f"no restriction allows {req.claims.protocol.kind.value} "
-                f"{req.claims.host}:{req.claims.port} for {who}"
+                f"{req.claims.host}:{req.claims.port} for {who}",
+                "not_allowed",
             )
         if who.how is How.RESTRICTION:
             who = Identity(How.RESTRICTION, verdict.rule.name)
         if req.claims.protocol.kind.reverse and who.how is How.ANONYMOUS:
             raise WstunnelRejected(
                 "reverse tunnels need a secret path prefix or a client certificate "
-                "(--allow-anonymous opens forward tunnels only)"
+                "(--allow-anonymous opens forward tunnels only)",
+                "not_allowed",
             )
         return who, verdict
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def start_flow(self, req: TunnelRequest, who: Identity, peer: str) -> Flow | None:
+        """The record of one authorized tunnel (None when statistics are off): its bytes up
+        are what the client sends, written to the destination (``reverse``)."""
+        stats = self.server.stats
+        if stats is None:
+            return None
+        flow = stats.start(
+            listener=LISTENER,
+            client=peer,
+            host=req.claims.host,
+            port=req.claims.port,
+            route="",
+            user=who.label,
+        )
+        flow.reverse = True
+        return flow
+
+    def count_refusal(self, peer: str, exc: BaseException) -> None:
+        """A request refused before it had a record (``start_flow``)."""
+        self.refused += 1
+        stats = self.server.stats
+        if stats is not None:
+            stats.failure(LISTENER, peer, refusal_reason(exc))
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -337,11 +382,16 @@ class WstunnelService:
         udp: asyncio.DatagramTransport | None = None
         reply: bytes | None = wstunnel.INVALID_REQUEST  # None once the 101 has gone
         relayed = False
+        flow: Flow | None = None  # once authorized; the relay ends it, or the ``finally``
+        result, detail = "client_gone", ""
         try:
             client_cn = _client_cn(transport)
             req = wstunnel.check_request(head, client_cn=client_cn)
             who, verdict = self.authorize(req, client_cn, peer)
             kind = req.claims.protocol.kind
+            # A reverse request's record starts when a connection comes for it: waiting for
+            # one (for hours, maybe) is no connection.
+            flow = None if kind.reverse else self.start_flow(req, who, peer)
             ws = (UdpWsSide if kind is Kind.UDP else WsSide)(
                 Session(client=False),
                 ping_interval=self.options.ping_interval,
@@ -360,8 +410,9 @@ class WstunnelService:
                 target, cookie, early = await self.reverse.wait(
                     req, verdict, ws.local, self.server, client
                 )
+                flow = self.start_flow(req, who, peer)
             else:
-                raise WstunnelRejected(f"{kind.value} tunnels are not served here")
+                raise WstunnelRejected(f"{kind.value} tunnels are not served here", "not_served")
             response = wstunnel.accept_upgrade(head, cookie)
             if pending.lost or transport.is_closing():
                 return  # the peer left while we dialled: close the target, answer nobody
@@ -377,6 +428,10 @@ class WstunnelService:
             transport.write(response)
             reply = None
             self.tunnels.add(ws)
+            if flow is not None:
+                flow.meter = ws
+                ws.flow = flow  # from here the relay ends it (``WsSide.connection_lost``)
+            self.idle.start()
             ws.start(transport, rest + pending.early)
             if isinstance(ws, UdpWsSide) and udp is not None:
                 ws.attach_datagram(udp)
@@ -384,14 +439,22 @@ class WstunnelService:
                 ws.attach_local(target, early)
             relayed = True
         except RemoteProtocolError as exc:
-            self.refused += 1
-            log.info("wstunnel peer %s refused: %s", peer, exc)
+            result, detail = refusal_reason(exc), str(exc)
+            if flow is None:
+                self.count_refusal(peer, exc)
+                log.info("wstunnel peer %s refused: %s", peer, exc)
+            else:  # the access log line says it, once
+                self.refused += 1
             reply = exc.reply or reply
         except asyncio.CancelledError:
             reply = None  # the peer is gone (or the server is closing): nobody to answer
             raise
         except Exception as exc:  # a bug, or input we did not foresee: refuse, keep serving
-            self.refused += 1
+            result, detail = type(exc).__name__, str(exc)
+            if flow is None:
+                self.count_refusal(peer, exc)
+            else:
+                self.refused += 1
             log.warning(
                 "wstunnel peer %s refused: unexpected %s: %s",
                 peer,
@@ -400,6 +463,8 @@ class WstunnelService:
                 exc_info=log.isEnabledFor(logging.DEBUG),  # a traceback only when debugging
             )
         finally:
+            if not relayed and flow is not None:
+                flow.end(result, detail)
             if not relayed:
                 if target is not None:
                     target.abort()
@@ -417,13 +482,15 @@ class WstunnelService:
         """A connected UDP socket to ``r:rp`` (no idle timeout on this side, as wstunnel)."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port
-        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer, True)
+        addresses = await _allowed_addresses(self.server, host, port, peer, True)
         try:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: ws.datagram_protocol, remote_addr=(addresses[0], port)
             )
         except OSError as exc:
-            raise WstunnelRejected(f"cannot open UDP to {host}:{port}: {exc}") from None
+            raise WstunnelRejected(
+                f"cannot open UDP to {host}:{port}: {exc}", reset_reason_for(exc).name.lower()
+            ) from None
         return transport
 
     async def _dial(
@@ -432,7 +499,7 @@ class WstunnelService:
         """Connect to ``r:rp`` (10 s), after our destination policy; failures are a 400."""
         loop = asyncio.get_running_loop()
         host, port = req.host, req.claims.port
-        addresses = await _allowed_addresses(self.server.settings.policy, host, port, peer)
+        addresses = await _allowed_addresses(self.server, host, port, peer)
         last: BaseException | None = None
         for address in addresses:
             try:
@@ -452,21 +519,29 @@ class WstunnelService:
                 transport.abort()  # not returned, so no caller could close it
                 raise
             return transport
-        raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}")
+        reason = "general_failure" if last is None else reset_reason_for(last).name.lower()
+        raise WstunnelRejected(f"cannot connect to {host}:{port}: {last}", reason)
 
 
 async def _allowed_addresses(
-    policy: DestinationPolicy, host: str, port: int, peer: str, udp: bool = False
+    server: TunnelServer, host: str, port: int, peer: str, udp: bool = False
 ) -> list[str]:
+    policy = server.settings.policy
     try:
-        addresses = await resolve_target(host, port, udp=udp)
+        # On the server's resolver: bounded per lookup and per client address, shared with
+        # its native users (net.SystemResolver).
+        addresses = await resolve_target(
+            host, port, udp=udp, resolver=server.lookups, client=peer_key(peer)
+        )
     except OSError as exc:
-        raise WstunnelRejected(f"cannot resolve {host}: {exc}") from None
+        raise WstunnelRejected(f"cannot resolve {host}: {exc}", "host_unreachable") from None
     if not policy.host_allowed(host, port):
         addresses = [a for a in addresses if policy.address_allowed(a, port)]
         if not addresses:
             log.warning("policy refused %s:%d for wstunnel peer %s", host, port, peer)
-            raise WstunnelRejected(f"destination {host}:{port} not allowed by policy")
+            raise WstunnelRejected(
+                f"destination {host}:{port} not allowed by policy", "not_allowed"
+            )
     return addresses
 
 

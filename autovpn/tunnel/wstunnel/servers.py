@@ -100,12 +100,17 @@ class WstunnelServers(ServerSet[WstunnelClient]):
 
         return await self.open_retrying(host, port, open_on)
 
-    async def open_upstream(self, host: str, port: int, early: bytes = b"") -> WsUpstream:
-        """For the dialer: a Tcp tunnel to host:port.  Raises StreamError."""
+    async def open_upstream(
+        self, host: str, port: int, early: bytes = b"", *, proxy_protocol: bool | None = None
+    ) -> WsUpstream:
+        """For the dialer and the forwards: a Tcp tunnel to host:port (``proxy_protocol``:
+        ask for a PROXY v2 header, default each client's setting).  Raises StreamError."""
 
         async def open_on(client: WstunnelClient) -> WsUpstream:
-            return await client.open_upstream(host, port, early)
+            return await client.open_upstream(host, port, early, proxy_protocol=proxy_protocol)
 
+        # No ``early`` for the retries: it is sent only once the server answered 101, so a
+        # failed attempt cannot have delivered it.
         return await self.open_retrying(host, port, open_on)
 
     def servers_status(self) -> list[dict[str, object]]:
