@@ -15,13 +15,10 @@ from tests.conftest import SECRET, Certs, env_without_proxies, socks_open
 from tests.processes import Process, autovpn
 
 
-@asynccontextmanager
-async def server_process(
-    certs: Certs, port: int, tmp_path: Path, *, secret: bytes = SECRET
-) -> AsyncIterator[Process]:
-    """``autovpn server`` on ``port`` (its default user's secret ``secret``, which a wstunnel
-    client sends as its path prefix), with a state directory of its own (per port)."""
-    async with autovpn(
+def server_args(certs: Certs, port: int) -> list[str]:
+    """``autovpn server`` on ``port`` with the test CA's certificate, loopback destinations
+    allowed, in one process (the tests kill a server with SIGKILL, as a whole, at once)."""
+    return [
         "server",
         f"wss://127.0.0.1:{port}",
         "--tls-certificate",
@@ -30,9 +27,19 @@ async def server_process(
         str(certs.key),
         "--allow",
         "127.0.0.0/8",
-        # One process: the tests kill a server with SIGKILL, as a whole, at once.
         "--workers",
         "1",
+    ]
+
+
+@asynccontextmanager
+async def server_process(
+    certs: Certs, port: int, tmp_path: Path, *, secret: bytes = SECRET
+) -> AsyncIterator[Process]:
+    """``autovpn server`` on ``port`` (its default user's secret ``secret``, which a wstunnel
+    client sends as its path prefix), with a state directory of its own (per port)."""
+    async with autovpn(
+        *server_args(certs, port),
         secret=secret,
         state=tmp_path / f"server-{port}",
     ) as process:

@@ -51,6 +51,7 @@ from tests.conftest import (
     tcp_server,
 )
 from tests.processes import Process, autovpn
+from tests.tunnel.servers import server_args
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -157,22 +158,6 @@ async def read_http_head(reader: asyncio.StreamReader) -> bytes:
 
 
 # --- the processes -----------------------------------------------------------------------------
-
-
-def server_args(certs: Certs, port: int) -> list[str]:
-    return [
-        "server",
-        f"wss://127.0.0.1:{port}",
-        "--tls-certificate",
-        str(certs.cert),
-        "--tls-private-key",
-        str(certs.key),
-        "--allow",
-        "127.0.0.0/8",
-        # One process, killed with SIGKILL by the tests: the server dies as a whole at once.
-        "--workers",
-        "1",
-    ]
 
 
 @asynccontextmanager
